@@ -1,0 +1,1 @@
+"""Registers the data sets beyond Fashion-MNIST (image folders, COCO, GLUE TSV)."""

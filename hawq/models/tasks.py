@@ -1,0 +1,114 @@
+"""Tasks: the loss (for the Hessian and for training), distillation and evaluation of a family.
+
+A batch is whatever the task's data loader yields; the task alone knows how to move it to a
+device, run the model on it and score it, so the sensitivity, search and training stages stay
+model-agnostic: they call ``task.loss(model, batch)`` and ``task.forward(model, batch)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def move_to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to(v, device) for v in obj)
+    return obj
+
+
+class Task:
+    """Base task. Subclasses set ``name`` and ``primary_metric`` and implement the hooks."""
+
+    name = "task"
+    primary_metric = "score"
+    higher_is_better = True
+
+    def to_device(self, batch: Any, device: torch.device | str) -> Any:
+        return move_to(batch, device)
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def loss_from_outputs(self, outputs: Any, batch: Any) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.loss_from_outputs(self.forward(model, batch), batch)
+
+    def distill_loss(self, student: Any, teacher: Any, temperature: float) -> Tensor:
+        """KL(teacher || student) on softened logits, scaled by T^2 (Hinton et al.)."""
+        t = temperature
+        return F.kl_div(
+            F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+            log_target=True, reduction="batchmean",
+        ) * (t * t)
+
+    def output_distance(self, outputs: Any, reference: Any) -> Tensor:
+        """Label-free loss: 0.5 * mean squared distance to the reference outputs (per example)."""
+        return 0.5 * (outputs - reference).pow(2).sum() / outputs.shape[0]
+
+    def batch_size(self, batch: Any) -> int:
+        first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
+        return len(first)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str = "cpu",
+                 progress: bool = True, desc: str = "eval") -> dict[str, float]:
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """Batches are ``(images, labels)``; metrics are top-1/top-5 accuracy in percent and mean loss."""
+
+    name = "classification"
+    primary_metric = "top1"
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        out = model(batch[0])
+        # torchvision Inception-V3 returns (logits, aux_logits) in training mode
+        return out.logits if hasattr(out, "logits") else out
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        return F.cross_entropy(outputs, batch[1])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str = "cpu",
+                 progress: bool = True, desc: str = "eval") -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        n = correct1 = correct5 = 0
+        loss_sum = 0.0
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            batch = self.to_device(batch, device)
+            logits = self.forward(model, batch)
+            y = batch[1]
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            correct1 += (top[:, 0] == y).sum().item()
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            n += y.numel()
+        model.train(was_training)
+        n = max(n, 1)
+        return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+
+
+TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        from hawq import HawqError
+
+        raise HawqError(f"unknown task '{name}'; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()

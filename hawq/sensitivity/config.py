@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SensitivityConfig:
+    """How per-layer Hessian traces are estimated (Hutchinson)."""
+
+    batches: int = 4  # data batches averaged ("full data" mode); one graph alive at a time
+    batch_size: int = 256
+    max_probes: int = 200  # Rademacher probes per layer at most
+    min_probes: int = 8
+    tol: float = 0.05  # stop when std_err <= tol * |trace| for every layer (plus an absolute floor)
+    bn_mode: str = "eval"  # "eval" (running stats) or "train" (batch stats)
+    normalize: str = "per_param"  # "per_param" (trace / numel, HAWQ-V2/V3) or "none"
+    label_free: bool = False  # loss = ||f(x) - f_fp32(x)||^2 / 2 instead of the task loss

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = True
+    alpha: float = 0.5  # weight of the KL(teacher || student) term; (1 - alpha) on the task loss
+    temperature: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    """Quantization-aware finetuning (also used for the FP32 pretraining when no checkpoint)."""
+
+    epochs: float = 1.0  # fractional epochs allowed (e.g. 0.5)
+    optimizer: str = "sgd"  # "sgd" or "adamw"
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" or "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = 5.0
+    batch_size: int = 128
+    freeze_bn_after_epochs: float | None = None
+    freeze_act_after_epochs: float | None = None
+    checkpoint_every_steps: int = 200
+    amp: bool = False  # autocast on GPU only
+    distill: DistillConfig = field(default_factory=DistillConfig)
