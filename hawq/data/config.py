@@ -15,3 +15,6 @@ class DataConfig:
     image_size: int | None = None  # resize for image folders (224 ResNet, 299 Inception)
     task: str | None = None  # GLUE task name for TSV data (sst2, mrpc, cola, ...)
     max_length: int = 128  # tokens, for text
+    train_split: str = "train"  # image folders / COCO: sub-folder (and annotation name) of the training split
+    val_split: str = "val"  # ... of the evaluation split
+    tokenizer: str | None = None  # text: folder with the tokenizer files (the model checkpoint), or "minilm"

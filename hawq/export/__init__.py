@@ -1,0 +1,27 @@
+"""Export: packed integer ``model.safetensors`` (bit-exact reload) and ONNX QDQ for onnxruntime."""
+
+from hawq.export.config import ExportConfig
+from hawq.export.packing import code_range, pack_codes, packed_nbytes, packing_layout, unpack_codes
+from hawq.export.quantized_file import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    load_quantized,
+    quantized_layers,
+    read_quantized_file,
+    save_quantized,
+)
+
+__all__ = [
+    "ExportConfig",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "code_range",
+    "load_quantized",
+    "pack_codes",
+    "packed_nbytes",
+    "packing_layout",
+    "quantized_layers",
+    "read_quantized_file",
+    "save_quantized",
+    "unpack_codes",
+]

@@ -1,3 +1,3 @@
 """Imports every built-in family so that each registers itself."""
 
-from hawq.models import fashion  # noqa: F401
+from hawq.models import bert, fashion, retinanet, squeezenext, torchvision_models  # noqa: F401

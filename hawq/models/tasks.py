@@ -33,6 +33,12 @@ class Task:
     primary_metric = "score"
     higher_is_better = True
 
+    reference: nn.Module | None = None  # the full-precision model, for label-free losses and metrics
+
+    def bind_reference(self, model: nn.Module) -> None:
+        """Called by the pipeline with the FP32 model before sensitivity and evaluation."""
+        self.reference = model
+
     def to_device(self, batch: Any, device: torch.device | str) -> Any:
         return move_to(batch, device)
 

@@ -9,6 +9,7 @@ class BudgetConfig:
 
     ``size_uniform_bits`` sets ``size_mb`` to the size of the model with every quantizable layer at
     that many weight bits (after pins), the usual "same size as uniform N-bit" comparison.
+    ``bops_uniform_bits`` likewise sets ``bops_g`` to every free layer at W N / A N.
     """
 
     size_mb: float | None = None
@@ -26,5 +27,8 @@ class SearchConfig:
     pins: dict[str, dict[str, int]] = field(default_factory=dict)  # layer -> {weight: 8, activation: 8}
     ties: list[list[str]] = field(default_factory=list)  # groups of layers that must share bits
     latency_table: str | None = None  # JSON from scripts/build_latency_table.py
-    solver: str = "cbc"  # "cbc" or "highs"
+    solver: str = "cbc"  # "cbc" or "highs" (needs highspy)
     time_limit_s: float = 60.0
+    # HAWQ-V3 style: a free layer's activation bits equal its weight bits (options (w, w) only).
+    couple_activation: bool = False
+    pareto_points: int = 20  # points of the Pareto sweep written next to bits.yaml

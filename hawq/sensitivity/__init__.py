@@ -1,0 +1,43 @@
+"""Hessian sensitivity: per-layer traces (Hutchinson), top eigenvalues and spectral density."""
+
+from hawq.sensitivity.config import SensitivityConfig
+from hawq.sensitivity.hvp import DoubleBackwardUnsupported, HessianOperator, resolve_layers
+from hawq.sensitivity.losses import label_free_loss
+from hawq.sensitivity.spectrum import (
+    SpectralDensity,
+    TopEigen,
+    plot_density,
+    spectral_density,
+    top_eigenvalues,
+)
+from hawq.sensitivity.traces import (
+    TraceEstimate,
+    batches_fingerprint,
+    hessian_traces,
+    load_traces,
+    per_parameter,
+    rademacher_like,
+    save_traces,
+    traces_cache_key,
+)
+
+__all__ = [
+    "DoubleBackwardUnsupported",
+    "HessianOperator",
+    "SensitivityConfig",
+    "SpectralDensity",
+    "TopEigen",
+    "TraceEstimate",
+    "batches_fingerprint",
+    "hessian_traces",
+    "label_free_loss",
+    "load_traces",
+    "per_parameter",
+    "plot_density",
+    "rademacher_like",
+    "resolve_layers",
+    "save_traces",
+    "spectral_density",
+    "top_eigenvalues",
+    "traces_cache_key",
+]

@@ -22,9 +22,15 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" or "constant"
     warmup_steps: int = 0
     grad_clip: float | None = 5.0
-    batch_size: int = 128
+    batch_size: int = 128  # global batch: split evenly over the processes under torchrun
     freeze_bn_after_epochs: float | None = None
     freeze_act_after_epochs: float | None = None
     checkpoint_every_steps: int = 200
     amp: bool = False  # autocast on GPU only
     distill: DistillConfig = field(default_factory=DistillConfig)
+    nesterov: bool = False  # SGD only
+    min_lr: float = 0.0  # the cosine schedule ends here
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    amp_dtype: str = "float16"  # "float16" (with a GradScaler) or "bfloat16"
+    drop_last: bool = True  # drop the last incomplete batch of an epoch (always under torchrun)
+    num_workers: int = 0  # DataLoader worker processes

@@ -1,0 +1,452 @@
+"""Stage order, run folder and resume.
+
+A run folder ``runs/<name>/`` holds one artifact per stage. Each artifact records the hash of the
+inputs it was computed from (the config sections that matter plus the upstream artifact), so a
+re-run with ``run.resume: true`` reuses every stage whose inputs did not change and recomputes the
+rest. ``report.json`` is written last: a folder without it is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hawq import HawqError
+from hawq.bitmap import BitMap, LayerBits, atomic_write_text, bitmap_to_dict, load_bitmap, save_bitmap
+from hawq.config import Config, config_to_dict, save_config
+from hawq.data import DataBundle, build_data
+from hawq.models import ModelSpec, Task, get_model_spec, get_task
+
+log = logging.getLogger("hawq")
+
+
+# ---------------------------------------------------------------------------------------------
+# small utilities
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HawqError(f"run.device is '{name}' but no CUDA device is available (use 'cpu' or 'auto')")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise HawqError(f"run.device: unknown device '{name}'") from None
+
+
+def digest(*parts: Any) -> str:
+    """A stable hash of JSON-able parts (config sections, upstream hashes)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def state_dict_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                 if v.dtype != torch.bool else v.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resolve_path(path: str | None, config_dir: Path | None) -> str | None:
+    """A relative path is looked up in the working directory, then next to the config file."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or config_dir is None:
+        return str(p)
+    for base in (config_dir, config_dir.parent):
+        if (base / p).exists():
+            return str(base / p)
+    return str(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run context
+
+
+@dataclass
+class Run:
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    spec: ModelSpec
+    task: Task
+    data: DataBundle
+    fp32: nn.Module
+    layers: list[str]
+    results: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def progress(self) -> bool:
+        return self.cfg.run.progress
+
+    def batches(self, split: str, n: int | None, batch_size: int, shuffle: bool = False) -> list[Any]:
+        """The first ``n`` batches of a split (seeded order), moved to the device."""
+        loader = self.data.loader(split, batch_size, shuffle=shuffle, seed=self.cfg.run.seed)
+        out = []
+        for i, batch in enumerate(loader):
+            if n is not None and i >= n:
+                break
+            out.append(self.task.to_device(batch, self.device))
+        return out
+
+    def eval_batches(self) -> Any:
+        return (self.task.to_device(b, self.device)
+                for b in self.data.loader("test", self.cfg.data.eval_batch_size))
+
+    def evaluate(self, model: nn.Module, desc: str) -> dict[str, float]:
+        return self.task.evaluate(model, self.eval_batches(), self.device, progress=self.progress, desc=desc)
+
+    def primary(self, metrics: dict[str, float]) -> float:
+        return float(metrics[self.task.primary_metric])
+
+
+def _example_forward(run: Run):
+    example = run.batches("test", 1, 2)[0]
+
+    def forward(model: nn.Module) -> Any:
+        with torch.no_grad():
+            return run.task.forward(model, example)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------
+# stage: model + data
+
+
+def build_model_and_data(cfg: Config, run_dir: Path, config_dir: Path | None) -> Run:
+    device = resolve_device(cfg.run.device)
+    spec = get_model_spec(cfg.model.name)
+    data_cfg = copy.deepcopy(cfg.data)
+    data_cfg.root = resolve_path(data_cfg.root, config_dir)
+    data = build_data(data_cfg, seed=cfg.run.seed)
+    task = get_task(spec.task)
+    num_classes = cfg.model.num_classes or data.num_classes
+    kwargs = dict(cfg.model.kwargs)
+    if num_classes is not None:
+        kwargs.setdefault("num_classes", num_classes)
+    if cfg.model.weights is not None:
+        kwargs.setdefault("weights", cfg.model.weights)
+    try:
+        model = spec.builder(**kwargs)
+    except TypeError as e:
+        raise HawqError(f"model.kwargs do not fit model '{spec.name}': {e}") from None
+    checkpoint = resolve_path(cfg.model.checkpoint, config_dir)
+    if checkpoint is not None:
+        from hawq.models.checkpoint import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    model.to(device).eval()
+    layers = spec.layers(model)
+    if not layers:
+        raise HawqError(f"model '{spec.name}' has no quantizable layers")
+    try:
+        from hawq.data.checks import check_compatible
+    except ImportError:
+        check_compatible = None
+    if check_compatible is not None:
+        check_compatible(spec, model, data)
+    run = Run(cfg, run_dir, device, spec, task, data, model, layers)
+    run.results["model_info"] = {"name": spec.name, "kwargs": kwargs, "checkpoint": checkpoint}
+    return run
+
+
+def pretrain_if_needed(run: Run) -> None:
+    """Without a checkpoint, train the FP32 model first (and keep it in the run folder)."""
+    if run.cfg.model.checkpoint is not None or run.cfg.model.pretrain_epochs <= 0:
+        return
+    from safetensors.torch import load_file, save_file
+
+    path = run.run_dir / "fp32.safetensors"
+    key = digest(config_to_dict(run.cfg.model), config_to_dict(run.cfg.data), run.cfg.run.seed)
+    meta = read_json(run.run_dir / "fp32.json")
+    if run.cfg.run.resume and path.exists() and meta and meta.get("key") == key:
+        run.fp32.load_state_dict(load_file(str(path), device=str(run.device)))
+        return
+    from hawq.train import train
+
+    train_cfg = dataclasses.replace(run.cfg.train, epochs=run.cfg.model.pretrain_epochs,
+                                    lr=run.cfg.model.pretrain_lr, weight_decay=5e-4,
+                                    distill=dataclasses.replace(run.cfg.train.distill, enabled=False))
+    seed_everything(run.cfg.run.seed)
+    run.fp32.train()
+    train(run.fp32, run.task, run.data.train, train_cfg, device=run.device, run_dir=run.run_dir,
+          seed=run.cfg.run.seed, progress=run.progress, tag="pretrain", collate_fn=run.data.collate_fn)
+    run.fp32.eval()
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in run.fp32.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    write_json(run.run_dir / "fp32.json", {"key": key})
+
+
+# ---------------------------------------------------------------------------------------------
+# stage: sensitivity
+
+
+def stage_sensitivity(run: Run) -> dict[str, Any]:
+    from hawq.sensitivity import hessian_traces, load_traces, save_traces
+
+    scfg = run.cfg.sensitivity
+    path = run.run_dir / "traces.json"
+    key = digest(config_to_dict(scfg), run.cfg.run.seed, state_dict_digest(run.fp32),
+                 config_to_dict(run.cfg.data), run.layers)
+    if run.cfg.run.resume and path.exists():
+        traces, meta = load_traces(path)
+        if meta.get("key") == key:
+            log.info("sensitivity: reusing %s", path)
+            return traces
+    model = copy.deepcopy(run.fp32)
+    model.train(scfg.bn_mode == "train")
+    batches = run.batches("train", scfg.batches, scfg.batch_size, shuffle=True)
+    if scfg.label_free:
+        from hawq.sensitivity import label_free_loss
+
+        loss_fn = label_free_loss(run.task, run.fp32)
+    else:
+        loss_fn = run.task.loss
+    t0 = time.perf_counter()
+    traces = hessian_traces(model, loss_fn, batches, layers=run.layers, tol=scfg.tol,
+                            max_probes=scfg.max_probes, min_probes=scfg.min_probes,
+                            seed=run.cfg.run.seed, progress=run.progress)
+    elapsed = time.perf_counter() - t0
+    meta = {"key": key, "bn_mode": scfg.bn_mode, "label_free": scfg.label_free, "normalize": scfg.normalize,
+            "batches": len(batches), "batch_size": scfg.batch_size, "seed": run.cfg.run.seed,
+            "tol": scfg.tol, "max_probes": scfg.max_probes, "seconds": round(elapsed, 3),
+            "device": str(run.device)}
+    save_traces(path, traces, meta)
+    return traces
+
+
+# ---------------------------------------------------------------------------------------------
+# stage: search
+
+
+def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, Any]]:
+    from hawq.search import allocate_bits, layer_costs
+
+    path = run.run_dir / "bits.yaml"
+    info_path = run.run_dir / "search.json"
+    costs = layer_costs(run.fp32, _example_forward(run), run.layers)
+    run.results["costs"] = costs
+    search_cfg = dataclasses.replace(run.cfg.search, pins=effective_pins(run))
+    traces_key = digest({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                         for k, v in traces.items()})
+    key = digest(config_to_dict(search_cfg), traces_key, config_to_dict(run.cfg.quant))
+    info = read_json(info_path)
+    if run.cfg.run.resume and path.exists() and info and info.get("key") == key:
+        return load_bitmap(path, run.layers), info
+    latency_table = None
+    if search_cfg.latency_table:
+        from hawq.search import load_latency_table
+
+        latency_table = load_latency_table(search_cfg.latency_table)
+    alloc = allocate_bits(run.fp32, traces, costs, search_cfg, per_channel=run.cfg.quant.per_channel,
+                          group_size=run.cfg.quant.group_size, latency_table=latency_table)
+    info = {"key": key, "objective": alloc.objective, "usage": alloc.usage, "budgets": alloc.budgets,
+            "status": alloc.status, "solve_time_s": alloc.solve_time_s, "notes": alloc.notes}
+    save_bitmap(alloc.bits, path)
+    write_json(info_path, info)
+    return alloc.bits, info
+
+
+def effective_pins(run: Run) -> dict[str, dict[str, int]]:
+    """The family's default pins, overridden layer by layer by the config's."""
+    return {**run.spec.default_pins, **run.cfg.search.pins}
+
+
+def uniform_bits_same_size(run: Run, bits: BitMap) -> tuple[int, BitMap]:
+    """The uniform-precision map the HAWQ map is compared against: same budget, same pins.
+
+    With ``size_uniform_bits: N`` (or ``bops_uniform_bits``) it is uniform N-bit; otherwise the
+    largest uniform weight precision whose size fits in the HAWQ map's size.
+    """
+    b = run.cfg.search.budget
+    w = b.size_uniform_bits or b.bops_uniform_bits
+    if w is None:
+        from hawq.search import model_size_mb
+
+        target = model_size_mb(run.fp32, bits, run.layers)
+        fitting = [o for o in sorted(run.cfg.search.weight_bits)
+                   if model_size_mb(run.fp32, _uniform(run, bits, o), run.layers) <= target * 1.0001]
+        w = fitting[-1] if fitting else min(run.cfg.search.weight_bits)
+    return w, _uniform(run, bits, w)
+
+
+def _uniform(run: Run, bits: BitMap, w: int) -> BitMap:
+    pins = effective_pins(run)
+    a = max(run.cfg.search.activation_bits)
+    return {name: bits[name] if name in pins else LayerBits(w, a) for name in run.layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# stage: quantize (+ calibration)
+
+
+def quantized_copy(run: Run, bits: BitMap) -> nn.Module:
+    from hawq.quant import calibrate, quantize_model
+
+    model = quantize_model(copy.deepcopy(run.fp32), bits, run.cfg.quant)
+    model.to(run.device).eval()
+    calib = run.batches("train", run.cfg.quant.calib_batches, run.cfg.data.batch_size, shuffle=True)
+    calibrate(model, calib, run.task.forward, progress=run.progress)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# stage: finetune
+
+
+def stage_finetune(run: Run, model: nn.Module) -> list[dict]:
+    from hawq.train import train
+
+    if run.cfg.train.epochs <= 0:
+        return []
+    seed_everything(run.cfg.run.seed)
+    model.train()
+    history = train(model, run.task, run.data.train, run.cfg.train, teacher=run.fp32, device=run.device,
+                    run_dir=run.run_dir, seed=run.cfg.run.seed, progress=run.progress, tag="finetune",
+                    collate_fn=run.data.collate_fn)
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+
+
+def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
+    """Run every configured stage and return the report (also written to ``report.json``)."""
+    t_start = time.perf_counter()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    # Build everything that can fail on bad input before the run folder exists.
+    run = build_model_and_data(cfg, run_dir, config_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stale = run_dir / "report.json"
+    if stale.exists():
+        stale.unlink()  # this folder is an unfinished run until the new report lands
+    save_config(cfg, run_dir / "config.yaml")
+    stages = set(cfg.run.stages)
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        run.timings[name] = round(time.perf_counter() - t0, 2)
+        return out
+
+    timed("pretrain", pretrain_if_needed, run)
+    fp32_metrics = timed("eval_fp32", run.evaluate, run.fp32, "eval fp32")
+    report: dict[str, Any] = {"fp32": fp32_metrics, "fp32_top1": run.primary(fp32_metrics)}
+
+    traces = timed("sensitivity", stage_sensitivity, run) if "sensitivity" in stages else None
+    if "search" not in stages or traces is None:
+        return _finish(run, report, None, None, None, t_start)
+    bits, search_info = timed("search", stage_search, run, traces)
+    report["search"] = search_info
+    if "quantize" not in stages:
+        return _finish(run, report, traces, bits, None, t_start)
+
+    uniform_w, uniform = uniform_bits_same_size(run, bits)
+    qmodel = timed("quantize", quantized_copy, run, bits)
+    before = timed("eval_quant", run.evaluate, qmodel, "eval hawq")
+    umodel = quantized_copy(run, uniform)
+    uniform_metrics = timed("eval_uniform", run.evaluate, umodel, "eval uniform")
+    report.update(quant_before_finetune=before, uniform_same_size=uniform_metrics,
+                  quant_top1_before_finetune=run.primary(before),
+                  uniform_top1_same_size=run.primary(uniform_metrics),
+                  uniform_weight_bits=uniform_w)
+    del umodel
+
+    after = before
+    if "finetune" in stages:
+        history = timed("finetune", stage_finetune, run, qmodel)
+        if history:
+            after = timed("eval_finetuned", run.evaluate, qmodel, "eval finetuned")
+        report["history"] = history
+    report.update(quant_after_finetune=after, quant_top1_after_finetune=run.primary(after))
+
+    if "export" in stages:
+        report["export"] = timed("export", stage_export, run, qmodel, bits)
+    return _finish(run, report, traces, bits, qmodel, t_start)
+
+
+def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
+    from hawq.export import export_onnx, save_quantized
+
+    out: dict[str, Any] = {}
+    ecfg = run.cfg.export
+    if ecfg.safetensors:
+        summary = save_quantized(qmodel, bits, run.run_dir / "model.safetensors", run.results["model_info"])
+        out["safetensors"] = {"path": "model.safetensors", **summary}
+    if ecfg.onnx:
+        example = run.batches("test", 1, 1)[0]
+        try:
+            export_onnx(qmodel, example[0] if isinstance(example, (list, tuple)) else example,
+                        run.run_dir / "model.onnx", opset=ecfg.onnx_opset)
+            out["onnx"] = {"path": "model.onnx"}
+        except HawqError as e:
+            # ONNX export is best effort for families whose graphs the exporter cannot express yet
+            out["onnx"] = {"error": str(e)}
+            log.warning("onnx export skipped: %s", e)
+    return out
+
+
+def _finish(run: Run, report: dict[str, Any], traces: Any, bits: BitMap | None, qmodel: nn.Module | None,
+            t_start: float) -> dict[str, Any]:
+    from hawq.report import build_report, write_report
+
+    full = build_report(run, report, traces, bits)
+    full["timings_s"] = {**run.timings, "total": round(time.perf_counter() - t_start, 2)}
+    write_report(run, full, traces, bits)
+    return full
+

@@ -1,0 +1,226 @@
+"""Model-level quantization: swap the layers of a bit map, calibrate activations, fold BatchNorm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from hawq import HawqError
+from hawq.bitmap import BitMap, LayerBits
+from hawq.quant.config import QuantConfig
+from hawq.quant.modules import (
+    QUANT_MODULES,
+    FoldedBatchNorm2d,
+    QuantAct,
+    QuantBnConv2d,
+    QuantConv2d,
+    QuantEmbedding,
+    QuantLinear,
+)
+from hawq.quant.quantizers import FLOAT_BITS
+
+
+class QuantTracer(fx.Tracer):
+    """fx tracer that keeps hawq's quantized modules (and QuantAct) as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (*QUANT_MODULES, QuantAct, FoldedBatchNorm2d)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, what: str) -> fx.GraphModule:
+    """Symbolically trace ``model`` (hawq modules as leaves) or raise a one-line HawqError."""
+    try:
+        graph = QuantTracer().trace(model)
+    except Exception as e:  # noqa: BLE001 -- fx raises many types; the user needs one message
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HawqError(f"{what} needs a torch.fx-traceable model; tracing failed: {first}") from None
+    return fx.GraphModule(model, graph, model.__class__.__name__)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
+    """``{conv_name: bn_name}`` for every Conv2d whose only user is a BatchNorm2d (found by fx)."""
+    gm = trace(model, "BatchNorm folding")
+    modules = dict(model.named_modules())
+    pairs: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                modules.get(users[0].target), nn.BatchNorm2d):
+            pairs[node.target] = users[0].target
+    return pairs
+
+
+def _check_layer(model: nn.Module, name: str) -> nn.Module:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise HawqError(f"quantize_model: the model has no layer '{name}'") from None
+    if isinstance(module, QUANT_MODULES):
+        raise HawqError(f"quantize_model: layer '{name}' is already quantized")
+    if not isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
+        raise HawqError(f"quantize_model: layer '{name}' is a {type(module).__name__}; "
+                        "only Conv2d, Linear and Embedding can be quantized")
+    return module
+
+
+def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) -> nn.Module:
+    """Swap, in place, every layer named in ``bits`` for its fake-quantized twin; return ``model``.
+
+    Names are preserved (``model.get_submodule(name)`` is the quantized module) and parameters
+    are shared with the original layers. A layer stays float when both its weight and activation
+    bits are >= 32. With ``cfg.fold_bn`` a Conv2d followed by a BatchNorm2d becomes a
+    :class:`QuantBnConv2d` and the BN a :class:`FoldedBatchNorm2d` (found by torch.fx tracing).
+    Activation quantizers start uncalibrated: run :func:`calibrate` before evaluating.
+    """
+    cfg = cfg or QuantConfig()
+    if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or cfg.group_size < 1):
+        raise HawqError(f"QuantConfig.group_size must be a positive integer or None, got {cfg.group_size!r}")
+    todo: dict[str, tuple[nn.Module, LayerBits]] = {}
+    for name, lb in bits.items():
+        module = _check_layer(model, name)
+        if lb.weight >= FLOAT_BITS and lb.activation >= FLOAT_BITS:
+            continue
+        todo[name] = (module, lb)
+    pairs = conv_bn_pairs(model) if cfg.fold_bn and any(
+        isinstance(m, nn.Conv2d) for m, _ in todo.values()) else {}
+    for name, (module, lb) in todo.items():
+        if isinstance(module, nn.Conv2d) and name in pairs:
+            bn_name = pairs[name]
+            q, folded = QuantBnConv2d.from_conv_bn(module, model.get_submodule(bn_name), lb.weight,
+                                                   lb.activation, cfg)
+            _set_submodule(model, bn_name, folded)
+        elif isinstance(module, nn.Conv2d):
+            q = QuantConv2d.from_float(module, lb.weight, lb.activation, cfg)
+        elif isinstance(module, nn.Linear):
+            q = QuantLinear.from_float(module, lb.weight, lb.activation, cfg)
+        else:
+            q = QuantEmbedding.from_float(module, lb.weight, lb.activation, cfg)
+        _set_submodule(model, name, q)
+    return model
+
+
+def quantize_(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) -> nn.Module:
+    """torchao-style alias of :func:`quantize_model` (in place)."""
+    return quantize_model(model, bits, cfg)
+
+
+def quant_acts(model: nn.Module) -> list[tuple[str, QuantAct]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
+
+
+def set_act_calibration(model: nn.Module, on: bool) -> None:
+    """Put every QuantAct in ``"calibrating"`` (``on``) or ``"frozen"`` mode."""
+    for _, act in quant_acts(model):
+        act.set_mode("calibrating" if on else "frozen")
+
+
+def set_act_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch activation fake-quant ``"off"`` (float activations) or back to ``"frozen"``."""
+    for _, act in quant_acts(model):
+        act.set_mode("frozen" if enabled else "off")
+
+
+def reset_act_ranges(model: nn.Module) -> None:
+    for _, act in quant_acts(model):
+        act.num_batches.zero_()
+        act.range_val.zero_()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
+              progress: bool = True, max_batches: int | None = None, reset: bool = True) -> int:
+    """Observe activation ranges on ``batches`` (eval mode, no grad), then freeze them.
+
+    ``forward(model, batch)`` runs one batch (e.g. ``task.forward``). Returns the number of
+    batches used. ``reset`` forgets earlier ranges first.
+    """
+    acts = quant_acts(model)
+    if not acts:
+        return 0
+    if reset:
+        reset_act_ranges(model)
+    was_training = model.training
+    model.eval()
+    set_act_calibration(model, True)
+    n = 0
+    try:
+        for batch in tqdm(batches, desc="calibrate", disable=not progress, total=max_batches):
+            forward(model, batch)
+            n += 1
+            if max_batches is not None and n >= max_batches:
+                break
+    finally:
+        set_act_calibration(model, False)
+        model.train(was_training)
+    if n == 0:
+        raise HawqError("calibrate: no batches were given")
+    missing = [name for name, act in acts if not act.calibrated]
+    if missing:
+        raise HawqError(f"calibrate: activation quantizer '{missing[0]}' saw no data "
+                        f"({len(missing)} unused); is that layer on the forward path?")
+    return n
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    g = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+    beta = bn.bias if bn.affine else torch.zeros_like(g)
+    b = conv.bias if conv.bias is not None else torch.zeros_like(g)
+    return conv.weight * g.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * g
+
+
+@torch.no_grad()
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Fold BatchNorm2d into the preceding convs, in place, with running statistics (for export).
+
+    ``QuantBnConv2d`` becomes a ``QuantConv2d`` carrying the folded weight and bias (same bits,
+    same input quantizer); a float Conv2d followed by BatchNorm2d gets the folded weights; the
+    BN modules become ``nn.Identity``. Returns ``model``.
+    """
+    modules = dict(model.named_modules())
+    pairs = conv_bn_pairs(model)
+    for conv_name, bn_name in pairs.items():
+        conv, bn = modules[conv_name], modules[bn_name]
+        if isinstance(conv, QuantBnConv2d):
+            if conv.bn is not bn:
+                raise HawqError(f"fold_bn: '{conv_name}' is folded with a BN other than '{bn_name}'")
+            w, b = conv.folded_weight_bias()
+            new = QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                              conv.padding, conv.dilation, conv.groups, True, conv.padding_mode,
+                              device=w.device, dtype=w.dtype)
+            new.weight.copy_(w)
+            new.bias.copy_(b)
+            new.weight_bits, new.act_bits = conv.weight_bits, conv.act_bits
+            new.per_channel, new.group_size = conv.per_channel, None
+            new.input_quant = conv.input_quant
+            new.train(conv.training)
+        elif isinstance(bn, FoldedBatchNorm2d):
+            raise HawqError(f"fold_bn: '{bn_name}' is marked folded but '{conv_name}' is not a QuantBnConv2d")
+        else:
+            w, b = _fold_into(conv, bn)
+            conv.weight.copy_(w)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(b.clone())
+            else:
+                conv.bias.copy_(b)
+            new = conv
+        _set_submodule(model, conv_name, new)
+        _set_submodule(model, bn_name, nn.Identity())
+    leftover = [n for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm2d)]
+    if leftover:
+        raise HawqError(f"fold_bn: '{leftover[0]}' is a folded BN without its conv")
+    return model

@@ -1,0 +1,198 @@
+"""The run report: ``report.json`` (machine-readable), ``report.md`` and plots (for people).
+
+``report.json`` always has ``primary_metric`` (e.g. ``top1``) and the generic keys
+``fp32_score``, ``quant_score_before_finetune``, ``quant_score_after_finetune`` and
+``uniform_score_same_size``; for classification the same values also appear as ``fp32_top1``,
+``quant_top1_before_finetune``, ``quant_top1_after_finetune`` and ``uniform_top1_same_size``
+(percent). Sizes are MB (2**20 bytes), BOPS in G (1e9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hawq.bitmap import BitMap, atomic_write_text
+
+if TYPE_CHECKING:
+    from hawq.pipeline import Run
+
+SCORE_KEYS = {
+    "fp32_top1": "fp32_score",
+    "quant_top1_before_finetune": "quant_score_before_finetune",
+    "quant_top1_after_finetune": "quant_score_after_finetune",
+    "uniform_top1_same_size": "uniform_score_same_size",
+}
+
+
+def _trace_fields(t: Any) -> dict[str, float]:
+    d = dataclasses.asdict(t) if dataclasses.is_dataclass(t) else dict(t)
+    return {k: d[k] for k in ("mean", "std_err", "n", "numel") if k in d}
+
+
+def build_report(run: Run, partial: dict[str, Any], traces: dict[str, Any] | None,
+                 bits: BitMap | None) -> dict[str, Any]:
+    """Combine the stage results into the report dictionary (pure: writes nothing)."""
+    from hawq.search import bops_g, model_size_mb
+
+    report: dict[str, Any] = {"run": run.cfg.run.name, "model": run.spec.name, "task": run.spec.task,
+                              "primary_metric": run.task.primary_metric}
+    metric = run.task.primary_metric
+    for top1_key, score_key in SCORE_KEYS.items():
+        if top1_key in partial:
+            report[score_key] = partial[top1_key]
+            if metric == "top1":
+                report[top1_key] = partial[top1_key]
+    report.update({k: v for k, v in partial.items() if k not in SCORE_KEYS})
+
+    costs = run.results.get("costs")
+    layers = []
+    for name in run.layers:
+        row: dict[str, Any] = {"name": name}
+        if costs and name in costs:
+            c = costs[name]
+            row.update(kind=c.kind, params=c.params, macs=c.macs)
+        if traces and name in traces:
+            row["trace"] = _trace_fields(traces[name])
+        if bits and name in bits:
+            row.update(weight_bits=bits[name].weight, activation_bits=bits[name].activation)
+        layers.append(row)
+    report["layers"] = layers
+    report["fp32_size_mb"] = model_size_mb(run.fp32, 32, run.layers)
+    if costs:
+        report["fp32_bops_g"] = bops_g(run.fp32, 32, costs=costs)
+    if bits:
+        report["bits"] = {n: b.as_dict() for n, b in bits.items()}
+        report["size_mb"] = model_size_mb(run.fp32, bits, run.layers)
+        if costs:
+            report["bops_g"] = bops_g(run.fp32, bits, costs=costs)
+    return report
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e5):
+            return f"{x:.3e}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The per-layer table plus totals, as printed at the end of a run and embedded in report.md."""
+    rows = [("layer", "trace", "+-", "W bits", "A bits", "params")]
+    for r in report["layers"]:
+        t = r.get("trace", {})
+        rows.append((r["name"], _fmt(t.get("mean")), _fmt(t.get("std_err")), _fmt(r.get("weight_bits")),
+                     _fmt(r.get("activation_bits")), _fmt(r.get("params"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    metric = report.get("primary_metric", "score")
+    totals = [
+        ("size MB (fp32 -> quantized)", f"{_fmt(report.get('fp32_size_mb'), 4)} -> {_fmt(report.get('size_mb'), 4)}"),
+        ("BOPS G (fp32 -> quantized)", f"{_fmt(report.get('fp32_bops_g'), 3)} -> {_fmt(report.get('bops_g'), 3)}"),
+        (f"fp32 {metric}", _fmt(report.get("fp32_score"))),
+        (f"uniform {report.get('uniform_weight_bits', '?')}-bit {metric} (same size, no finetune)",
+         _fmt(report.get("uniform_score_same_size"))),
+        (f"hawq {metric} before finetune", _fmt(report.get("quant_score_before_finetune"))),
+        (f"hawq {metric} after finetune", _fmt(report.get("quant_score_after_finetune"))),
+    ]
+    width = max(len(k) for k, _ in totals)
+    lines.append("")
+    lines += [f"{k.ljust(width)}  {v}" for k, v in totals]
+    return "\n".join(lines)
+
+
+def plot_traces_and_bits(report: dict[str, Any], path: Path) -> None:
+    """Per-layer trace (log scale bars) with the chosen weight bits on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r for r in report["layers"] if "trace" in r]
+    if not layers:
+        return
+    names = [r["name"] for r in layers]
+    per_param = [max(r["trace"]["mean"] / max(r["trace"].get("numel", 1), 1), 1e-12) for r in layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 4.2))
+    ax.bar(range(len(names)), per_param, color="#4c72b0", label="Hessian trace / parameter")
+    ax.set_yscale("log")
+    ax.set_ylabel("trace / #params (log)")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    if any("weight_bits" in r for r in layers):
+        ax2 = ax.twinx()
+        ax2.plot(range(len(names)), [r.get("weight_bits", math.nan) for r in layers], "o-", color="#dd8452",
+                 label="weight bits")
+        ax2.set_ylabel("weight bits")
+        ax2.set_ylim(0, 9)
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+        ax.legend(lines, labels, loc="upper right", fontsize=8)
+    ax.set_title(f"{report.get('model')}: sensitivity and bit allocation")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    search = report.get("search") or {}
+    parts = [
+        f"# hawq report: {report.get('run')}",
+        "",
+        f"Model `{report.get('model')}` ({report.get('task')}), metric `{report.get('primary_metric')}`.",
+        "",
+        "```",
+        summary_table(report),
+        "```",
+        "",
+    ]
+    if search:
+        parts += ["## Search", "",
+                  f"- solver status: {search.get('status')}, objective {_fmt(search.get('objective'), 6)}, "
+                  f"{_fmt(search.get('solve_time_s'), 3)} s",
+                  f"- budgets: {search.get('budgets')}", f"- used: {search.get('usage')}"]
+        parts += [f"- note: {n}" for n in search.get("notes") or []]
+        parts.append("")
+    if report.get("timings_s"):
+        parts += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+        parts += [f"| {k} | {v} |" for k, v in report["timings_s"].items()]
+        parts.append("")
+    plots = report.get("plots") or []
+    if plots:
+        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(parts)
+
+
+def write_report(run: Run, report: dict[str, Any], traces: dict[str, Any] | None, bits: BitMap | None) -> None:
+    """Write plots, metrics, report.md and, last, report.json (its presence marks a finished run)."""
+    from hawq.pipeline import write_json
+
+    out = run.run_dir
+    plots = []
+    if traces:
+        plot_traces_and_bits(report, out / "traces_bits.png")
+        plots.append("traces_bits.png")
+    history = report.get("history")
+    if history:
+        try:
+            from hawq.train import plot_history
+
+            plot_history(history, out / "training.png")
+            plots.append("training.png")
+        except ImportError:
+            pass
+    report["plots"] = plots
+    metrics = {k: report.get(k) for k in ("fp32", "quant_before_finetune", "uniform_same_size",
+                                           "quant_after_finetune", "history")}
+    write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "report.md", markdown_report(report))
+    write_json(out / "report.json", report)

@@ -1,0 +1,375 @@
+"""Hessian-vector products of a batch-averaged loss with respect to a chosen set of weights.
+
+One :class:`HessianOperator` serves every estimator in this package (Hutchinson traces, power
+iteration, stochastic Lanczos quadrature). For each batch it builds the gradient graph once
+(``create_graph=True``) and answers any number of HVPs on it by double backward, so the forward
+and first backward are paid once per batch, not once per probe. Only one batch's graph is alive at
+a time; with a single batch the graph is kept for the whole estimate.
+
+If the double backward cannot be trusted (a custom ``autograd.Function`` whose backward is not
+differentiable, or an op without a double-backward formula) the operator warns, naming the op and
+the module, and switches to central finite differences of gradients.
+
+Under ``torch.distributed`` each rank runs its own batches and the per-batch results are summed
+across ranks and divided by the global batch count, which equals one process on the union.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from hawq import HawqError
+from hawq.layers import quantizable_layers
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class DoubleBackwardUnsupported(RuntimeError):
+    """The autograd graph of the loss cannot be differentiated twice (internal signal)."""
+
+    def __init__(self, op: str, module: str | None, detail: str = "") -> None:
+        where = f" in module '{module}'" if module else ""
+        super().__init__(f"double backward is not supported by op '{op}'{where}{detail}")
+        self.op, self.module = op, module
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> tuple[list[str], list[nn.Parameter]]:
+    """Layer names -> their ``.weight`` parameters, validating names and ``requires_grad``."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise HawqError("the model has no parameters that require grad: nothing to differentiate")
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = quantizable_layers(model)
+        if not names:
+            raise HawqError("the model has no quantizable layers (Conv2d/Linear/Embedding); "
+                            "pass layers=[...]")
+    else:
+        names = list(layers)
+        if not names:
+            raise HawqError("layers is empty: pass None for all quantizable layers or a list of layer names")
+        valid = [n for n, m in modules.items() if n and isinstance(getattr(m, "weight", None), nn.Parameter)]
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise HawqError(f"unknown layer(s) {', '.join(map(repr, unknown))}; "
+                            f"valid layers: {', '.join(valid)}")
+        if len(set(names)) != len(names):
+            raise HawqError("layers lists a layer more than once")
+    weights = [modules[n].weight for n in names]
+    frozen = [n for n, w in zip(names, weights) if not w.requires_grad]
+    if frozen:
+        raise HawqError(f"layer weight(s) with requires_grad=False: {', '.join(frozen)}; "
+                        "unfreeze them or leave them out of layers")
+    if len({id(w) for w in weights}) != len(weights):
+        raise HawqError("two of the layers share one weight tensor (tied weights): list only one of them")
+    return names, weights
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _custom_nodes(root: Any) -> list[Any]:
+    """Custom ``autograd.Function`` nodes reachable from ``root`` in the autograd graph."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            found.append(node)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _module_of_ops(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, str]:
+    """Map custom-op node names to the innermost module whose forward created them (one extra forward)."""
+    owner: dict[str, str] = {}
+    input_nodes: dict[int, set[int]] = {}
+    handles = []
+
+    def grad_fns(obj: Any) -> list[Any]:
+        if isinstance(obj, Tensor):
+            return [obj.grad_fn] if obj.grad_fn is not None else []
+        if isinstance(obj, (list, tuple)):
+            return [n for o in obj for n in grad_fns(o)]
+        if isinstance(obj, dict):
+            return [n for o in obj.values() for n in grad_fns(o)]
+        return []
+
+    def pre_hook(mod: nn.Module, args: Any) -> None:
+        input_nodes[id(mod)] = {id(n) for n in grad_fns(args)}
+
+    def make_hook(name: str) -> Callable:
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            stop = input_nodes.get(id(mod), set())
+            seen, stack = set(), grad_fns(out)
+            while stack:
+                node = stack.pop()
+                if node is None or id(node) in seen or id(node) in stop:
+                    continue
+                seen.add(id(node))
+                if isinstance(node, torch.autograd.function.BackwardCFunction):
+                    owner.setdefault(type(node).__name__, name or "<model>")  # inner modules finish first
+                stack.extend(nxt for nxt, _ in node.next_functions)
+        return hook
+
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(pre_hook))
+        handles.append(mod.register_forward_hook(make_hook(name)))
+    try:
+        with torch.enable_grad():
+            loss_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return owner
+
+
+class _AutogradBatch:
+    """The gradient graph of one batch; HVPs by double backward on it."""
+
+    def __init__(self, op: HessianOperator, batch: Any, index: int) -> None:
+        self.op, self.batch, self.index = op, batch, index
+        with torch.enable_grad():
+            loss = op.loss_fn(op.model, batch)
+            op.check_loss(loss, index)
+            check = op.needs_double_backward_check
+            monitored = _custom_nodes(loss.grad_fn) if check else []
+            bad: list[Any] = []
+            handles = [node.register_hook(self._make_monitor(node, bad)) for node in monitored]
+            try:
+                grads = torch.autograd.grad(loss, op.weights, create_graph=True, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
+        op.check_grads(grads, index)
+        if check:
+            op.needs_double_backward_check = False
+        if bad:
+            node = bad[0]
+            name = type(node).__name__
+            module = _module_of_ops(op.model, op.loss_fn, batch).get(name)
+            raise DoubleBackwardUnsupported(name, module)
+        self.grads = list(grads)
+
+    @staticmethod
+    def _make_monitor(node: Any, bad: list[Any]) -> Callable:
+        delayed = getattr(torch._C._functions, "DelayedError", ())
+
+        def monitor(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            incoming_differentiable = any(g is not None and g.requires_grad for g in grad_outputs)
+            for g in grad_inputs:
+                if g is None:
+                    continue
+                cut = incoming_differentiable and not g.requires_grad  # backward ran outside autograd
+                if cut or (delayed and isinstance(g.grad_fn, delayed)):  # @once_differentiable
+                    bad.append(node)
+                    return
+        return monitor
+
+    def hvp(self, vs: list[Tensor]) -> list[Tensor]:
+        need = [i for i, g in enumerate(self.grads) if g is not None and g.requires_grad]
+        out = [torch.zeros_like(v) for v in vs]
+        if not need:
+            return out  # the loss is linear in every weight: the Hessian block is exactly zero
+        try:
+            hv = torch.autograd.grad([self.grads[i] for i in need], self.op.weights,
+                                     grad_outputs=[vs[i] for i in need], retain_graph=True, allow_unused=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+        return [h if h is not None else o for h, o in zip(hv, out)]
+
+
+class _FiniteDifferenceBatch:
+    """HVP by central differences of gradients: (g(w + eps v) - g(w - eps v)) / (2 eps)."""
+
+    def __init__(self, op: HessianOperator, batch: Any, index: int) -> None:
+        self.op, self.batch, self.index = op, batch, index
+
+    def _grad_at(self, vs: list[Tensor], step: float) -> list[Tensor]:
+        op = self.op
+        with torch.no_grad():
+            for w, v in zip(op.weights, vs):
+                w.add_(v, alpha=step)
+        try:
+            with torch.enable_grad():
+                loss = op.loss_fn(op.model, self.batch)
+                op.check_loss(loss, self.index)
+                grads = torch.autograd.grad(loss, op.weights, allow_unused=True)
+            op.check_grads(grads, self.index)
+        finally:
+            with torch.no_grad():
+                for w, w0 in zip(op.weights, op.weights_at_start):
+                    w.copy_(w0)  # copy back (not subtract) so the weights are restored bit-exactly
+        return [g if g is not None else torch.zeros_like(w) for g, w in zip(grads, op.weights)]
+
+    def hvp(self, vs: list[Tensor]) -> list[Tensor]:
+        op = self.op
+        w_norm = math.sqrt(sum(float(w.detach().double().pow(2).sum()) for w in op.weights))
+        v_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in vs))
+        if v_norm == 0.0:
+            return [torch.zeros_like(v) for v in vs]
+        # cube root of machine epsilon balances truncation (eps^2) against rounding (1/eps)
+        eps = torch.finfo(op.weights[0].dtype).eps ** (1 / 3) * (1.0 + w_norm) / v_norm
+        plus = self._grad_at(vs, eps)
+        minus = self._grad_at(vs, -eps)
+        return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+
+
+class HessianOperator:
+    """HVPs of ``mean over batches of loss_fn(model, batch)`` w.r.t. ``weights``.
+
+    Use as a context manager: the model's buffers (e.g. BatchNorm running statistics, which a
+    train-mode forward updates) are restored on exit, so measuring never changes the model.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], names: list[str],
+                 weights: list[nn.Parameter], method: str = "auto") -> None:
+        if method not in ("auto", "autograd", "finite_difference"):
+            raise HawqError(f"unknown HVP method '{method}' (auto, autograd, finite_difference)")
+        self.model, self.loss_fn, self.names, self.weights = model, loss_fn, names, weights
+        self.batches = list(batches)
+        self.distributed = _distributed()
+        local = len(self.batches)
+        if self.distributed:
+            t = torch.tensor([float(local)], dtype=torch.float64, device=self.reduce_device)
+            dist.all_reduce(t)
+            self.global_batches = int(t.item())
+        else:
+            self.global_batches = local
+        if self.global_batches == 0:
+            raise HawqError("no batches: the Hessian needs at least one batch of data")
+        self.method = "finite_difference" if method == "finite_difference" else "autograd"
+        self.allow_fallback = method == "auto"
+        self.needs_double_backward_check = True
+        self.fallback_reason: str | None = None
+        self._cached: _AutogradBatch | _FiniteDifferenceBatch | None = None
+        self.weights_at_start = [w.detach().clone() for w in weights]
+        self._buffers: list[tuple[Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> HessianOperator:
+        self._buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cached = None
+        with torch.no_grad():
+            for b, saved in self._buffers:
+                b.copy_(saved)
+            for w, w0 in zip(self.weights, self.weights_at_start):
+                w.copy_(w0)
+        self._buffers = []
+
+    # ------------------------------------------------------------------ checks
+    @property
+    def reduce_device(self) -> torch.device:
+        backend = dist.get_backend() if self.distributed else "gloo"
+        return self.weights[0].device if backend == "nccl" else torch.device("cpu")
+
+    def check_loss(self, loss: Any, index: int) -> None:
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise HawqError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                            f"on batch {index}")
+        if not loss.requires_grad:
+            raise HawqError(f"the loss of batch {index} does not depend on any parameter that requires grad")
+        if not torch.isfinite(loss.detach()).all():
+            raise HawqError(f"non-finite loss ({loss.item()}) on batch {index}")
+
+    def check_grads(self, grads: Sequence[Tensor | None], index: int) -> None:
+        unused = [n for n, g in zip(self.names, grads) if g is None]
+        if unused:
+            raise HawqError(f"layer(s) not used by the loss on batch {index}: {', '.join(unused)}")
+        finite = torch.stack([torch.isfinite(g.detach()).all() for g in grads if g is not None]).all()
+        if not bool(finite):
+            bad = [n for n, g in zip(self.names, grads)
+                   if g is not None and not torch.isfinite(g.detach()).all()]
+            raise HawqError(f"non-finite gradient on batch {index} (layers: {', '.join(bad)})")
+
+    # ------------------------------------------------------------------ batches
+    def _open(self, index: int) -> _AutogradBatch | _FiniteDifferenceBatch:
+        if self._cached is not None and self._cached.index == index:
+            return self._cached
+        self._cached = None  # free the previous graph before building the next one
+        batch = self.batches[index]
+        if self.method == "autograd":
+            session: _AutogradBatch | _FiniteDifferenceBatch = _AutogradBatch(self, batch, index)
+        else:
+            session = _FiniteDifferenceBatch(self, batch, index)
+        if len(self.batches) == 1:
+            self._cached = session  # a single batch: keep its graph for every probe
+        return session
+
+    def _switch_to_finite_difference(self, err: DoubleBackwardUnsupported) -> None:
+        if not self.allow_fallback:
+            raise HawqError(f"{err}; use method='auto' or 'finite_difference'") from err
+        self.method = "finite_difference"
+        self._cached = None
+        self.fallback_reason = str(err)
+        warnings.warn(f"hawq.sensitivity: {err}; falling back to finite-difference Hessian-vector products "
+                      "(2 gradient evaluations per product)", RuntimeWarning, stacklevel=3)
+
+    def _run(self, per_batch: Callable[[_AutogradBatch | _FiniteDifferenceBatch], Tensor]) -> Tensor:
+        """Sum ``per_batch(session)`` over the local batches (retrying once with finite differences)."""
+        while True:
+            try:
+                total = None
+                for i in range(len(self.batches)):
+                    r = per_batch(self._open(i))
+                    total = r if total is None else total + r
+                    if len(self.batches) > 1:
+                        self._cached = None
+                return total
+            except DoubleBackwardUnsupported as err:
+                if self.method != "autograd":
+                    raise
+                self._switch_to_finite_difference(err)
+
+    def _reduce_mean(self, local_sum: Tensor | None, like: Tensor) -> Tensor:
+        total = local_sum if local_sum is not None else torch.zeros_like(like)
+        if self.distributed:
+            buf = total.to(self.reduce_device)
+            dist.all_reduce(buf)
+            total = buf.to(like.device)
+        return total / self.global_batches
+
+    # ------------------------------------------------------------------ public
+    def quadratic_forms(self, probe: Callable[[int], list[Tensor]], count: int) -> Tensor:
+        """``[count, n_layers]`` float64: ``v_l . (H v)_l`` for probes ``probe(0..count-1)``.
+
+        ``probe(j)`` must return the same vectors every time it is called with ``j`` (it is
+        called once per batch, so only one probe lives in memory at a time).
+        """
+        like = torch.zeros(count, len(self.weights), dtype=torch.float64, device=self.weights[0].device)
+
+        def per_batch(session: _AutogradBatch | _FiniteDifferenceBatch) -> Tensor:
+            out = torch.zeros_like(like)
+            for j in range(count):
+                vs = probe(j)
+                hv = session.hvp(vs)
+                out[j] = torch.stack([(v.double() * h.double()).sum() for v, h in zip(vs, hv)])
+            return out
+
+        if len(self.batches) == 0:
+            return self._reduce_mean(None, like)
+        return self._reduce_mean(self._run(per_batch), like)
+
+    def hvp(self, vs: list[Tensor]) -> list[Tensor]:
+        """``H v`` (mean over all batches, all ranks) for one vector given as per-weight tensors."""
+        sizes = [v.numel() for v in vs]
+        like = torch.zeros(sum(sizes), dtype=torch.float64, device=self.weights[0].device)
+
+        def per_batch(session: _AutogradBatch | _FiniteDifferenceBatch) -> Tensor:
+            return torch.cat([h.reshape(-1).double() for h in session.hvp(vs)])
+
+        flat = self._reduce_mean(self._run(per_batch) if self.batches else None, like)
+        return [p.view_as(v).to(v.dtype) for p, v in zip(flat.split(sizes), vs)]
