@@ -65,8 +65,7 @@ def state_dict_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                 if v.dtype != torch.bool else v.cpu().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -163,45 +162,39 @@ def _example_forward(run: Run):
 
 
 def build_model_and_data(cfg: Config, run_dir: Path, config_dir: Path | None) -> Run:
+    from hawq.data.checks import check_compatible, configure_task
+    from hawq.models.compat import build_model
+
     device = resolve_device(cfg.run.device)
-    spec = get_model_spec(cfg.model.name)
+    get_model_spec(cfg.model.name)  # an unknown model name fails before any data is read
     data_cfg = copy.deepcopy(cfg.data)
     data_cfg.root = resolve_path(data_cfg.root, config_dir)
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.checkpoint = resolve_path(model_cfg.checkpoint, config_dir)
+    if data_cfg.tokenizer not in (None, "minilm"):
+        data_cfg.tokenizer = resolve_path(data_cfg.tokenizer, config_dir)
     data = build_data(data_cfg, seed=cfg.run.seed)
+    spec, model = build_model(model_cfg, data.num_classes)
     task = get_task(spec.task)
-    num_classes = cfg.model.num_classes or data.num_classes
-    kwargs = dict(cfg.model.kwargs)
-    if num_classes is not None:
-        kwargs.setdefault("num_classes", num_classes)
-    if cfg.model.weights is not None:
-        kwargs.setdefault("weights", cfg.model.weights)
-    try:
-        model = spec.builder(**kwargs)
-    except TypeError as e:
-        raise HawqError(f"model.kwargs do not fit model '{spec.name}': {e}") from None
-    checkpoint = resolve_path(cfg.model.checkpoint, config_dir)
-    if checkpoint is not None:
-        from hawq.models.checkpoint import load_checkpoint
-
-        load_checkpoint(model, checkpoint)
+    configure_task(task, data)
     model.to(device).eval()
     layers = spec.layers(model)
     if not layers:
         raise HawqError(f"model '{spec.name}' has no quantizable layers")
-    try:
-        from hawq.data.checks import check_compatible
-    except ImportError:
-        check_compatible = None
-    if check_compatible is not None:
-        check_compatible(spec, model, data)
+    check_compatible(spec, model, data)
     run = Run(cfg, run_dir, device, spec, task, data, model, layers)
-    run.results["model_info"] = {"name": spec.name, "kwargs": kwargs, "checkpoint": checkpoint}
+    kwargs = dict(model_cfg.kwargs)
+    num_classes = model_cfg.num_classes or data.num_classes
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    run.results["model_info"] = {"name": spec.name, "kwargs": kwargs, "checkpoint": model_cfg.checkpoint}
     return run
 
 
 def pretrain_if_needed(run: Run) -> None:
     """Without a checkpoint, train the FP32 model first (and keep it in the run folder)."""
-    if run.cfg.model.checkpoint is not None or run.cfg.model.pretrain_epochs <= 0:
+    m = run.cfg.model
+    if m.checkpoint is not None or m.weights is not None or m.pretrain_epochs <= 0:
         return
     from safetensors.torch import load_file, save_file
 
@@ -270,7 +263,7 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
 
 
 def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, Any]]:
-    from hawq.search import allocate_bits, layer_costs
+    from hawq.search import build_search_problem, layer_costs, pareto_sweep, solve_problem, uniform_points, write_pareto
 
     path = run.run_dir / "bits.yaml"
     info_path = run.run_dir / "search.json"
@@ -288,8 +281,15 @@ def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, An
         from hawq.search import load_latency_table
 
         latency_table = load_latency_table(search_cfg.latency_table)
-    alloc = allocate_bits(run.fp32, traces, costs, search_cfg, per_channel=run.cfg.quant.per_channel,
-                          group_size=run.cfg.quant.group_size, latency_table=latency_table)
+    problem = build_search_problem(run.fp32, traces, costs, search_cfg, per_channel=run.cfg.quant.per_channel,
+                                   group_size=run.cfg.quant.group_size, latency_table=latency_table,
+                                   progress=run.progress)
+    alloc = solve_problem(problem)
+    if search_cfg.pareto_points > 0:
+        # the whole size/perturbation front from the same traces: cheap, and shows where the budget sits
+        rows = pareto_sweep(problem, n_points=search_cfg.pareto_points, keep_other_budgets=False,
+                            progress=run.progress)
+        write_pareto(rows, run.run_dir / "pareto.csv", run.run_dir / "pareto.png", uniform_points(problem))
     info = {"key": key, "objective": alloc.objective, "usage": alloc.usage, "budgets": alloc.budgets,
             "status": alloc.status, "solve_time_s": alloc.solve_time_s, "notes": alloc.notes}
     save_bitmap(alloc.bits, path)
@@ -344,16 +344,27 @@ def quantized_copy(run: Run, bits: BitMap) -> nn.Module:
 # stage: finetune
 
 
-def stage_finetune(run: Run, model: nn.Module) -> list[dict]:
+def stage_finetune(run: Run, model: nn.Module, bits: BitMap) -> list[dict]:
     from hawq.train import train
 
     if run.cfg.train.epochs <= 0:
         return []
+    # A checkpoint of an earlier finetune resumes only if it finetuned the same quantized model.
+    key = digest(bitmap_to_dict(bits), config_to_dict(run.cfg.quant), config_to_dict(run.cfg.train),
+                 state_dict_digest(run.fp32), run.cfg.run.seed)
+    ckpt_dir = run.run_dir / "checkpoints"
+    key_file = ckpt_dir / "finetune.key"
+    if key_file.exists() and (key_file.read_text().strip() != key or not run.cfg.run.resume):
+        for old in ckpt_dir.glob("finetune_*"):
+            old.unlink()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(key_file, key + "\n")
     seed_everything(run.cfg.run.seed)
     model.train()
     history = train(model, run.task, run.data.train, run.cfg.train, teacher=run.fp32, device=run.device,
                     run_dir=run.run_dir, seed=run.cfg.run.seed, progress=run.progress, tag="finetune",
-                    collate_fn=run.data.collate_fn)
+                    collate_fn=run.data.collate_fn,
+                    eval_fn=lambda m: {f"test_{k}": v for k, v in run.evaluate(m, "eval").items()})
     model.eval()
     return history
 
@@ -376,6 +387,21 @@ def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
     if stale.exists():
         stale.unlink()  # this folder is an unfinished run until the new report lands
     save_config(cfg, run_dir / "config.yaml")
+    write_json(run_dir / "status.json", {"status": "running"})
+    try:
+        report = _run_stages(run, t_start)
+    except HawqError as e:
+        write_json(run_dir / "status.json", {"status": "failed", "error": str(e)})
+        raise
+    except BaseException as e:
+        write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
+    write_json(run_dir / "status.json", {"status": "complete"})
+    return report
+
+
+def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
+    cfg = run.cfg
     stages = set(cfg.run.stages)
 
     def timed(name: str, fn, *args):
@@ -385,16 +411,17 @@ def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
         return out
 
     timed("pretrain", pretrain_if_needed, run)
+    run.task.bind_reference(run.fp32)
     fp32_metrics = timed("eval_fp32", run.evaluate, run.fp32, "eval fp32")
     report: dict[str, Any] = {"fp32": fp32_metrics, "fp32_top1": run.primary(fp32_metrics)}
 
     traces = timed("sensitivity", stage_sensitivity, run) if "sensitivity" in stages else None
     if "search" not in stages or traces is None:
-        return _finish(run, report, None, None, None, t_start)
+        return _finish(run, report, None, None, t_start)
     bits, search_info = timed("search", stage_search, run, traces)
     report["search"] = search_info
     if "quantize" not in stages:
-        return _finish(run, report, traces, bits, None, t_start)
+        return _finish(run, report, traces, bits, t_start)
 
     uniform_w, uniform = uniform_bits_same_size(run, bits)
     qmodel = timed("quantize", quantized_copy, run, bits)
@@ -409,15 +436,15 @@ def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
 
     after = before
     if "finetune" in stages:
-        history = timed("finetune", stage_finetune, run, qmodel)
-        if history:
-            after = timed("eval_finetuned", run.evaluate, qmodel, "eval finetuned")
+        history = timed("finetune", stage_finetune, run, qmodel, bits)
+        if history:  # the loop evaluated the final model on the test split after its last epoch
+            after = {k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")}
         report["history"] = history
     report.update(quant_after_finetune=after, quant_top1_after_finetune=run.primary(after))
 
     if "export" in stages:
         report["export"] = timed("export", stage_export, run, qmodel, bits)
-    return _finish(run, report, traces, bits, qmodel, t_start)
+    return _finish(run, report, traces, bits, t_start)
 
 
 def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
@@ -429,20 +456,22 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
         summary = save_quantized(qmodel, bits, run.run_dir / "model.safetensors", run.results["model_info"])
         out["safetensors"] = {"path": "model.safetensors", **summary}
     if ecfg.onnx:
-        example = run.batches("test", 1, 1)[0]
+        from hawq.export import compare_onnx
+
+        example = run.task.model_inputs(run.batches("test", 1, 8)[0])
+        path = run.run_dir / "model.onnx"
         try:
-            export_onnx(qmodel, example[0] if isinstance(example, (list, tuple)) else example,
-                        run.run_dir / "model.onnx", opset=ecfg.onnx_opset)
-            out["onnx"] = {"path": "model.onnx"}
-        except HawqError as e:
-            # ONNX export is best effort for families whose graphs the exporter cannot express yet
-            out["onnx"] = {"error": str(e)}
+            export_onnx(qmodel, example if len(example) > 1 else example[0], path, opset=ecfg.onnx_opset)
+            out["onnx"] = {"path": "model.onnx", "check": compare_onnx(qmodel, path, example)}
+        except Exception as e:  # noqa: BLE001
+            # Some graphs (detection post-processing, HF model outputs) have no QDQ export yet; the
+            # finetuned model and its safetensors are already saved, so record the reason and go on.
+            out["onnx"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("onnx export skipped: %s", e)
     return out
 
 
-def _finish(run: Run, report: dict[str, Any], traces: Any, bits: BitMap | None, qmodel: nn.Module | None,
-            t_start: float) -> dict[str, Any]:
+def _finish(run: Run, report: dict[str, Any], traces: Any, bits: BitMap | None, t_start: float) -> dict[str, Any]:
     from hawq.report import build_report, write_report
 
     full = build_report(run, report, traces, bits)

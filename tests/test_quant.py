@@ -28,6 +28,7 @@ from hawq.quant import (
     quantize_model,
     quantize_to_int,
     quantize_weight,
+    set_act_calibration,
     weight_scale,
 )
 
@@ -230,6 +231,11 @@ def test_bn_folding_matches_unfolded_and_export_fold() -> None:
     assert torch.allclose(folded(x), before, atol=1e-5)
     float_model = fold_bn(copy.deepcopy(model))
     assert torch.allclose(float_model(x), ref, atol=1e-5)
+    unfolded = quantize_model(copy.deepcopy(model), uniform_bitmap(names, 8, 8))
+    calibrate(unfolded, [x], _run, progress=False)
+    out = unfolded(x)
+    fold_bn(unfolded)  # QuantConv2d + BN: left alone, the codes quantize the unfolded weight
+    assert isinstance(unfolded.bn1, nn.BatchNorm2d) and torch.equal(unfolded(x), out)
 
 
 def test_bn_conv_training_updates_running_stats() -> None:
@@ -241,3 +247,41 @@ def test_bn_conv_training_updates_running_stats() -> None:
     model(x).sum().backward()
     assert not torch.equal(model.bn1.running_mean, before)
     assert model.conv1.weight.grad is not None and model.bn1.weight.grad is not None
+
+
+def test_range_tracking_in_training_until_frozen() -> None:
+    model, x = _demo(), _images()
+    quantize_model(model, uniform_bitmap(quantizable_layers(model), 8, 8))
+    calibrate(model, [x], _run, progress=False)
+    act = model.conv1.input_quant
+    assert act.mode == "frozen"  # the default: fixed ranges
+    calibrate(model, [x], _run, progress=False, track_in_training=True)
+    assert act.mode == "tracking"
+    s0 = float(act.scale)
+    model(3 * x)  # eval: ranges never move
+    assert float(act.scale) == s0
+    model.train()
+    model(3 * x)  # training: EMA towards the wider batch range (HAWQ-V3 QAT)
+    s1 = float(act.scale)
+    assert s0 < s1 < 3 * s0
+    set_act_calibration(model, False)
+    assert act.mode == "frozen"
+    model(3 * x)
+    assert float(act.scale) == s1
+
+
+def test_bn_stats_freeze_and_half_precision_activations() -> None:
+    model, x = _demo(), _images()
+    quantize_model(model, uniform_bitmap(["conv1"], 8, 8), QuantConfig(fold_bn=True))
+    calibrate(model, [x], _run, progress=False)
+    model.train()
+    model.conv1.freeze_bn_stats = True  # fold the running statistics, leave them untouched
+    before = model.bn1.running_mean.clone()
+    out_train = model.conv1(x)
+    assert torch.equal(model.bn1.running_mean, before)
+    model.eval()
+    assert torch.allclose(out_train, model.conv1(x))
+    act = model.conv1.input_quant
+    half = act(x.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), act(x.to(torch.bfloat16).float()).to(torch.bfloat16).float())

@@ -243,7 +243,8 @@ def test_nan_loss_names_step_and_keeps_last_good_checkpoint(tmp_path):
             return loss * math.nan if NanAtStep5.steps == 5 else loss
 
     cfg = cfg_for(epochs=2)
-    with pytest.raises(HawqError, match=r"loss is NaN at step 5 \(epoch 1\); last good checkpoint: .*finetune"):
+    message = r"loss is NaN at step 5 \(epoch 1\); last good checkpoint: .*finetune"
+    with pytest.raises(HawqError, match=message):
         train(make_model(), NanAtStep5(), make_data(), cfg, run_dir=tmp_path, progress=False)
     tensors, meta = load_checkpoint(tmp_path / "checkpoints", "finetune")
     assert meta["step"] == 4
@@ -271,7 +272,6 @@ def test_disk_full_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch
 
 
 def test_crash_between_file_replacements_falls_back_to_matching_tensors(tmp_path, monkeypatch):
-    model = nn.Linear(2, 2)
     ckpt_mod.save_checkpoint(tmp_path, "t", {"w": torch.ones(2)}, {"step": 1})
     real_replace = ckpt_mod.os.replace
 
@@ -286,7 +286,6 @@ def test_crash_between_file_replacements_falls_back_to_matching_tensors(tmp_path
     monkeypatch.undo()
     tensors, meta = load_checkpoint(tmp_path, "t")
     assert meta["step"] == 1 and torch.equal(tensors["w"], torch.ones(2))
-    assert model is not None
 
 
 def test_checkpoint_is_pickle_free_and_optimizer_roundtrips(tmp_path):
@@ -304,7 +303,8 @@ def test_checkpoint_is_pickle_free_and_optimizer_roundtrips(tmp_path):
         for key, value in entry.items():
             assert torch.equal(opt2.state_dict()["state"][pid][key], value)
 
-    train(make_model(), ClassificationTask(), make_data(), cfg_for(epochs=1), run_dir=tmp_path, progress=False)
+    train(make_model(), ClassificationTask(), make_data(), cfg_for(epochs=1), run_dir=tmp_path,
+          progress=False)
     paths = checkpoint_paths(tmp_path / "checkpoints", "finetune")
     on_disk = load_file(str(paths["tensors"]))
     assert any(k.startswith("optim/state/") for k in on_disk) and "model/fc1.weight" in on_disk
@@ -346,3 +346,40 @@ def test_a_dataloader_and_a_list_of_batches_are_accepted():
 def test_bad_config_is_a_one_line_hawq_error(field, value, message):
     with pytest.raises(HawqError, match=message):
         train(make_model(), ClassificationTask(), make_data(), cfg_for(**{field: value}), progress=False)
+
+
+def test_activation_freeze_without_quant_hook_warns(monkeypatch):
+    monkeypatch.delattr(hawq.quant, "set_act_calibration", raising=False)
+    with pytest.warns(UserWarning, match="set_act_calibration"):
+        train(make_model(), ClassificationTask(), make_data(), cfg_for(epochs=1, freeze_act_after_epochs=0.5),
+              progress=False)
+
+
+def test_amp_is_ignored_on_cpu():
+    a, b = make_model(), make_model()
+    train(a, ClassificationTask(), make_data(), cfg_for(epochs=1, amp=True), progress=False)
+    train(b, ClassificationTask(), make_data(), cfg_for(epochs=1, amp=False), progress=False)
+    assert_same_state(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_on_cuda_trains_checkpoints_the_scaler_and_resumes(tmp_path):
+    cfg = cfg_for(epochs=2, amp=True, amp_dtype="float16")
+    data, task = make_data(), ClassificationTask()
+    straight = make_model()
+    train(straight, task, data, cfg, device="cuda", run_dir=tmp_path / "a", progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(make_model(), task, CrashAfter(data, 9), cfg, device="cuda", run_dir=tmp_path / "b",
+              progress=False)
+    meta = load_checkpoint(tmp_path / "b" / "checkpoints", "finetune")[1]
+    assert meta["scaler"]["scale"] > 0 and "cuda" in meta["rng"][0]
+    resumed = make_model()
+    train(resumed, task, data, cfg, device="cuda", run_dir=tmp_path / "b", progress=False)
+    for k, v in straight.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[k], v, atol=1e-5), k
+
+
+def test_tag_must_be_a_safe_file_name(tmp_path):
+    with pytest.raises(HawqError, match="tag must be"):
+        train(make_model(), ClassificationTask(), make_data(), cfg_for(epochs=1), run_dir=tmp_path,
+              tag="../escape", progress=False)

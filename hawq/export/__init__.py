@@ -1,10 +1,12 @@
 """Export: packed integer ``model.safetensors`` (bit-exact reload) and ONNX QDQ for onnxruntime."""
 
 from hawq.export.config import ExportConfig
+from hawq.export.onnx_qdq import compare_onnx, export_onnx, qdq_twin
 from hawq.export.packing import code_range, pack_codes, packed_nbytes, packing_layout, unpack_codes
 from hawq.export.quantized_file import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    infer_quant_config,
     load_quantized,
     quantized_layers,
     read_quantized_file,
@@ -16,10 +18,14 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "code_range",
+    "compare_onnx",
+    "export_onnx",
+    "infer_quant_config",
     "load_quantized",
     "pack_codes",
     "packed_nbytes",
     "packing_layout",
+    "qdq_twin",
     "quantized_layers",
     "read_quantized_file",
     "save_quantized",

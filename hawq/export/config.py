@@ -8,3 +8,5 @@ class ExportConfig:
     safetensors: bool = True  # packed integer weights + scales + bit map in the metadata
     onnx: bool = True  # QDQ model that onnxruntime runs
     onnx_opset: int = 21
+    onnx_int4: bool = True  # 2..4-bit weight codes as ONNX INT4 (opset >= 21, when onnxruntime runs it)
+    integer: bool | None = None  # store the integer-only model's constants: None = when it converts

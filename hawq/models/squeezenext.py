@@ -106,7 +106,7 @@ def squeezenext(num_classes: int = 1000, variant: str = "1.0-SqNxt-23", checkpoi
     if weights:
         raise HawqError("squeezenext has no downloadable weights; set model.checkpoint to a local file")
     if kwargs:
-        raise HawqError(f"squeezenext: unknown model.kwargs {sorted(kwargs)}; known: variant, in_channels")
+        raise HawqError(f"squeezenext: unknown model.kwargs '{sorted(kwargs)[0]}'; known: variant, in_channels")
     if variant not in VARIANTS:
         raise HawqError(f"SqueezeNext variant '{variant}' unknown; known: {', '.join(VARIANTS)}")
     width, depth = VARIANTS[variant]

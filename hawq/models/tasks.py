@@ -48,6 +48,12 @@ class Task:
     def loss_from_outputs(self, outputs: Any, batch: Any) -> Tensor:
         raise NotImplementedError
 
+    def model_inputs(self, batch: Any) -> tuple[Any, ...]:
+        """The positional inputs ``model(*inputs)`` of a batch (ONNX export, tracing)."""
+        if isinstance(batch, dict):  # transformers: BertModel(input_ids, attention_mask, token_type_ids)
+            return tuple(batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch)
+        return (batch[0],)
+
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         return self.loss_from_outputs(self.forward(model, batch), batch)
 

@@ -44,11 +44,15 @@ def _fetch_state_dict(arch: str, weights: Any) -> dict[str, Tensor]:
         ) from None
 
 
-def _load_enum_weights(model: nn.Module, arch: str, weights_name: str, heads: list[str]) -> None:
-    """Load enum weights; classifier ``heads`` whose shape differs (other class count) keep their init."""
+def _load_enum_weights(model: nn.Module, arch: str, weights_name: str, heads: list[str],
+                       optional: tuple[str, ...] = ()) -> None:
+    """Load enum weights; classifier ``heads`` whose shape differs (other class count) keep their init,
+    and weights under an ``optional`` prefix the model lacks (e.g. a disabled aux head) are skipped."""
     weights = resolve_torchvision_weights(arch, weights_name)
     state = _fetch_state_dict(arch, weights)
     own = model.state_dict()
+    state = {k: v for k, v in state.items()
+             if k in own or not any(k.startswith(p + ".") for p in optional)}
     keep = {k: v for k, v in state.items()
             if not (any(k.startswith(h + ".") for h in heads) and k in own and own[k].shape != v.shape)}
     unexpected = [k for k in keep if k not in own]
@@ -105,7 +109,7 @@ def inception_v3(num_classes: int = 1000, weights: str | None = None, checkpoint
     model = torchvision.models.inception_v3(weights=None, num_classes=num_classes, aux_logits=aux_logits,
                                             transform_input=transform_input, init_weights=True, **kwargs)
     if weights:
-        _load_enum_weights(model, "inception_v3", weights, heads=["fc", "AuxLogits.fc"])
+        _load_enum_weights(model, "inception_v3", weights, heads=["fc", "AuxLogits.fc"], optional=("AuxLogits",))
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model

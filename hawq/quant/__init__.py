@@ -1,6 +1,17 @@
 """Quantization: weight/activation quantizers, quantized modules and integer-only inference."""
 
 from hawq.quant.config import QuantConfig
+from hawq.quant.integer import (
+    Dequantize,
+    IntAdd,
+    IntConv2d,
+    IntLinear,
+    dyadic,
+    integer_layers,
+    rescale,
+    set_integer_backend,
+    to_integer,
+)
 from hawq.quant.model import (
     calibrate,
     conv_bn_pairs,
@@ -33,7 +44,11 @@ from hawq.quant.quantizers import (
 
 __all__ = [
     "QUANT_MODULES",
+    "Dequantize",
     "FakeQuantSTE",
+    "IntAdd",
+    "IntConv2d",
+    "IntLinear",
     "FoldedBatchNorm2d",
     "QuantAct",
     "QuantBnConv2d",
@@ -43,17 +58,22 @@ __all__ = [
     "QuantLinear",
     "calibrate",
     "conv_bn_pairs",
+    "dyadic",
     "expand_scale",
     "fake_quant_act",
     "fake_quant_weight_ste",
     "fold_bn",
+    "integer_layers",
     "qmax_signed",
     "quant_acts",
     "quantize_",
     "quantize_model",
     "quantize_to_int",
     "quantize_weight",
+    "rescale",
     "set_act_calibration",
     "set_act_quant",
+    "set_integer_backend",
+    "to_integer",
     "weight_scale",
 ]

@@ -124,7 +124,11 @@ def quant_acts(model: nn.Module) -> list[tuple[str, QuantAct]]:
 
 
 def set_act_calibration(model: nn.Module, on: bool) -> None:
-    """Put every QuantAct in ``"calibrating"`` (``on``) or ``"frozen"`` mode."""
+    """Every QuantAct to ``"calibrating"`` (``on``: observe, no quantization) or ``"frozen"`` (fixed ranges).
+
+    The trainer calls ``set_act_calibration(model, False)`` to stop the QAT range tracking that
+    :func:`calibrate` leaves on.
+    """
     for _, act in quant_acts(model):
         act.set_mode("calibrating" if on else "frozen")
 
@@ -137,17 +141,20 @@ def set_act_quant(model: nn.Module, enabled: bool) -> None:
 
 def reset_act_ranges(model: nn.Module) -> None:
     for _, act in quant_acts(model):
-        act.num_batches.zero_()
-        act.range_val.zero_()
+        act.reset()
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
-              progress: bool = True, max_batches: int | None = None, reset: bool = True) -> int:
-    """Observe activation ranges on ``batches`` (eval mode, no grad), then freeze them.
+              progress: bool = True, max_batches: int | None = None, reset: bool = True,
+              track_in_training: bool = False) -> int:
+    """Observe activation ranges on ``batches`` (eval mode, no grad), then fix them.
 
     ``forward(model, batch)`` runs one batch (e.g. ``task.forward``). Returns the number of
-    batches used. ``reset`` forgets earlier ranges first.
+    batches used. ``reset`` forgets earlier ranges first. Afterwards the quantizers are
+    ``"frozen"``, or with ``track_in_training=True`` in ``"tracking"`` mode: ranges keep adapting
+    by EMA in ``model.train()`` (never in eval; HAWQ-V3 QAT) until ``set_act_calibration(model,
+    False)`` freezes them.
     """
     acts = quant_acts(model)
     if not acts:
@@ -165,7 +172,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Mo
             if max_batches is not None and n >= max_batches:
                 break
     finally:
-        set_act_calibration(model, False)
+        for _, act in acts:
+            act.set_mode("tracking" if track_in_training else "frozen")
         model.train(was_training)
     if n == 0:
         raise HawqError("calibrate: no batches were given")
@@ -189,7 +197,8 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
     ``QuantBnConv2d`` becomes a ``QuantConv2d`` carrying the folded weight and bias (same bits,
     same input quantizer); a float Conv2d followed by BatchNorm2d gets the folded weights; the
-    BN modules become ``nn.Identity``. Returns ``model``.
+    folded BN modules become ``nn.Identity``. A plain ``QuantConv2d`` followed by a BN is left
+    alone (its codes quantize the unfolded weight). Returns ``model``.
     """
     modules = dict(model.named_modules())
     pairs = conv_bn_pairs(model)
@@ -210,6 +219,10 @@ def fold_bn(model: nn.Module) -> nn.Module:
             new.train(conv.training)
         elif isinstance(bn, FoldedBatchNorm2d):
             raise HawqError(f"fold_bn: '{bn_name}' is marked folded but '{conv_name}' is not a QuantBnConv2d")
+        elif isinstance(conv, QuantConv2d):
+            # Its quantizer was trained on the unfolded weight: folding now would change the codes.
+            # The BN stays; to_integer folds it exactly into the output scale instead.
+            continue
         else:
             w, b = _fold_into(conv, bn)
             conv.weight.copy_(w)

@@ -28,7 +28,8 @@ from hawq.quant.quantizers import (
     weight_scale,
 )
 
-ACT_MODES = ("calibrating", "frozen", "off")
+ACT_MODES = ("calibrating", "tracking", "frozen", "off")
+QUANTIZING_MODES = ("tracking", "frozen")
 PERCENTILE_SAMPLE = 1 << 20  # elements used per batch for the percentile estimate (strided, deterministic)
 
 
@@ -43,8 +44,10 @@ def _percentile(values: Tensor, q: float) -> Tensor:
 class QuantAct(nn.Module):
     """Activation quantizer with range calibration.
 
-    Modes: ``"calibrating"`` observes ranges and passes ``x`` through unchanged; ``"frozen"``
-    fake-quantizes with the calibrated ``scale``; ``"off"`` passes through. The grid is either
+    Modes: ``"calibrating"`` observes ranges and passes ``x`` through unchanged; ``"tracking"``
+    fake-quantizes and, in training mode only, keeps adapting the range by an EMA (decay
+    ``ema_decay``; HAWQ-V3 QAT; ``calibrate(..., track_in_training=True)``); ``"frozen"`` (the default)
+    fake-quantizes with a fixed ``scale``; ``"off"`` passes through. The grid is either
     symmetric signed (``[-(2^(b-1)-1), 2^(b-1)-1]``) or unsigned (``[0, 2^b-1]``), both with
     ``zero_point`` 0; with ``signed=None`` the sign is chosen from the observed minimum
     (``min >= 0``, e.g. after a ReLU, gives unsigned and one more bit of resolution).
@@ -76,19 +79,40 @@ class QuantAct(nn.Module):
         self.register_buffer("range_val", torch.tensor(0.0))  # |x| extent used by the percentile method
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("signed", torch.tensor(True if signed is None else signed))
+        self._flags: tuple[bool, bool] | None = None  # (calibrated, signed) mirrored from the buffers
 
     # --- grid -------------------------------------------------------------------------------
+    def _host_flags(self) -> tuple[bool, bool]:
+        # Python copies of two buffers, so a forward on a GPU does not synchronise to read them.
+        if self._flags is None:
+            self._flags = (int(self.num_batches) > 0, bool(self.signed))
+        return self._flags
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._flags = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def reset(self) -> None:
+        """Forget the calibrated range."""
+        self.num_batches.zero_()
+        self.range_val.zero_()
+        self._flags = None
+
     @property
     def calibrated(self) -> bool:
-        return int(self.num_batches) > 0
+        return self._host_flags()[0]
+
+    @property
+    def is_signed(self) -> bool:
+        return self._host_flags()[1]
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1) - 1) if bool(self.signed) else 0
+        return -(2 ** (self.bits - 1) - 1) if self.is_signed else 0
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if bool(self.signed) else 2**self.bits - 1
+        return 2 ** (self.bits - 1) - 1 if self.is_signed else 2**self.bits - 1
 
     def set_mode(self, mode: str) -> None:
         if mode not in ACT_MODES:
@@ -119,17 +143,32 @@ class QuantAct(nn.Module):
             n = float(self.num_batches)
             self.range_val.copy_((self.range_val * n + p) / (n + 1))
         self.num_batches += 1
+        self._flags = None
         self._update_scale()
 
     def _update_scale(self) -> None:
+        # Tensor ops only (no host sync): this runs every training step in "tracking" mode.
+        signed = self.signed
         if self.method == "percentile":
             extent = self.range_val
-        elif bool(self.signed):
-            extent = torch.maximum(self.min_val.abs(), self.max_val.abs())
         else:
-            extent = self.max_val.clamp_min(0)
+            extent = torch.where(signed, torch.maximum(self.min_val.abs(), self.max_val.abs()),
+                                 self.max_val.clamp_min(0))
         extent = extent.float()
-        self.scale.copy_(torch.where(extent > 0, extent / self.qmax, torch.ones_like(extent)))
+        qmax = torch.where(signed, 2.0 ** (self.bits - 1) - 1, 2.0**self.bits - 1)
+        self.scale.copy_(torch.where(extent > 0, extent / qmax, torch.ones_like(extent)))
+
+    @torch.no_grad()
+    def track(self, x: Tensor) -> None:
+        """QAT range update: EMA of the batch extremes (or percentile); the grid's sign stays fixed."""
+        d = self.ema_decay
+        x = x.detach()
+        self.min_val.mul_(d).add_((1 - d) * x.min().float())
+        self.max_val.mul_(d).add_((1 - d) * x.max().float())
+        if self.method == "percentile":
+            p = _percentile(x.abs() if self.is_signed else x.clamp_min(0), self.percentile)
+            self.range_val.mul_(d).add_((1 - d) * p)
+        self._update_scale()
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -138,13 +177,17 @@ class QuantAct(nn.Module):
         if self.mode == "calibrating":
             self.observe(x)
             return x
+        if self.mode == "tracking" and self.training and self.calibrated:
+            self.track(x)
         if not self.calibrated:
             raise HawqError("QuantAct used before calibration: run hawq.quant.calibrate(model, batches, "
                             "forward) or set_act_calibration(model, True) and run a few batches")
+        if x.dtype in (torch.float16, torch.bfloat16):  # autocast: round on a float32 grid, cast back
+            return fake_quant_act(x.float(), self.scale, self.qmin, self.qmax).to(x.dtype)
         return fake_quant_act(x, self.scale.to(x.dtype), self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
-        sign = "signed" if bool(self.signed) else "unsigned"
+        sign = "signed" if self.is_signed else "unsigned"
         return (f"bits={self.bits}, {sign}, method={self.method}, mode={self.mode}, "
                 f"scale={float(self.scale):.4g}")
 
@@ -187,7 +230,7 @@ class _QuantWeightMixin:
     def _quant_bias(self, bias: Tensor | None) -> Tensor | None:
         """Round the bias to the int32 accumulator grid (scale ``s_in * s_w``), as integer inference does."""
         iq = getattr(self, "input_quant", None)
-        if (bias is None or iq is None or iq.mode != "frozen" or self.weight_bits >= FLOAT_BITS
+        if (bias is None or iq is None or iq.mode not in QUANTIZING_MODES or self.weight_bits >= FLOAT_BITS
                 or self.group_size is not None):
             return bias
         s = (iq.scale * self.weight_scale()).to(bias.dtype)

@@ -158,7 +158,8 @@ def _trace_of(traces: Mapping[str, Any], name: str) -> tuple[float, int | None]:
     return float(mean), (int(numel) if numel else None)
 
 
-def _resolve_table(cfg: SearchConfig, latency_table: LatencyTable | str | os.PathLike | None) -> LatencyTable | None:
+def _resolve_table(cfg: SearchConfig,
+                   latency_table: LatencyTable | str | os.PathLike | None) -> LatencyTable | None:
     if isinstance(latency_table, LatencyTable):
         return latency_table
     if latency_table is not None:
@@ -197,7 +198,8 @@ def build_search_problem(model: nn.Module, traces: Mapping[str, Any], costs: Map
     if perturbations is None:
         needed = sorted({w for opts in options.values() for w, _ in opts})
         free = [n for n in layers if len(options[n]) > 1]
-        perturbations = weight_perturbations(model, free, needed, per_channel, group_size, progress) if free else {}
+        perturbations = (weight_perturbations(model, free, needed, per_channel, group_size, progress)
+                         if free else {})
     modules = dict(model.named_modules())
     acts_vary = len({a for opts in options.values() for _, a in opts}) > 1
     if acts_vary:
@@ -229,8 +231,8 @@ def build_search_problem(model: nn.Module, traces: Mapping[str, Any], costs: Map
         layers=layers, objective=objective, resources={}, offsets={}, ties=[list(g) for g in cfg.ties],
         budgets={}, solver=cfg.solver, time_limit_s=float(cfg.time_limit_s), notes=notes,
         weight_numel={n: costs[n].weight_numel for n in layers}, macs={n: costs[n].macs for n in layers},
-        scale_bits={n: SCALE_BITS * num_scales(modules[n].weight.shape, costs[n].kind, per_channel, group_size)
-                    for n in layers})
+        scale_bits={n: SCALE_BITS * num_scales(modules[n].weight.shape, costs[n].kind, per_channel,
+                                               group_size) for n in layers})
     resources: dict[str, dict[str, dict[Option, float]]] = {
         "size_mb": {n: {(w, a): problem.layer_size_mb(n, w) for w, a in options[n]} for n in layers},
         "bops_g": {n: {(w, a): problem.layer_bops_g(n, w, a) for w, a in options[n]} for n in layers},
@@ -287,7 +289,8 @@ def solve_problem(problem: SearchProblem, budgets: Mapping[str, float] | None = 
     sol: IlpSolution = solve_bit_allocation(problem.objective, problem.resources, budgets, problem.offsets,
                                             problem.ties, problem.solver, problem.time_limit_s)
     if sol.status != "optimal":
-        notes.append(f"time limit {problem.time_limit_s}s reached: best solution found, optimality not proven")
+        notes.append(f"time limit {problem.time_limit_s}s reached: best solution found, "
+                     "optimality not proven")
     return Allocation(bits=_to_bitmap(sol.choice), objective=sol.objective, usage=sol.usage, budgets=budgets,
                       status=sol.status, solve_time_s=sol.solve_time_s, notes=notes)
 
@@ -296,8 +299,8 @@ def _to_bitmap(choice: Mapping[str, Option]) -> BitMap:
     return {n: LayerBits(w, a) for n, (w, a) in choice.items()}
 
 
-def allocate_bits(model: nn.Module, traces: Mapping[str, Any], costs: Mapping[str, LayerCost], cfg: SearchConfig,
-                  per_channel: bool = True, group_size: int | None = None,
+def allocate_bits(model: nn.Module, traces: Mapping[str, Any], costs: Mapping[str, LayerCost],
+                  cfg: SearchConfig, per_channel: bool = True, group_size: int | None = None,
                   latency_table: LatencyTable | str | os.PathLike | None = None,
                   progress: bool = False) -> Allocation:
     """HAWQ-V3 bit allocation for the layers in ``costs``.

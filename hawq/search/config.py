@@ -31,4 +31,4 @@ class SearchConfig:
     time_limit_s: float = 60.0
     # HAWQ-V3 style: a free layer's activation bits equal its weight bits (options (w, w) only).
     couple_activation: bool = False
-    pareto_points: int = 20  # points of the Pareto sweep written next to bits.yaml
+    pareto_points: int = 20  # also solve this many budgets and write pareto.csv/png (0 = off)

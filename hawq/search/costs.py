@@ -62,7 +62,8 @@ def _macs_per_output(module: nn.Module) -> int:
         return module.in_features
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         return module.weight[0].numel()  # (C_in / groups) * prod(kernel)
-    raise HawqError(f"layer_costs: cannot count MACs of {type(module).__name__} (supported: Conv, Linear, Embedding)")
+    raise HawqError(f"layer_costs: cannot count MACs of {type(module).__name__} "
+                    "(supported: Conv, Linear, Embedding)")
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
@@ -185,7 +186,7 @@ def model_size_mb(model: nn.Module, bits: int | BitMap, layers: list[str] | None
 
 def _example_forward(model: nn.Module, input_shape: tuple) -> Callable[[nn.Module], Any]:
     # Token models (first quantizable layer an embedding) take integer ids, everything else floats.
-    first = next((m for _, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))), None)
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))), None)
     dtype = torch.long if isinstance(first, nn.Embedding) else torch.float32
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return lambda m: m(torch.zeros((1, *input_shape), dtype=dtype, device=device))
@@ -224,12 +225,14 @@ def _quantize_weight_fn() -> Callable:
     try:
         from hawq.quant.quantizers import quantize_weight
     except ImportError as e:  # the quant stage provides it; without it there is nothing to measure
-        raise HawqError(f"weight_perturbations: hawq.quant.quantizers.quantize_weight unavailable ({e})") from None
+        raise HawqError(f"weight_perturbations: hawq.quant.quantizers.quantize_weight "
+                        f"unavailable ({e})") from None
     return quantize_weight
 
 
-def weight_perturbations(model: nn.Module, layers: list[str], weight_bits: list[int], per_channel: bool = True,
-                         group_size: int | None = None, progress: bool = False) -> dict[str, dict[int, float]]:
+def weight_perturbations(model: nn.Module, layers: list[str], weight_bits: list[int],
+                         per_channel: bool = True, group_size: int | None = None,
+                         progress: bool = False) -> dict[str, dict[int, float]]:
     """``||Q_b(W_l) - W_l||_2^2`` for every layer and bit width (32 bits = float = 0)."""
     modules = dict(model.named_modules())
     quantize_weight = None

@@ -8,6 +8,7 @@ problem shrinks. Pins are expressed by giving a layer a single option.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -90,13 +91,24 @@ def _solver(name: str, time_limit_s: float):
         try:
             import highspy  # noqa: F401
         except ImportError:
-            raise HawqError("search.solver: 'highs' needs the highspy package (pip install highspy)") from None
+            raise HawqError("search.solver: 'highs' needs the highspy package "
+                            "(pip install highspy)") from None
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=1, random_seed=0)
     if name == "cbc":
         # One thread + a fixed seed: CBC's branch and bound is then deterministic.
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=1,
-                                 options=["randomSeed 42", "randomCbcSeed 42"])
+        with warnings.catch_warnings():  # PuLP 3.3 deprecates its bundled CBC; it is the one we have
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, threads=1,
+                                     options=["randomSeed 42", "randomCbcSeed 42"])
     raise HawqError(f"search.solver: unknown solver '{name}' (choose from {', '.join(SOLVERS)})")
+
+
+def _binary(prob, name: str):
+    import pulp
+
+    if hasattr(prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) alone is deprecated there
+        return prob.add_variable(name, cat="Binary")
+    return pulp.LpVariable(name, cat="Binary")
 
 
 def _fmt(x: float) -> str:
@@ -109,7 +121,7 @@ def solve_bit_allocation(objective: Mapping[str, Mapping[Option, float]],
                          offsets: Mapping[str, float] | None = None,
                          ties: Sequence[Sequence[str]] = (),
                          solver: str = "cbc", time_limit_s: float = 60.0) -> IlpSolution:
-    """Minimise ``sum_l objective[l][o_l]`` subject to ``offsets[r] + sum_l resources[r][l][o_l] <= budgets[r]``.
+    """Minimise ``sum_l objective[l][o_l]`` s.t. ``offsets[r] + sum_l resources[r][l][o_l] <= budgets[r]``.
 
     ``objective[layer]`` maps each allowed option of the layer to its cost (a pinned layer has one
     option); ``resources[name][layer][option]`` is that option's use of a resource, and every
@@ -155,8 +167,7 @@ def solve_bit_allocation(objective: Mapping[str, Mapping[Option, float]],
     # Scale the objective to O(1) so the solver's absolute tolerances do not swallow tiny costs.
     scale = max((abs(objective[n][o]) for n in layers for o in objective[n]), default=1.0) or 1.0
     prob = pulp.LpProblem("hawq_bits", pulp.LpMinimize)
-    x = [{o: pulp.LpVariable(f"x_{gi}_{oi}", cat="Binary") for oi, o in enumerate(opts)}
-         for gi, opts in enumerate(options)]
+    x = [{o: _binary(prob, f"x_{gi}_{oi}") for oi, o in enumerate(opts)} for gi, opts in enumerate(options)]
     prob += pulp.lpSum(_group_value(objective, g, o) / scale * x[gi][o]
                        for gi, g in enumerate(groups) for o in options[gi])
     for gi in range(len(groups)):

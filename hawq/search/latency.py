@@ -57,15 +57,16 @@ class LatencyTable:
     path: str | None = None
 
     def layer_ms(self, layer: str, weight_bits: int, activation_bits: int) -> float:
+        where = self.path or "the table"
         if layer not in self.layers:
-            raise HawqError(f"search.latency_table: no entry for layer '{layer}' in {self.path or 'the table'}")
+            raise HawqError(f"search.latency_table: no entry for layer '{layer}' in {where}")
         row = self.layers[layer]
         key = latency_key(weight_bits, activation_bits)
         if key in row:
             return float(row[key])
         if max(weight_bits, activation_bits) > INT_KERNEL_MAX_BITS and "fp32" in row:
             return float(row["fp32"])
-        raise HawqError(f"search.latency_table: no '{key}' entry for layer '{layer}' in {self.path or 'the table'}")
+        raise HawqError(f"search.latency_table: no '{key}' entry for layer '{layer}' in {where}")
 
     def to_dict(self) -> dict:
         return {"device": self.device, "torch": self.torch_version, "cpu_info": self.cpu_info,
@@ -85,22 +86,24 @@ def latency_table_from_dict(data: Mapping, path: str | None = None) -> LatencyTa
         clean = {}
         for key, ms in row.items():
             if isinstance(ms, bool) or not isinstance(ms, (int, float)) or ms < 0:
-                raise HawqError(f"{where}: layer '{name}' key '{key}' must be a non-negative number, got {ms!r}")
+                raise HawqError(f"{where}: layer '{name}' key '{key}' must be a number >= 0, got {ms!r}")
             clean[str(key)] = float(ms)
         layers[str(name)] = clean
     return LatencyTable(device=data["device"], layers=layers, torch_version=str(data.get("torch", "")),
-                        cpu_info=dict(data.get("cpu_info", {}) or {}), notes=list(data.get("notes", []) or []),
-                        path=path)
+                        cpu_info=dict(data.get("cpu_info", {}) or {}),
+                        notes=list(data.get("notes", []) or []), path=path)
 
 
-def load_latency_table(path: str | os.PathLike, device: str | None = None, check_device: bool = True) -> LatencyTable:
+def load_latency_table(path: str | os.PathLike, device: str | None = None,
+                       check_device: bool = True) -> LatencyTable:
     """Read a table and check it was measured on this device (``device`` defaults to this CPU)."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise HawqError(f"search.latency_table: file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise HawqError(f"search.latency_table: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise HawqError(f"search.latency_table: {path} is not valid JSON "
+                        f"({e.msg} at line {e.lineno})") from None
     table = latency_table_from_dict(data, str(path))
     if check_device:
         here = device if device is not None else current_device()

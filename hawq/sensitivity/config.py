@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -15,3 +16,11 @@ class SensitivityConfig:
     bn_mode: str = "eval"  # "eval" (running stats) or "train" (batch stats)
     normalize: str = "per_param"  # "per_param" (trace / numel, HAWQ-V2/V3) or "none"
     label_free: bool = False  # loss = ||f(x) - f_fp32(x)||^2 / 2 instead of the task loss
+    seed: int = 0  # Rademacher probes; same seed + same inputs -> identical traces
+    hvp_method: str = "auto"  # "auto" (double backward, finite differences if unsupported), "autograd",
+    # or "finite_difference"
+
+    def hutchinson_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`hawq.sensitivity.hessian_traces` taken from this config."""
+        return {"tol": self.tol, "max_probes": self.max_probes, "min_probes": self.min_probes,
+                "seed": self.seed, "method": self.hvp_method}

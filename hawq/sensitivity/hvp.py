@@ -89,6 +89,24 @@ def _custom_nodes(root: Any) -> list[Any]:
     return found
 
 
+# autograd nodes that stand for "this gradient cannot be differentiated": differentiating through
+# them raises, or (for @once_differentiable in some torch versions) silently drops the path
+_ERROR_NODES = frozenset({"Error", "DelayedError", "NotImplemented"})
+
+
+def _first_error_node(roots: list[Any]) -> str | None:
+    seen, stack = set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in _ERROR_NODES:
+            return node.name()
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return None
+
+
 def _module_of_ops(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, str]:
     """Map custom-op node names to the innermost module whose forward created them (one extra forward)."""
     owner: dict[str, str] = {}
@@ -154,23 +172,24 @@ class _AutogradBatch:
         if check:
             op.needs_double_backward_check = False
         if bad:
-            node = bad[0]
-            name = type(node).__name__
+            name = type(bad[0]).__name__
             module = _module_of_ops(op.model, op.loss_fn, batch).get(name)
             raise DoubleBackwardUnsupported(name, module)
+        if check:
+            broken = _first_error_node([g.grad_fn for g in grads if g is not None])
+            if broken is not None:  # a built-in op without a double-backward formula
+                raise DoubleBackwardUnsupported(broken, None)
         self.grads = list(grads)
 
     @staticmethod
     def _make_monitor(node: Any, bad: list[Any]) -> Callable:
-        delayed = getattr(torch._C._functions, "DelayedError", ())
-
         def monitor(grad_inputs: tuple, grad_outputs: tuple) -> None:
             incoming_differentiable = any(g is not None and g.requires_grad for g in grad_outputs)
             for g in grad_inputs:
                 if g is None:
                     continue
                 cut = incoming_differentiable and not g.requires_grad  # backward ran outside autograd
-                if cut or (delayed and isinstance(g.grad_fn, delayed)):  # @once_differentiable
+                if cut or type(g.grad_fn).__name__ in _ERROR_NODES:  # e.g. @once_differentiable
                     bad.append(node)
                     return
         return monitor
@@ -187,6 +206,37 @@ class _AutogradBatch:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
         return [h if h is not None else o for h, o in zip(hv, out)]
+
+    def hvp_block(self, layer: int, v: Tensor) -> Tensor:
+        """``H_ll v`` for one layer: a double backward from that layer's gradient only."""
+        g = self.grads[layer]
+        if g is None or not g.requires_grad:
+            return torch.zeros_like(v)  # the gradient does not depend on the weights: zero block
+        try:
+            (hv,) = torch.autograd.grad(g, self.op.weights[layer], grad_outputs=v, retain_graph=True,
+                                        allow_unused=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+        return hv if hv is not None else torch.zeros_like(v)
+
+    def hvp_block_many(self, layer: int, vs: Tensor) -> Tensor:
+        """``H_ll v`` for a stack ``vs`` of probes in one vmapped double backward (``is_grads_batched``)."""
+        g = self.grads[layer]
+        if g is None or not g.requires_grad:
+            return torch.zeros_like(vs)
+        if not self.op.batched_ok:
+            return torch.stack([self.hvp_block(layer, v) for v in vs])
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # vmap's "falling back to a slow loop" notices
+                (hv,) = torch.autograd.grad(g, self.op.weights[layer], grad_outputs=vs, retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True)
+        except RuntimeError:
+            # an op without a batching rule: answer the probes one at a time from now on
+            self.op.batched_ok = False
+            return torch.stack([self.hvp_block(layer, v) for v in vs])
+        return hv if hv is not None else torch.zeros_like(vs)
 
 
 class _FiniteDifferenceBatch:
@@ -224,6 +274,13 @@ class _FiniteDifferenceBatch:
         minus = self._grad_at(vs, -eps)
         return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
 
+    def hvp_block(self, layer: int, v: Tensor) -> Tensor:
+        vs = [v if i == layer else torch.zeros_like(w) for i, w in enumerate(self.op.weights)]
+        return self.hvp(vs)[layer]
+
+    def hvp_block_many(self, layer: int, vs: Tensor) -> Tensor:
+        return torch.stack([self.hvp_block(layer, v) for v in vs])
+
 
 class HessianOperator:
     """HVPs of ``mean over batches of loss_fn(model, batch)`` w.r.t. ``weights``.
@@ -233,9 +290,13 @@ class HessianOperator:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], names: list[str],
-                 weights: list[nn.Parameter], method: str = "auto") -> None:
+                 weights: list[nn.Parameter], method: str = "auto", probes_per_pass: int = 1) -> None:
         if method not in ("auto", "autograd", "finite_difference"):
             raise HawqError(f"unknown HVP method '{method}' (auto, autograd, finite_difference)")
+        if isinstance(probes_per_pass, bool) or not isinstance(probes_per_pass, int) or probes_per_pass < 1:
+            raise HawqError(f"probes_per_pass must be a positive integer, got {probes_per_pass!r}")
+        self.probes_per_pass = probes_per_pass
+        self.batched_ok = True
         self.model, self.loss_fn, self.names, self.weights = model, loss_fn, names, weights
         self.batches = list(batches)
         self.distributed = _distributed()
@@ -362,6 +423,38 @@ class HessianOperator:
         if len(self.batches) == 0:
             return self._reduce_mean(None, like)
         return self._reduce_mean(self._run(per_batch), like)
+
+    def block_quadratic_forms(self, requests: dict[int, tuple[Callable[[int], Tensor], int]],
+                              ) -> dict[int, Tensor]:
+        """Per-layer probing: ``{layer: float64 [count]}`` of ``v . (H_ll v)`` for ``v = probe(j)``.
+
+        ``requests`` maps a layer index to ``(probe, count)``; each probe is supported on that
+        layer alone, so no other layer's block leaks into the estimate. Every batch's graph is
+        built once and serves every layer and probe of the request.
+        """
+        order = sorted(requests)
+        sizes = [requests[i][1] for i in order]
+        like = torch.zeros(sum(sizes), dtype=torch.float64, device=self.weights[0].device)
+
+        per_pass = self.probes_per_pass
+
+        def per_batch(session: _AutogradBatch | _FiniteDifferenceBatch) -> Tensor:
+            out = []
+            for i in order:
+                probe, count = requests[i]
+                for j0 in range(0, count, per_pass):
+                    k = min(per_pass, count - j0)
+                    if k == 1:
+                        v = probe(j0)
+                        out.append((v.double() * session.hvp_block(i, v).double()).sum().reshape(1))
+                    else:
+                        vs = torch.stack([probe(j0 + j) for j in range(k)])
+                        hv = session.hvp_block_many(i, vs)
+                        out.append((vs.double() * hv.double()).reshape(k, -1).sum(1))
+            return torch.cat(out) if out else like
+
+        flat = self._reduce_mean(self._run(per_batch) if self.batches else None, like)
+        return dict(zip(order, flat.split(sizes)))
 
     def hvp(self, vs: list[Tensor]) -> list[Tensor]:
         """``H v`` (mean over all batches, all ranks) for one vector given as per-weight tensors."""

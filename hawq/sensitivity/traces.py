@@ -1,13 +1,19 @@
-"""Per-layer Hessian traces by Hutchinson's estimator, all layers from one HVP per probe.
+"""Per-layer Hessian traces by Hutchinson's estimator.
 
-For a Rademacher probe ``v`` drawn on all selected weights at once, ``v_l . (H v)_l`` is an unbiased
-estimate of ``tr(H_ll)``: its expectation is ``tr(H_ll) + sum_{m != l} E[v_l^T H_lm v_m]`` and the
-cross terms vanish because ``v_l`` and ``v_m`` are independent with zero mean. So a single
-full-model HVP per probe yields every layer's block trace (HAWQ-V2 needs one HVP per layer).
+Two probing schemes, both unbiased for ``tr(H_ll)``:
+
+* per layer (default): the probe ``v_l`` lives on layer ``l`` only and ``v_l . H_ll v_l`` comes from
+  a double backward of that layer's gradient. All layers share one gradient graph per batch.
+* joint: one probe ``v`` on all layers, one full HVP, and ``v_l . (H v)_l`` for every layer: its
+  expectation is ``tr(H_ll) + sum_{m != l} E[v_l^T H_lm v_m] = tr(H_ll)`` (independent, zero-mean
+  blocks), but the cross terms add ``sum_{m != l} ||H_lm||_F^2`` to the variance. On ResNets the
+  off-diagonal blocks dominate and joint probing needs hundreds of times more probes (measured in
+  scripts/bench_sensitivity.py), so it is opt-in.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -38,10 +44,11 @@ class TraceEstimate:
     numel: int  # number of weights in the layer (per-parameter trace = mean / numel)
 
 
-def _probe_seeds(seed: int, count: int) -> list[int]:
-    """One seed per probe, so probe j is the same whatever the chunking (and on every rank)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2**62, (count,), generator=gen, dtype=torch.int64).tolist()
+def probe_seed(seed: int, *key: object) -> int:
+    """Seed of one probe, a pure function of ``(seed, *key)``: independent of how many probes are
+    drawn, of chunking and of which other layers are measured (and equal on every rank)."""
+    digest = hashlib.blake2b(repr((int(seed),) + key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def rademacher_like(weights: Sequence[Tensor], seed: int) -> list[Tensor]:
@@ -72,16 +79,24 @@ def _summary(samples: Tensor) -> tuple[Tensor, Tensor]:
 def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    layers: list[str] | None = None, tol: float = 0.05, max_probes: int = 200,
                    min_probes: int = 8, seed: int = 0, progress: bool = True,
-                   meta: dict | None = None, method: str = "auto") -> dict[str, TraceEstimate]:
+                   meta: dict | None = None, method: str = "auto",
+                   probing: str = "per_layer", probes_per_pass: int = 1) -> dict[str, TraceEstimate]:
     """Hutchinson estimate of ``tr(H_ll)`` for each layer's ``.weight`` block of the Hessian.
 
-    ``H`` is the Hessian of ``mean over batches of loss_fn(model, batch)``. Probes are Rademacher,
-    seeded; every probe is one HVP over all layers at once (per batch). Stops once every layer has
-    ``std_err <= max(tol * |trace|, tol * 1e-3 * max_l |trace_l|)`` after ``min_probes``, or at
-    ``max_probes``. The model's buffers and weights are left exactly as they were; the caller picks
-    ``model.eval()`` or ``model.train()``. ``meta`` is accepted for the caller's bookkeeping and is
-    not read. ``method``: "auto" (double backward, finite differences if that is unsupported),
-    "autograd" or "finite_difference".
+    ``H`` is the Hessian of ``mean over batches of loss_fn(model, batch)``; probes are seeded
+    Rademacher vectors. A layer stops once ``std_err <= max(tol * |trace|, tol * 1e-3 * max_l |trace_l|)``
+    after ``min_probes``, or at ``max_probes``. The model's buffers and weights are left exactly as
+    they were; the caller picks ``model.eval()`` or ``model.train()``. ``meta`` is the caller's
+    bookkeeping and is not read.
+
+    ``probing``: "per_layer" (default) draws each layer's probe on that layer alone and answers it
+    with a double backward from that layer's gradient, on one shared graph per batch; converged
+    layers stop drawing. "joint" draws one probe on all layers and reads every layer's estimate
+    off one full HVP; it is unbiased too, but the off-diagonal blocks add ``sum_m ||H_lm||_F^2``
+    to each layer's variance (see docs/sensitivity.md for when that pays). ``method``: "auto"
+    (double backward, finite differences where that is unsupported), "autograd" or
+    "finite_difference". ``probes_per_pass > 1`` answers that many per-layer probes in one vmapped
+    double backward (``is_grads_batched``); the numbers then differ from 1 only by rounding.
     """
     del meta  # the caller's record; nothing here depends on it
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 2:
@@ -90,35 +105,80 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"min_probes must be an integer in 2..max_probes ({max_probes}), got {min_probes!r}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise HawqError(f"tol must be a finite number >= 0, got {tol!r}")
+    if probing not in ("per_layer", "joint"):
+        raise HawqError(f"probing must be 'per_layer' or 'joint', got {probing!r}")
     batches = list(batches)
     names, weights = resolve_layers(model, layers)
-    seeds = _probe_seeds(seed, max_probes)
+    with HessianOperator(model, loss_fn, batches, names, weights, method=method,
+                         probes_per_pass=probes_per_pass) as op:
+        run = _per_layer if probing == "per_layer" else _joint
+        samples = run(op, names, weights, tol, max_probes, min_probes, seed, progress)
+    out = {}
+    for name, s, w in zip(names, samples, weights):
+        mean, err = _summary(s[:, None])
+        out[name] = TraceEstimate(float(mean[0]), float(err[0]), int(s.shape[0]), w.numel())
+    return out
 
-    samples = torch.zeros(0, len(names), dtype=torch.float64)
-    bar = tqdm(total=max_probes, desc="hessian traces", unit="probe", disable=not progress, leave=False)
-    with HessianOperator(model, loss_fn, batches, names, weights, method=method) as op:
-        chunk = min_probes
-        while True:
-            start = samples.shape[0]
-            q = op.quadratic_forms(lambda j, s=start: rademacher_like(weights, seeds[s + j]), chunk)
-            samples = torch.cat([samples, q.cpu()])
-            bar.update(chunk)
-            n = samples.shape[0]
-            means, errs = _summary(samples)
-            targets = _stopping_targets(means, tol)
-            if progress:
-                bar.set_postfix(worst=f"{float((errs / targets.clamp_min(1e-300)).max()):.2f}")
-            if n >= max_probes or bool((errs <= targets).all()):
-                break
-            # probes still needed if the sample variance holds, at most doubling n per round
-            std = errs * math.sqrt(n)
-            need = int(math.ceil(float(((std / targets.clamp_min(1e-300)) ** 2).max()))) - n
-            chunk = max(1, min(need, n, max_probes - n))
+
+def _next_chunk(std: float, target: float, n: int, max_probes: int) -> int:
+    # probes still needed if the sample variance holds, at most doubling n per round
+    need = int(math.ceil((std / max(target, 1e-300)) ** 2)) - n
+    return max(1, min(need, n, max_probes - n))
+
+
+def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float,
+               max_probes: int, min_probes: int, seed: int, progress: bool) -> list[Tensor]:
+    """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j)."""
+    samples = [torch.zeros(0, dtype=torch.float64) for _ in weights]
+    chunks = {i: min_probes for i in range(len(weights))}
+    total = len(weights) * max_probes
+    bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
+    while chunks:
+        def probe(j: int, i: int, start: int) -> Tensor:
+            return rademacher_like([weights[i]], probe_seed(seed, names[i], start + j))[0]
+
+        requests = {i: (functools.partial(probe, i=i, start=samples[i].shape[0]), c) for i, c in chunks.items()}
+        got = op.block_quadratic_forms(requests)
+        for i, q in got.items():
+            samples[i] = torch.cat([samples[i], q.cpu()])
+        bar.update(sum(chunks.values()))
+        means = torch.stack([s.mean() for s in samples])
+        targets = _stopping_targets(means, tol)
+        nxt = {}
+        for i in chunks:
+            n = samples[i].shape[0]
+            std = float(samples[i].std(unbiased=True))
+            if n < max_probes and std / math.sqrt(n) > float(targets[i]):
+                nxt[i] = _next_chunk(std, float(targets[i]), n, max_probes)
+        chunks = nxt
+        if progress:
+            bar.set_postfix(active=len(chunks))
     bar.close()
-    means, errs = _summary(samples)
-    n = samples.shape[0]
-    return {name: TraceEstimate(float(m), float(e), n, w.numel())
-            for name, m, e, w in zip(names, means, errs, weights)}
+    return samples
+
+
+def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float, max_probes: int,
+           min_probes: int, seed: int, progress: bool) -> list[Tensor]:
+    """One probe on all layers, one full HVP per probe; probe j depends only on (seed, j)."""
+    samples = torch.zeros(0, len(weights), dtype=torch.float64)
+    bar = tqdm(total=max_probes, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
+    chunk = min_probes
+    while True:
+        start = samples.shape[0]
+        q = op.quadratic_forms(
+            lambda j, s=start: rademacher_like(weights, probe_seed(seed, "joint", s + j)), chunk)
+        samples = torch.cat([samples, q.cpu()])
+        bar.update(chunk)
+        n = samples.shape[0]
+        means, errs = _summary(samples)
+        targets = _stopping_targets(means, tol)
+        if n >= max_probes or bool((errs <= targets).all()):
+            break
+        ratio = errs / targets.clamp_min(1e-300)
+        worst = int(ratio.argmax())
+        chunk = _next_chunk(float(errs[worst]) * math.sqrt(n), float(targets[worst]), n, max_probes)
+    bar.close()
+    return [samples[:, i] for i in range(len(weights))]
 
 
 # ---------------------------------------------------------------------- traces.json

@@ -178,7 +178,22 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, tag: str, tensors: Mapping[str,
         raise
     if paths["prev"].exists():
         paths["prev"].unlink()
+    _fsync_dir(directory)
     return paths["json"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the renames themselves (best effort: not every platform can open a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _tensor_file_step(path: Path) -> int | None:

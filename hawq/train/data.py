@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from hawq import HawqError
 
@@ -57,7 +57,8 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int,
                       collate_fn: Callable | None = None, *, start_batch: int = 0, rank: int = 0,
-                      world: int = 1, drop_last: bool = True, num_workers: int = 0) -> DataLoader:
+                      world: int = 1, drop_last: bool = True, num_workers: int = 0,
+                      pin_memory: bool = False) -> DataLoader:
     """The loader of one training epoch: seeded shuffle keyed by ``(seed, epoch)``, resumable at a batch.
 
     ``batch_size`` is the global batch; each of the ``world`` processes gets ``batch_size / world``.
@@ -67,21 +68,25 @@ def make_train_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int,
     # which would make a resumed run's dropout masks differ from an uninterrupted run's.
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch) ^ 0xC0FFEE)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
-                      generator=generator)
+                      generator=generator, pin_memory=pin_memory)
 
 
-def describe_source(source: Any, collate_fn: Callable | None,
-                    batch_size: int) -> tuple[Any, Callable | None, int]:
-    """Normalise what ``train()`` was given into ``(dataset_or_iterable, collate_fn, global_batch)``.
+def is_map_dataset(obj: Any) -> bool:
+    return isinstance(obj, Dataset) and not isinstance(obj, IterableDataset) and hasattr(obj, "__len__")
 
-    A DataLoader with a plain batch size is unwrapped to its dataset, collate function and batch size,
-    so its order can be re-seeded; a Dataset uses ``batch_size``; anything else is iterated as is.
+
+def describe_source(source: Any, collate_fn: Callable | None, batch_size: int,
+                    num_workers: int) -> tuple[Any, Callable | None, int, int]:
+    """Normalise what ``train()`` got into ``(dataset_or_iterable, collate_fn, global_batch, num_workers)``.
+
+    A DataLoader with a plain batch size over a map-style dataset is unwrapped to its dataset, collate
+    function, batch size and worker count, so its order can be re-seeded; a map-style Dataset uses
+    ``batch_size``; anything else is iterated as is.
     """
     if isinstance(source, DataLoader):
-        if source.batch_size is not None and isinstance(source.dataset, Dataset) and hasattr(
-                source.dataset, "__len__"):
-            return source.dataset, source.collate_fn, source.batch_size
-        return source, None, batch_size
-    if isinstance(source, Dataset) and hasattr(source, "__len__"):
-        return source, collate_fn, batch_size
-    return source, None, batch_size
+        if source.batch_size is not None and is_map_dataset(source.dataset):
+            return source.dataset, source.collate_fn, source.batch_size, max(num_workers, source.num_workers)
+        return source, None, batch_size, num_workers
+    if is_map_dataset(source):
+        return source, collate_fn, batch_size, num_workers
+    return source, None, batch_size, num_workers

@@ -97,3 +97,9 @@ def all_gather_object(obj: object) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (call once at the end of a torchrun program); no-op otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

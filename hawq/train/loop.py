@@ -14,7 +14,9 @@ import importlib
 import itertools
 import json
 import math
+import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from hawq.train.checkpoint import (
     unflatten_optimizer_state,
 )
 from hawq.train.config import TrainConfig
-from hawq.train.data import describe_source, epoch_seed, make_train_loader, steps_per_epoch
+from hawq.train.data import describe_source, epoch_seed, is_map_dataset, make_train_loader, steps_per_epoch
 from hawq.train.metrics import write_history
 
 # config fields that do not change the result, so a run may resume after changing them
@@ -159,11 +161,14 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
     writes files.
     """
     validate_config(cfg)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        raise HawqError(f"train: tag must be letters, digits, '_', '.' or '-' (it names files), got {tag!r}")
     device = torch.device(device)
     rank, world = D.init_distributed()
     main = rank == 0
-    source, collate, global_batch = describe_source(train_loader, collate_fn, cfg.batch_size)
-    indexable = isinstance(source, Dataset)
+    source, collate, global_batch, num_workers = describe_source(train_loader, collate_fn, cfg.batch_size,
+                                                                 cfg.num_workers)
+    indexable = is_map_dataset(source)
     if indexable:
         n_examples = len(source)
         spe = steps_per_epoch(n_examples, global_batch, cfg.drop_last or world > 1)
@@ -183,6 +188,7 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
         n_examples = None
     total_steps = max(1, round(cfg.epochs * spe))
     n_epochs = -(-total_steps // spe)
+
     def step_of(epochs: float | None) -> int | None:
         return None if epochs is None else round(epochs * spe)
 
@@ -212,8 +218,7 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
         json_path = checkpoint_paths(ckpt_dir, tag)["json"]
         if meta.get("config_hash") != chash:
             raise HawqError(f"checkpoint {json_path} was written with a different training setup (config "
-                            f"hash "
-                            f"{meta.get('config_hash')} != {chash}); delete {ckpt_dir} or change run.name")
+                            f"hash {meta.get('config_hash')} != {chash}); delete {ckpt_dir} or change run.name")
         try:
             model.load_state_dict(split_prefix(tensors, MODEL_PREFIX), strict=True)
         except RuntimeError as e:
@@ -268,16 +273,18 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
         if indexable:
             return iter(make_train_loader(source, global_batch, seed, epoch, collate, start_batch=start,
                                           rank=rank, world=world, drop_last=cfg.drop_last,
-                                          num_workers=cfg.num_workers))
+                                          num_workers=num_workers, pin_memory=device.type == "cuda"))
         return itertools.islice(iter(source), start, None)
 
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_on else contextlib.nullcontext()
+
     alpha, temperature = cfg.distill.alpha, cfg.distill.temperature
 
     if main and run_dir is not None and history:
         write_history(run_dir / "metrics.json", tag, history)
 
+    warned_act = False
     for epoch in range(pos.epoch, n_epochs):
         epoch_start_step = epoch * spe
         epoch_end_step = min(epoch_start_step + spe, total_steps)
@@ -295,7 +302,11 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
                 _freeze_bn(model)
                 bn_frozen = True
             if act_freeze_step is not None and not act_frozen and pos.step >= act_freeze_step:
-                _set_act_calibration(model, False)
+                if not _set_act_calibration(model, False) and main and not warned_act:
+                    warnings.warn("train.freeze_act_after_epochs is set but hawq.quant has no "
+                                  "set_act_calibration(model, enabled): activation ranges keep adapting",
+                                  stacklevel=2)
+                    warned_act = True
                 act_frozen = True
             try:
                 batch = next(it)
@@ -337,8 +348,8 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
                     and pos.step < epoch_end_step):
                 checkpoint()
         bar.close()
-        row: dict[str, Any] = {"epoch": epoch + 1, "epoch_float": round(pos.step / spe, 6), "step": pos.step,
-                               "loss": pos.loss_sum / max(pos.loss_n, 1), "lr": lr,
+        row: dict[str, Any] = {"tag": tag, "epoch": epoch + 1, "epoch_float": round(pos.step / spe, 6),
+                               "step": pos.step, "loss": pos.loss_sum / max(pos.loss_n, 1), "lr": lr,
                                "time_s": round(time.perf_counter() - t0, 3)}
         if eval_fn is not None:
             metrics = eval_fn(model) if main else None
@@ -351,7 +362,7 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
             write_history(run_dir / "metrics.json", tag, history)
         if main and progress:
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                              if k not in ("epoch_float", "time_s"))
+                              if k not in ("tag", "epoch_float", "time_s"))
             tqdm.write(f"[{tag}] {shown}")
     D.barrier()
     return history

@@ -33,7 +33,7 @@ def write_history(path: str | os.PathLike, tag: str, history: Sequence[dict]) ->
     """
     data = read_metrics(path)
     rows = [r for r in data["rows"] if r.get("tag") != tag]
-    rows.extend({"tag": tag, **row} for row in history)
+    rows.extend({**row, "tag": tag} for row in history)
     data["rows"] = rows
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
@@ -63,7 +63,7 @@ def plot_history(history: Sequence[dict], png_path: str | os.PathLike, title: st
         ax2.set_ylabel(", ".join(metric_keys))
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="best")
+    ax.legend(handles, labels, loc="center right", fontsize="small")
     ax.set_title(title or f"training: {history[-1].get('tag', '')}")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,0 +1,157 @@
+"""RetinaNet-ResNet50-FPN (torchvision) as a detection family, scored by COCO mAP (pycocotools).
+
+The Hessian and training loss is the sum of the model's own training losses (sigmoid focal
+classification + L1 box regression). torchvision detection models compute losses only in training
+mode, so :class:`DetectionTask` switches the model to training mode for the loss; every
+BatchNorm of the backbone is a ``FrozenBatchNorm2d`` (torchvision's choice for detection), so the
+mode switch changes no statistics and the loss is a deterministic function of the weights.
+Class labels are COCO category ids (0 = background is never used), torchvision's convention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from hawq import HawqError
+from hawq.models.checkpoint import load_checkpoint
+from hawq.models.registry import ModelSpec, register_model
+from hawq.models.tasks import TASKS, Task
+
+COCO_NUM_CLASSES = 91  # torchvision's COCO weights: category ids 1..90 used as labels directly
+
+
+def retinanet_resnet50_fpn(num_classes: int = COCO_NUM_CLASSES, weights: str | None = None,
+                           checkpoint: str | None = None, min_size: int = 800, max_size: int = 1333,
+                           **kwargs: Any) -> nn.Module:
+    """torchvision RetinaNet with a frozen-BN ResNet-50-FPN backbone and all layers trainable.
+
+    ``weights``: a ``RetinaNet_ResNet50_FPN_Weights`` name (``COCO_V1``, 91 classes) to download;
+    ``checkpoint``: a local state dict of the same architecture. ``min_size``/``max_size`` set the
+    internal resize (small values make tests fast); other kwargs go to ``RetinaNet``.
+    """
+    from torchvision.models import resnet50
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import misc as misc_ops
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    if weights and checkpoint:
+        raise HawqError("set model.weights or model.checkpoint, not both")
+    backbone = resnet50(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
+    # all five stages trainable: the sensitivity stage needs gradients of every quantized weight
+    backbone = _resnet_fpn_extractor(backbone, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    model = RetinaNet(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    if weights:
+        from hawq.models.torchvision_models import _fetch_state_dict, resolve_torchvision_weights
+
+        w = resolve_torchvision_weights("retinanet_resnet50_fpn", weights)
+        if num_classes != len(w.meta["categories"]):
+            raise HawqError(f"weights {w.name} have {len(w.meta['categories'])} classes, model.num_classes is "
+                            f"{num_classes}: set model.num_classes: {len(w.meta['categories'])}")
+        state = _fetch_state_dict("retinanet_resnet50_fpn", w)
+        model.load_state_dict(state, strict=True)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def _train_mode_losses(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    was_training = model.training
+    model.train()  # detection losses exist only in training mode; BN is frozen, so nothing else changes
+    try:
+        losses = model(images, targets)
+    finally:
+        model.train(was_training)
+    return losses
+
+
+def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> dict[str, float]:
+    """COCO box mAP@[.5:.95] and mAP@.5 of predictions against targets (boxes xyxy, labels = category ids)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, dets, categories = [], [], [], set()
+    for i, (pred, tgt) in enumerate(zip(predictions, targets)):
+        image_id = int(tgt["image_id"]) if "image_id" in tgt else i
+        images.append({"id": image_id})
+        for box, label in zip(tgt["boxes"].tolist(), tgt["labels"].tolist()):
+            w, h = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
+            categories.add(int(label))
+        for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
+            dets.append({"image_id": image_id, "category_id": int(label), "score": float(score),
+                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            categories.add(int(label))
+    if not annotations or not dets:
+        return {"map": 0.0, "map50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": c} for c in sorted(categories)]}
+        gt.createIndex()
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"map": 100.0 * max(float(ev.stats[0]), 0.0), "map50": 100.0 * max(float(ev.stats[1]), 0.0)}
+
+
+class DetectionTask(Task):
+    """Batches are ``(list of CHW float images in [0, 1], list of {boxes (xyxy), labels, image_id})``.
+
+    ``forward`` returns the training-loss dict (the model is put in training mode for it);
+    ``loss_from_outputs`` sums it. ``evaluate`` runs inference and reports COCO mAP in percent.
+    Distillation and label-free distances are not defined for detection outputs.
+    """
+
+    name = "detection"
+    primary_metric = "map"
+
+    def forward(self, model: nn.Module, batch: Any) -> dict[str, Tensor]:
+        images, targets = batch
+        return _train_mode_losses(model, list(images), list(targets))
+
+    def loss_from_outputs(self, outputs: dict[str, Tensor], batch: Any) -> Tensor:
+        return sum(outputs.values())
+
+    def distill_loss(self, student: Any, teacher: Any, temperature: float) -> Tensor:
+        raise HawqError("distillation is not supported for detection: set train.distill.enabled: false")
+
+    def output_distance(self, outputs: Any, reference: Any) -> Tensor:
+        raise HawqError("label-free sensitivity is not supported for detection: set sensitivity.label_free: false")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str = "cpu",
+                 progress: bool = True, desc: str = "eval") -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        preds, targets = [], []
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            images, tgts = self.to_device(batch, device)
+            out = model(list(images))
+            preds += [{k: v.cpu() for k, v in o.items()} for o in out]
+            targets += [{k: v.cpu() for k, v in t.items()} for t in tgts]
+        model.train(was_training)
+        if not targets:
+            raise HawqError("evaluation data set is empty")
+        return {**coco_map(preds, targets), "n": len(targets)}
+
+
+TASKS[DetectionTask.name] = DetectionTask
+
+register_model(ModelSpec(
+    name="retinanet_resnet50_fpn", builder=retinanet_resnet50_fpn, task=DetectionTask.name,
+    input_shape=(3, 800, 800),
+    default_pins={name: {"weight": 8, "activation": 8} for name in (
+        "backbone.body.conv1", "head.classification_head.cls_logits", "head.regression_head.bbox_reg")},
+    description="torchvision RetinaNet ResNet-50-FPN (frozen BN), COCO mAP; model.kwargs min_size/max_size",
+))

@@ -1,0 +1,627 @@
+"""Integer-only inference (HAWQ-V3 style): convert a calibrated fake-quant model to integer ops.
+
+Representation. Between operators a tensor travels as an integer tensor ``v`` (int32 range,
+computed in int64) with a static, positive real scale ``s`` known at conversion time (a scalar
+or one per channel): the real value is ``v * s``. Conv/Linear outputs are their int32
+accumulators (``s = s_in * s_w``), so the fake-quant graph's float tensors between layers are
+represented without loss. Each quantized layer requantizes its input to its own int8/int4
+grid on entry -- exactly where the fake-quant model has its ``QuantAct`` -- with a dyadic
+multiplier ``m / 2^c`` (integer multiply, add half, arithmetic shift). The only float
+operations are quantizing the model input (``round(x / s)``) and the final dequantization
+``v * s`` of the outputs.
+
+Operators: QuantConv2d / QuantBnConv2d / QuantLinear (int8 codes x int8 codes -> int32, bias in
+int32 at ``s_in * s_w``); BatchNorm2d on an integer tensor (eval statistics; folded into the
+per-channel scale, a sign flip and an int32 bias); ReLU; residual add (both operands rescaled
+to a common scale with dyadic multipliers); max pool; global / non-overlapping average pool
+(integer sum then rounded integer division); flatten; dropout and identity.
+
+With ``float_ops=True``, operators without an integer rule (GELU, softmax, LayerNorm, attention
+matmuls, embedding lookups) run as float64 islands on dequantized values (transformer blocks).
+
+Two engines compute the int32 accumulations: ``"reference"`` (float64 conv/matmul on integer
+values, exact below 2^53, checked against int32 overflow) and ``"fast"`` (``torch._int_mm``, a
+real int8 x int8 -> int32 GEMM, with im2col for convs). Both feed the same integer rescaling,
+so their outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hawq import HawqError
+from hawq.quant.model import trace
+from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
+from hawq.quant.quantizers import FLOAT_BITS, quantize_to_int
+
+INT32_MAX = 2**31 - 1
+FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
+BACKENDS = ("reference", "fast")
+
+
+# --- dyadic arithmetic (pure functions) ----------------------------------------------------------
+def dyadic(ratio: Tensor) -> tuple[Tensor, Tensor]:
+    """Approximate positive reals ``ratio`` by ``m / 2^c`` with ``m`` in ``[2^30, 2^31]`` (int64).
+
+    31 significant bits: relative error <= 2^-31. Ratios below ``2^-32`` get the largest
+    allowed shift (62), where ``m`` may become small or zero (their products round to 0 anyway).
+    """
+    r = ratio.to(torch.float64)
+    if not bool((r > 0).all()) or not bool(torch.isfinite(r).all()):
+        raise HawqError("dyadic: rescale ratios must be positive and finite (a zero or NaN scale?)")
+    mant, exp = torch.frexp(r)  # r = mant * 2^exp, mant in [0.5, 1)
+    shift = 31 - exp.to(torch.int64)
+    if bool((shift < 0).any()):
+        raise HawqError("dyadic: a rescale ratio >= 2^31 cannot be represented")
+    m = torch.round(mant * 2.0**31).to(torch.int64)
+    big = shift > 62
+    if bool(big.any()):
+        m = torch.where(big, torch.round(r * 2.0**62).to(torch.int64), m)
+        shift = shift.clamp(max=62)
+    return m, shift
+
+
+def rescale(v: Tensor, m: Tensor, c: Tensor) -> Tensor:
+    """``round(v * m / 2^c)`` in integers (round half up): multiply, add ``2^(c-1)``, arithmetic shift."""
+    half = torch.where(c > 0, torch.bitwise_left_shift(torch.ones_like(c), (c - 1).clamp(min=0)),
+                       torch.zeros_like(c))
+    return torch.bitwise_right_shift(v.to(torch.int64) * m + half, c)
+
+
+def check_int32(v: Tensor, where: str) -> Tensor:
+    if v.numel() and int(v.abs().max()) > INT32_MAX:
+        raise HawqError(f"integer inference: int32 overflow in {where}")
+    return v
+
+
+# --- integer operators (thin modules) ------------------------------------------------------------
+class _InputRequant(nn.Module):
+    """Entry of a quantized layer: int tensor (or the float model input) -> codes on its grid."""
+
+    def _setup_input(self, src_scale: Tensor | None, act_scale: float, qmin: int, qmax: int) -> None:
+        self.qmin, self.qmax = qmin, qmax
+        self.from_float = src_scale is None
+        self.register_buffer("act_scale", torch.tensor(float(act_scale), dtype=torch.float64))
+        if src_scale is None:
+            self.register_buffer("in_mult", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("in_shift", torch.zeros((), dtype=torch.int64))
+        else:
+            m, c = dyadic(src_scale / act_scale)
+            self.register_buffer("in_mult", m)
+            self.register_buffer("in_shift", c)
+
+    def input_codes(self, x: Tensor) -> Tensor:
+        if self.from_float:  # the one float -> int step: quantize the model input
+            q = torch.round(x.to(torch.float64) / self.act_scale)
+            return q.clamp(self.qmin, self.qmax).to(torch.int64)
+        return rescale(x, self.in_mult, self.in_shift).clamp(self.qmin, self.qmax)
+
+
+class IntConv2d(_InputRequant):
+    """Integer conv: requantize input -> int8 codes (*) int8 weight codes -> int32 + int32 bias."""
+
+    def __init__(self, codes: Tensor, bias: Tensor | None, conv: nn.Conv2d, src_scale: Tensor | None,
+                 act: QuantAct, name: str) -> None:
+        super().__init__()
+        self.layer_name = name
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, \
+            conv.groups
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise HawqError(f"to_integer: conv '{name}' needs numeric zero padding")
+        self._setup_input(src_scale, float(act.scale), act.qmin, act.qmax)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("bias_int", bias)
+        self.backend = "reference"
+        self.fast_ok = codes.dtype == torch.int8 and act.bits <= 8 and conv.groups == 1
+        self.unsigned_shift = 128 if self.qmax > 127 else 0  # uint8 codes ride as int8 (q - 128)
+        wmat = codes.reshape(codes.shape[0], -1)
+        self.register_buffer("weight_mat_t", wmat.t().contiguous() if self.fast_ok else None)
+        self.register_buffer("weight_rowsum", wmat.to(torch.int64).sum(1).to(torch.int32))
+
+    def accumulate(self, q: Tensor) -> Tensor:
+        if self.backend == "fast" and self.fast_ok:
+            return self._accumulate_fast(q)
+        acc = F.conv2d(q.to(torch.float64), self.weight_codes.to(torch.float64), None, self.stride,
+                       self.padding, self.dilation, self.groups)
+        return check_int32(acc.to(torch.int64), f"conv '{self.layer_name}'")
+
+    def _accumulate_fast(self, q: Tensor) -> Tensor:
+        kh, kw = self.weight_codes.shape[2:]
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        x8 = (q - self.unsigned_shift).to(torch.int8)
+        # Padding holds real zeros, i.e. code 0, which is -shift after the uint8 -> int8 move.
+        x8 = F.pad(x8, (pw, pw, ph, ph), value=-self.unsigned_shift)
+        n, c = x8.shape[:2]
+        cols = x8.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
+        ho, wo = cols.shape[2:4]
+        cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+        acc = torch._int_mm(cols, self.weight_mat_t)
+        if self.unsigned_shift:
+            acc = acc + self.unsigned_shift * self.weight_rowsum
+        return acc.reshape(n, ho, wo, -1).permute(0, 3, 1, 2).to(torch.int64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = self.accumulate(self.input_codes(x))
+        if self.bias_int is not None:
+            acc = acc + self.bias_int.to(torch.int64).reshape(1, -1, 1, 1)
+        return acc
+
+
+class IntLinear(_InputRequant):
+    """Integer linear layer (same contract as :class:`IntConv2d`), over the last dim."""
+
+    def __init__(self, codes: Tensor, bias: Tensor | None, src_scale: Tensor | None, act: QuantAct,
+                 name: str) -> None:
+        super().__init__()
+        self.layer_name = name
+        self._setup_input(src_scale, float(act.scale), act.qmin, act.qmax)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("bias_int", bias)
+        self.backend = "reference"
+        self.fast_ok = codes.dtype == torch.int8 and act.bits <= 8
+        self.unsigned_shift = 128 if self.qmax > 127 else 0
+        self.register_buffer("weight_mat_t", codes.t().contiguous() if self.fast_ok else None)
+        self.register_buffer("weight_rowsum", codes.to(torch.int64).sum(1).to(torch.int32))
+
+    def accumulate(self, q: Tensor) -> Tensor:
+        if self.backend == "fast" and self.fast_ok:
+            lead = q.shape[:-1]
+            x8 = (q - self.unsigned_shift).to(torch.int8).reshape(-1, q.shape[-1])
+            acc = torch._int_mm(x8, self.weight_mat_t)
+            if self.unsigned_shift:
+                acc = acc + self.unsigned_shift * self.weight_rowsum
+            return acc.reshape(*lead, -1).to(torch.int64)
+        acc = q.to(torch.float64) @ self.weight_codes.to(torch.float64).t()
+        return check_int32(acc.to(torch.int64), f"linear '{self.layer_name}'")
+
+    def forward(self, x: Tensor) -> Tensor:
+        acc = self.accumulate(self.input_codes(x))
+        if self.bias_int is not None:
+            acc = acc + self.bias_int.to(torch.int64)
+        return acc
+
+
+class IntChannelAffine(nn.Module):
+    """Eval BatchNorm on an integer tensor: ``v' = (+-2^k) * v + b``.
+
+    The BN gain's magnitude goes into the (per-channel) scale; ``2^k`` adds fractional bits
+    (as many as int32 headroom allows) so that rounding the BN shift to the grid costs almost
+    nothing.
+    """
+
+    def __init__(self, mult: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mult", mult.to(torch.int64).reshape(1, -1, 1, 1))
+        self.register_buffer("bias_int", bias.to(torch.int64).reshape(1, -1, 1, 1))
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v * self.mult + self.bias_int
+
+
+class IntAdd(nn.Module):
+    """Residual add: both operands rescaled (dyadic) to the common, coarser scale, then added."""
+
+    def __init__(self, scale_a: Tensor, scale_b: Tensor, scale_out: Tensor, name: str) -> None:
+        super().__init__()
+        self.name = name
+        for tag, s in (("a", scale_a), ("b", scale_b)):
+            m, c = dyadic(s / scale_out)
+            self.register_buffer(f"mult_{tag}", m)
+            self.register_buffer(f"shift_{tag}", c)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        out = rescale(a, self.mult_a, self.shift_a) + rescale(b, self.mult_b, self.shift_b)
+        return check_int32(out, f"add '{self.name}'")
+
+
+class IntReLU(nn.Module):
+    def forward(self, v: Tensor) -> Tensor:
+        return v.clamp_min(0)
+
+
+class IntMaxPool2d(nn.Module):
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        self.pool = copy.deepcopy(pool)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return self.pool(v)
+
+
+class IntSumPool2d(nn.Module):
+    """Average pooling as an integer window sum and a rounded integer division (scale unchanged)."""
+
+    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride  # kernel None: global average
+
+    def forward(self, v: Tensor) -> Tensor:
+        if self.kernel is None:
+            n = v.shape[-1] * v.shape[-2]
+            s = v.sum(dim=(-2, -1), keepdim=True)
+        else:
+            n = self.kernel[0] * self.kernel[1]
+            s = F.avg_pool2d(v.to(torch.float64), self.kernel, self.stride, divisor_override=1).to(torch.int64)
+        return torch.div(s + n // 2, n, rounding_mode="floor")
+
+
+class IntFlatten(nn.Module):
+    def __init__(self, start_dim: int, end_dim: int) -> None:
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+
+    def forward(self, v: Tensor) -> Tensor:
+        return torch.flatten(v, self.start_dim, self.end_dim)
+
+
+class Dequantize(nn.Module):
+    """Final dequantization: ``v * s`` (the only float op after the input quantization)."""
+
+    def __init__(self, scale: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.to(torch.float64))
+        self.out_dtype = dtype
+
+    def forward(self, v: Tensor) -> Tensor:
+        return (v.to(torch.float64) * self.scale).to(self.out_dtype)
+
+
+# --- conversion -----------------------------------------------------------------------------------
+_RELU_FUNCS = {F.relu, torch.relu}
+_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+_FLATTEN = {torch.flatten}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, FoldedBatchNorm2d)
+
+
+class _Meta:
+    """Conversion-time facts about one integer tensor: its scale and whether dims after C are 1."""
+
+    def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None) -> None:
+        self.scale = scale  # None: the float model input
+        self.spatial_one = spatial_one
+        self.bound = bound  # a static bound on |v| (same broadcast shape as scale): proves no overflow
+
+
+def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Weight codes, compact weight scale and float bias of a quantized conv/linear (BN folded)."""
+    if layer.weight_bits >= FLOAT_BITS:
+        raise HawqError(f"to_integer: layer '{name}' has float weights (weight bits 32)")
+    if layer.group_size is not None:
+        raise HawqError(f"to_integer: layer '{name}' uses group-wise weights; integer inference needs "
+                        "per-channel or per-tensor scales")
+    if layer.weight_bits > 8:
+        raise HawqError(f"to_integer: layer '{name}' has {layer.weight_bits}-bit weights; at most 8 supported")
+    if isinstance(layer, QuantBnConv2d):
+        w, b = layer.folded_weight_bias()
+    else:
+        w, b = layer.weight, layer.bias
+    codes, scale = quantize_to_int(w.detach().to(torch.float64), layer.weight_bits, layer.per_channel, None)
+    return codes, scale, None if b is None else b.detach().to(torch.float64)
+
+
+def _check_act(layer: nn.Module, name: str) -> QuantAct:
+    act = layer.input_quant
+    if act is None:
+        raise HawqError(f"to_integer: layer '{name}' has float activations (activation bits 32)")
+    if not act.calibrated:
+        raise HawqError(f"to_integer: the input quantizer of '{name}' is not calibrated; run calibrate() first")
+    if act.bits > 8:
+        raise HawqError(f"to_integer: layer '{name}' has {act.bits}-bit activations; at most 8 supported")
+    return act
+
+
+def _bias_codes(bias: Tensor | None, acc_scale: Tensor, name: str) -> Tensor | None:
+    if bias is None:
+        return None
+    codes = torch.round(bias / acc_scale)
+    if bool((codes.abs() > INT32_MAX).any()):
+        raise HawqError(f"to_integer: the bias of '{name}' overflows int32 at scale s_in * s_w")
+    return codes.to(torch.int32)
+
+
+def _chan(scale: Tensor, ndim: int) -> Tensor:
+    """A per-channel (dim 1) scale shaped to broadcast against an ``ndim``-d NCHW tensor."""
+    return scale.reshape(1, -1, *([1] * (ndim - 2))) if scale.dim() else scale
+
+
+def _unsupported(node: fx.Node, why: str = "", module: nn.Module | None = None) -> HawqError:
+    if module is not None:
+        what = f"module '{node.target}' ({type(module).__name__})"
+    else:
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        what = f"node '{node.name}' ({node.op} {target})"
+    return HawqError(f"to_integer: cannot convert {what}{why}; supported: quantized Conv2d/Linear, "
+                     "BatchNorm2d, ReLU, add, max/avg pool, flatten, dropout")
+
+
+def _as_float64(x: Any) -> Any:
+    """Entry of a float island: floating tensors to float64 (the island runs in float64)."""
+    return x.to(torch.float64) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+
+def _as_dtype(x: Any, dtype: torch.dtype) -> Any:
+    return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+
+class _Converter:
+    """Rewrites a traced fake-quant graph node by node into integer modules (see the module doc)."""
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, out_dtype: torch.dtype, float_ops: bool) -> None:
+        self.model, self.gm = model, gm
+        self.modules = dict(model.named_modules())
+        self.graph = fx.Graph()
+        self.new_modules: dict[str, Any] = {}
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.meta: dict[fx.Node, _Meta] = {}  # scale None: a plain (float or index) value
+        self.out_dtype = out_dtype
+        self.float_ops = float_ops
+        self.float_nodes: list[str] = []
+        self._dequantized: dict[fx.Node, fx.Node] = {}
+
+    def _add_module(self, base: str, module: Any) -> str:
+        name = base.replace(".", "_") if base in self.new_modules else base
+        while name in self.new_modules:
+            name += "_"
+        self.new_modules[name] = module
+        return name
+
+    def _int_input(self, node: fx.Node, arg: Any) -> tuple[fx.Node, _Meta]:
+        if not isinstance(arg, fx.Node) or arg not in self.meta:
+            raise _unsupported(node, ": an input is not a tensor produced by a converted node")
+        return self.env[arg], self.meta[arg]
+
+    def _emit(self, node: fx.Node, module_name: str, module: nn.Module, args: tuple, meta: _Meta) -> None:
+        target = self._add_module(module_name, module)
+        self.env[node] = self.graph.call_module(target, args)
+        self.meta[node] = meta
+
+    def _tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), found.append)
+        return found
+
+    def _all_int(self, node: fx.Node) -> bool:
+        inputs = self._tensor_inputs(node)
+        return bool(inputs) and all(self.meta[n].scale is not None for n in inputs)
+
+    # --- float islands ------------------------------------------------------------------------
+    def _plain(self, arg: fx.Node, dtype: torch.dtype | None = torch.float64) -> fx.Node:
+        """The new-graph value of ``arg`` as a plain tensor (integer values dequantized)."""
+        meta = self.meta[arg]
+        if meta.scale is None:
+            return self.env[arg]
+        key = (arg, dtype)
+        if key not in self._dequantized:
+            target = self._add_module(f"dequant_{arg.name}", Dequantize(meta.scale, dtype))
+            self._dequantized[key] = self.graph.call_module(target, (self.env[arg],))
+        return self._dequantized[key]
+
+    def _float_op(self, node: fx.Node, mod: nn.Module | None = None, why: str = "") -> None:
+        """Run ``node`` unchanged on plain float64 values (only with ``float_ops=True``)."""
+        if not self.float_ops:
+            raise _unsupported(node, why + " (float_ops=True runs it in float)", module=mod)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._plain)
+        target = node.target
+        if node.op in ("call_module", "get_attr"):
+            obj = self.modules[node.target] if node.op == "call_module" else _get_attr(self.model, node.target)
+            target = self._add_module(node.target, obj)
+        self.env[node] = self.graph.create_node(node.op, target, args, kwargs, node.name)
+        self.meta[node] = _Meta(None)
+        if node.op != "get_attr":
+            self.float_nodes.append(str(node.target) if node.op == "call_module" else node.name)
+
+    # --- graph walk ---------------------------------------------------------------------------
+    def convert(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                ph = self.graph.placeholder(node.name, default_value=node.args[0] if node.args else
+                                            inspect.Signature.empty)
+                self.env[node] = self.graph.call_function(_as_float64, (ph,)) if self.float_ops else ph
+                self.meta[node] = _Meta(None)
+            elif node.op == "output":
+                self._output(node)
+            elif node.op == "get_attr":
+                self._float_op(node)
+            elif node.op == "call_module":
+                self._call_module(node)
+            elif node.op in ("call_function", "call_method"):
+                self._call_function(node)
+            else:
+                raise _unsupported(node)
+        self.graph.lint()
+        gm = fx.GraphModule(self.new_modules, self.graph, "IntegerModel")
+        gm.float_nodes = list(self.float_nodes)
+        return gm
+
+    def _output(self, node: fx.Node) -> None:
+        def out(arg: fx.Node) -> fx.Node:
+            if self.meta[arg].scale is not None:
+                return self._plain(arg, self.out_dtype)
+            if not self.float_ops:
+                raise _unsupported(node, ": the output is not computed by the integer graph")
+            return self.graph.call_function(_as_dtype, (self.env[arg], self.out_dtype))
+
+        self.graph.output(fx.node.map_arg(node.args[0], out))
+
+    def _call_module(self, node: fx.Node) -> None:
+        name, mod = node.target, self.modules[node.target]
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            self._layer(node, name, mod)
+            return
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            raise HawqError(f"to_integer: layer '{name}' is float (not in the bit map, or at 32 bits); "
+                            "integer inference needs every conv/linear quantized")
+        if isinstance(mod, _IDENTITY_MODULES) and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
+            # The working copy is in eval mode: dropout is the identity, as are folded BNs.
+            self.env[node], self.meta[node] = self.env[node.args[0]], self.meta[node.args[0]]
+            return
+        if not self._all_int(node) or len(node.args) != 1:
+            self._float_op(node, mod)
+            return
+        v, meta = self.env[node.args[0]], self.meta[node.args[0]]
+        if isinstance(mod, nn.BatchNorm2d):
+            self._batchnorm(node, name, mod, v, meta)
+        elif isinstance(mod, nn.ReLU):
+            self._emit(node, name, IntReLU(), (v,), meta)
+        elif isinstance(mod, nn.MaxPool2d):
+            self._emit(node, name, IntMaxPool2d(mod), (v,), meta)
+        elif isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
+            self._emit(node, name, IntSumPool2d(None, None), (v,), _Meta(meta.scale, True, meta.bound))
+        elif isinstance(mod, nn.AvgPool2d) and mod.padding in (0, (0, 0)) and not mod.ceil_mode:
+            k = nn.modules.utils._pair(mod.kernel_size)
+            s = nn.modules.utils._pair(mod.stride or mod.kernel_size)
+            self._emit(node, name, IntSumPool2d(k, s), (v,), meta)
+        elif isinstance(mod, nn.Flatten):
+            self._flatten(node, name, v, meta, mod.start_dim, mod.end_dim)
+        else:
+            self._float_op(node, mod)
+
+    def _layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(node, ": extra arguments")
+        v, meta = self._int_input(node, node.args[0])
+        act = _check_act(mod, name)
+        codes, w_scale, bias = _layer_codes(mod, name)
+        acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
+        bias_int = _bias_codes(bias, acc_scale, name)
+        bound = codes.to(torch.float64).abs().reshape(codes.shape[0], -1).sum(1) * max(-act.qmin, act.qmax)
+        if bias_int is not None:
+            bound = bound + bias_int.to(torch.float64).abs()
+        if bool((bound > INT32_MAX).any()):
+            raise HawqError(f"to_integer: the int32 accumulator of '{name}' can overflow")
+        if isinstance(mod, QuantConv2d):
+            module = IntConv2d(codes, bias_int, mod, meta.scale, act, name)
+            self._emit(node, name, module, (v,), _Meta(_chan(acc_scale, 4), bound=_chan(bound, 4)))
+        else:  # Linear: the per-output-feature scale broadcasts along the last dim
+            module = IntLinear(codes, bias_int, meta.scale, act, name)
+            self._emit(node, name, module, (v,), _Meta(acc_scale, bound=bound))
+
+    def _batchnorm(self, node: fx.Node, name: str, bn: nn.BatchNorm2d, v: fx.Node, meta: _Meta) -> None:
+        if bn.training or not bn.track_running_stats:
+            raise HawqError(f"to_integer: BatchNorm '{name}' must be in eval mode with running statistics")
+        g = (bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64))
+        g = g / torch.sqrt(bn.running_var.double() + bn.eps)
+        beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(g)
+        shift = beta - bn.running_mean.double() * g
+        s = meta.scale.reshape(-1) if meta.scale.dim() else meta.scale.expand(bn.num_features)
+        if bool((g == 0).any()):
+            raise HawqError(f"to_integer: BatchNorm '{name}' has a zero gain; fold or remove that channel")
+        new_scale = s * g.abs()
+        bound = meta.bound.reshape(-1).expand(bn.num_features)
+        # Extra fractional bits 2^k, as many as keep |v'| < 2^30 (at most FRACTION_BITS).
+        room = 2.0**30 / (bound + (shift / new_scale).abs() + 1)
+        k = torch.floor(torch.log2(room)).clamp(0, FRACTION_BITS)
+        if bool((room < 1).any()):
+            raise HawqError(f"to_integer: BatchNorm '{name}' overflows int32 at the folded scale")
+        new_scale = new_scale / 2.0**k
+        bias = torch.round(shift / new_scale)
+        mult = torch.sign(g) * 2.0**k
+        out_bound = bound * 2.0**k + bias.abs()
+        self._emit(node, name, IntChannelAffine(mult, bias), (v,),
+                   _Meta(_chan(new_scale, 4), bound=_chan(out_bound, 4)))
+
+    def _flatten(self, node: fx.Node, name: str, v: fx.Node, meta: _Meta, start: int, end: int) -> None:
+        if start != 1 or end != -1:
+            self._float_op(node, why=": only flatten(x, 1) runs in integer")
+            return
+
+        def flat(t: Tensor) -> Tensor:
+            if t.numel() == 1:
+                return t.reshape(())
+            if not meta.spatial_one:
+                shape = getattr(node.args[0], "meta", {}).get("tensor_meta")
+                if shape is None:
+                    raise HawqError(f"to_integer: flatten '{node.name}' of a per-channel tensor needs shapes; "
+                                    "pass example_input to to_integer")
+                t = t.expand(1, *shape.shape[1:])
+            return t.reshape(1, -1)
+
+        self._emit(node, name, IntFlatten(start, end), (v,), _Meta(flat(meta.scale), bound=flat(meta.bound)))
+
+    def _call_function(self, node: fx.Node) -> None:
+        fn = node.target
+        if node.op == "call_method":
+            fn = {"flatten": torch.flatten, "relu": F.relu, "relu_": F.relu, "add": torch.add}.get(fn)
+        int_ok = fn is not None and self._all_int(node)
+        if int_ok and fn in _RELU_FUNCS and len(node.args) == 1:
+            self._emit(node, node.name, IntReLU(), (self.env[node.args[0]],), self.meta[node.args[0]])
+        elif int_ok and fn in _ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
+            ma, mb = self.meta[node.args[0]], self.meta[node.args[1]]
+            # Common scale: the finer operand's, refined by up to FRACTION_BITS while the static
+            # bound of the sum stays below 2^30 (so the adds' rounding is negligible and int32 safe).
+            real_bound = ma.bound * ma.scale + mb.bound * mb.scale
+            out = torch.maximum(torch.minimum(ma.scale, mb.scale) / 2.0**FRACTION_BITS, real_bound / 2.0**30)
+            # (+ 0 * out broadcasts each operand's scale to the common scale's shape)
+            module = IntAdd((ma.scale + 0 * out), (mb.scale + 0 * out), out, node.name)
+            bound = real_bound / out + 2
+            args = (self.env[node.args[0]], self.env[node.args[1]])
+            self._emit(node, node.name, module, args, _Meta(out, ma.spatial_one and mb.spatial_one, bound))
+        elif int_ok and fn in _FLATTEN and not node.kwargs:
+            start = node.args[1] if len(node.args) > 1 else 0
+            end = node.args[2] if len(node.args) > 2 else -1
+            self._flatten(node, node.name, self.env[node.args[0]], self.meta[node.args[0]], start, end)
+        elif int_ok and fn is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
+            meta = self.meta[node.args[0]]
+            self._emit(node, node.name, IntSumPool2d(None, None), (self.env[node.args[0]],),
+                       _Meta(meta.scale, True, meta.bound))
+        else:
+            self._float_op(node)
+
+
+def _get_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@torch.no_grad()
+def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops: bool = False) -> fx.GraphModule:
+    """Convert a calibrated fake-quant model into an integer-only ``fx.GraphModule`` (a new model).
+
+    Every Conv2d/Linear on the path must be a calibrated ``QuantConv2d``/``QuantBnConv2d``/
+    ``QuantLinear`` with weights and activations at <= 8 bits. BatchNorm must be in eval mode
+    (its running statistics are used). ``example_input`` (one batch) is needed only when a
+    per-channel tensor is flattened over spatial dims > 1. The model is not modified.
+    Switch engines with :func:`set_integer_backend`.
+
+    ``float_ops=True`` (for transformer blocks: GELU, softmax, LayerNorm, attention matmuls,
+    embeddings) runs every operator without an integer rule as a float64 island: its integer
+    inputs are dequantized, and the next quantized layer requantizes its output on entry. The
+    names of those operators are listed in the result's ``float_nodes``. Without it, such an
+    operator raises a HawqError naming it.
+    """
+    work = copy.deepcopy(model).eval().to("cpu", torch.float64)
+    for name, mod in work.named_modules():
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            _check_act(mod, name)
+    gm = trace(work, "to_integer")
+    if example_input is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        ShapeProp(gm).propagate(example_input.to("cpu", torch.float64))
+    params = list(model.parameters())
+    return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops).convert()
+
+
+def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:
+    """``"reference"`` (float64-exact int arithmetic) or ``"fast"`` (torch._int_mm int8 GEMM)."""
+    if backend not in BACKENDS:
+        raise HawqError(f"integer backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    for m in model.modules():
+        if isinstance(m, (IntConv2d, IntLinear)):
+            m.backend = backend
+    return model
+
+
+def integer_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The integer conv/linear modules of a converted model, keyed by their original layer names."""
+    return {m.layer_name: m for m in model.modules() if isinstance(m, (IntConv2d, IntLinear))}

@@ -1,0 +1,206 @@
+"""Latency of hawq's quantized ResNet-18 against FP32 and PyTorch's own int8, measured in one run.
+
+Model: torchvision ResNet-18, random init (seed 0), 224x224 inputs, batch 1 and 16, N threads.
+Engines, each timed as the median of ``--runs`` calls after ``--warmup`` calls (engines take
+turns within every round, so load on a shared machine affects all of them alike):
+
+* ``fp32 eager``              torchvision model in PyTorch eager (the baseline: ratio 1.00)
+* ``fp32 onnxruntime``        the same model exported to ONNX, onnxruntime CPUExecutionProvider
+* ``torch int8 fbgemm``       ``torchvision.models.quantization.resnet18`` with the same weights, fused,
+                              prepared and converted with the fbgemm qconfig (random calibration)
+* ``hawq <map> integer``      ``hawq.quant.to_integer`` model with the ``fast`` engine (torch._int_mm)
+* ``hawq <map> ort-qdq``      ``hawq.export.export_onnx`` QDQ graph (int8 weight containers) in onnxruntime
+
+for two hawq bit maps: ``W8A8`` (all layers 8-bit) and ``W4/8A8`` (every other layer's weights at
+4 bits). hawq models use ``QuantConfig(fold_bn=True)`` (HAWQ-V3 BN folding) and min/max
+calibration on the same random batches. Agreement: the fraction of argmax matches on random
+inputs against FP32 eager and, for hawq engines, against that map's fake-quant PyTorch model.
+
+    .venv/bin/python scripts/bench_integer.py            # full (batch 1 and 16, 10 rounds)
+    .venv/bin/python scripts/bench_integer.py --quick    # smoke run (3 rounds, fewer images)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hawq.bitmap import LayerBits  # noqa: E402
+from hawq.export.onnx_qdq import export_onnx  # noqa: E402
+from hawq.layers import quantizable_layers  # noqa: E402
+from hawq.quant import QuantConfig, calibrate, quantize_model, set_integer_backend, to_integer  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def round_robin_median_ms(fns: dict[str, Callable[[], object]], warmup: int, runs: int) -> dict[str, float]:
+    """Median wall time per engine; engines alternate within each round so that load changes on a
+    shared machine hit every engine alike instead of whichever happened to run at that moment."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session) -> Callable[[torch.Tensor], torch.Tensor]:
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def export_fp32(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, external_data=False,
+                                    dynamic_shapes=({0: batch},))
+    program.save(str(path))
+    return path
+
+
+def fbgemm_int8(fp32: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
+    from torch.ao.quantization import convert, get_default_qconfig, prepare
+    from torchvision.models.quantization import resnet18 as quantizable_resnet18
+
+    torch.backends.quantized.engine = "fbgemm"
+    model = quantizable_resnet18(weights=None, quantize=False)
+    model.load_state_dict(fp32.state_dict())
+    model.eval()
+    model.fuse_model()
+    model.qconfig = get_default_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepare(model, inplace=True)
+        with torch.no_grad():
+            for x in calib:
+                model(x)
+        convert(model, inplace=True)
+    return model
+
+
+def hawq_model(fp32: nn.Module, weight_bits: Callable[[int], int], calib: list[torch.Tensor]) -> nn.Module:
+    model = copy.deepcopy(fp32)
+    names = quantizable_layers(model)
+    bits = {name: LayerBits(weight_bits(i), 8) for i, name in enumerate(names)}
+    quantize_model(model, bits, QuantConfig(fold_bn=True))
+    calibrate(model, calib, lambda m, b: m(b), progress=False)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few runs and images: a smoke test of the benchmark")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--runs", type=int, default=None, help="timed rounds per engine (default 10, quick 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3, quick 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    runs = args.runs or (3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    n_calib, n_eval = (2, 16) if args.quick else (4, 64)
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    fp32 = torchvision.models.resnet18(weights=None).eval()
+    calib = [torch.randn(8, 3, 224, 224) for _ in range(n_calib)]
+    eval_x = torch.randn(n_eval, 3, 224, 224)
+    tmp = Path(tempfile.mkdtemp(prefix="hawq_bench_"))
+
+    engines: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    fake_quant: dict[str, nn.Module] = {}  # engine name -> the hawq fake-quant model it implements
+    engines["fp32 eager"] = fp32
+    log("exporting FP32 ONNX")
+    engines["fp32 onnxruntime"] = ort_runner(ort_session(export_fp32(fp32, calib[0][:1], tmp / "fp32.onnx"),
+                                                         args.threads))
+    log("PyTorch eager int8 (fbgemm): prepare / calibrate / convert")
+    engines["torch int8 fbgemm"] = fbgemm_int8(fp32, calib)
+    maps = {"W8A8": lambda i: 8, "W4/8A8": lambda i: 4 if i % 2 else 8}
+    for tag, wb in maps.items():
+        log(f"hawq {tag}: quantize + calibrate, to_integer, export_onnx")
+        fq = hawq_model(fp32, wb, calib)
+        integer = set_integer_backend(to_integer(fq), "fast")
+        qdq = export_onnx(fq, calib[0][:1], tmp / f"hawq_{tag.replace('/', '_')}.onnx", int4=False)
+        engines[f"hawq {tag} integer"] = integer
+        engines[f"hawq {tag} ort-qdq"] = ort_runner(ort_session(qdq, args.threads))
+        fake_quant[f"hawq {tag} integer"] = fake_quant[f"hawq {tag} ort-qdq"] = fq
+
+    log("agreement on random inputs")
+    agree: dict[str, tuple[float, float, float | None, float | None]] = {}
+
+    def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((y - ref).norm() / ref.norm())
+
+    with torch.no_grad():
+        ref = fp32(eval_x)
+        fq_out = {id(m): m(eval_x) for m in {id(m): m for m in fake_quant.values()}.values()}
+        for name, fn in engines.items():
+            out = torch.cat([fn(x) for x in eval_x.split(16)])
+            fq = fq_out.get(id(fake_quant[name])) if name in fake_quant else None
+            agree[name] = (float((out.argmax(-1) == ref.argmax(-1)).float().mean()), rel_err(out, ref),
+                           None if fq is None else float((out.argmax(-1) == fq.argmax(-1)).float().mean()),
+                           None if fq is None else rel_err(out, fq))
+        distinct = len(set(ref.argmax(-1).tolist()))
+
+    results: dict[tuple[str, int], float] = {}
+    with torch.no_grad():
+        for batch in args.batch:
+            x = torch.randn(batch, 3, 224, 224)
+            log(f"timing {len(engines)} engines at batch {batch} ({runs} rounds)")
+            fns = {name: (lambda fn=fn, x=x: fn(x)) for name, fn in engines.items()}
+            for name, ms in round_robin_median_ms(fns, warmup, runs).items():
+                results[(name, batch)] = ms
+
+    print(f"\nResNet-18 (random init), 224x224, {args.threads} threads, median of {runs} runs after "
+          f"{warmup} warmup; torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
+    print("ratio = engine time / FP32 eager time at the same batch (< 1 is faster)\n")
+    head = f"{'engine':<24}" + "".join(f"{'b' + str(b) + ' ms':>11}{'ratio':>7}" for b in args.batch)
+    head += f"{'top1=fp32':>11}{'err_fp32':>10}{'top1=fq':>9}{'err_fq':>9}"
+    print(head)
+    print("-" * len(head))
+    for name in engines:
+        row = f"{name:<24}"
+        for b in args.batch:
+            ms = results[(name, b)]
+            row += f"{ms:>11.2f}{ms / results[('fp32 eager', b)]:>7.2f}"
+        a_fp, e_fp, a_fq, e_fq = agree[name]
+        row += f"{a_fp:>11.3f}{e_fp:>10.4f}"
+        row += f"{a_fq:>9.3f}{e_fq:>9.2e}" if a_fq is not None else f"{'-':>9}{'-':>9}"
+        print(row)
+    print(f"\ntop1 = argmax agreement, err = relative L2 error of the logits, on {n_eval} random N(0,1) "
+          f"images; fq = the hawq fake-quant PyTorch model of that map. The random-init FP32 model "
+          f"predicts {distinct} distinct class(es) on them, so argmax agreement is a weak signal here.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""One tiny end-to-end pipeline run per family (random weights, generated data, minimal settings).
+
+Marked slow: each run pays the pipeline's fixed costs (reports, plots), about 5-20 s per family on one core.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hawq.config import load_config
+from hawq.data.coco import make_fake_coco
+from hawq.data.image_folder import make_fake_image_folder
+from hawq.data.text import write_fake_glue
+from hawq.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+TINY_BERT = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 64}
+FAST = ["run.progress=false", "run.threads=1", "model.pretrain_epochs=0",
+        "sensitivity.batches=1", "sensitivity.batch_size=4", "sensitivity.max_probes=2", "sensitivity.min_probes=2",
+        "search.weight_bits=[4,8]", "search.budget.size_uniform_bits=6", "quant.calib_batches=1",
+        "data.batch_size=4", "data.eval_batch_size=8"]
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_restore_threads(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(tmp_path, overrides: list[str], stages: str = "[sensitivity,search,quantize]") -> dict:
+    cfg = load_config(None, [f"run.out_dir={tmp_path / 'runs'}", "run.name=e2e", f"run.stages={stages}",
+                             *FAST, *overrides])
+    report = run_pipeline(cfg)
+    run_dir = tmp_path / "runs" / "e2e"
+    traces = json.loads((run_dir / "traces.json").read_text())["layers"]
+    assert traces and all(t["n"] >= 1 for t in traces.values())
+    assert (run_dir / "bits.yaml").is_file()
+    return report
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_fake_image_folder(tmp_path_factory.mktemp("imgs"), classes=3, per_class=4, size=32)
+
+
+def test_resnet18_all_stages(tmp_path, images):
+    report = _run(tmp_path, ["model.name=resnet18", "data.name=imagenet_folder", f"data.root={images}",
+                             "data.image_size=32", "train.epochs=0.5", "train.batch_size=4",
+                             "export.onnx=false"], stages="[sensitivity,search,quantize,finetune,export]")
+    assert 0.0 <= report["quant_top1_after_finetune"] <= 100.0
+    assert (tmp_path / "runs" / "e2e" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.name=squeezenext", "model.kwargs={variant: 1.0-SqNxt-23v5}", "data.image_size=32"],
+    ["model.name=inception_v3", "model.kwargs={aux_logits: false}", "data.image_size=75"],
+], ids=["squeezenext", "inception_v3"])
+def test_image_families(tmp_path, images, overrides):
+    report = _run(tmp_path, [*overrides, "data.name=imagenet_folder", f"data.root={images}"])
+    assert 0.0 <= report["quant_top1_before_finetune"] <= 100.0
+
+
+def test_bert_sst2(tmp_path):
+    root = write_fake_glue(tmp_path / "sst2", "sst2", n_train=16, n_dev=8)
+    report = _run(tmp_path, ["model.name=bert", f"model.kwargs={{config: {json.dumps(TINY_BERT)}}}",
+                             "data.name=glue_tsv", f"data.root={root}", "data.task=sst2", "data.tokenizer=minilm",
+                             "data.max_length=16"])
+    assert "accuracy" in report["quant_before_finetune"]
+
+
+def test_bert_encoder_label_free(tmp_path):
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(f"sentence number {i} is about {w}" for i, w in
+                                   enumerate(["cats", "rain", "trains", "music", "bread", "stars"] * 2)))
+    report = _run(tmp_path, ["model.name=bert_encoder", f"model.kwargs={{config: {json.dumps(TINY_BERT)}}}",
+                             "data.name=sentences", f"data.root={sentences}", "data.tokenizer=minilm",
+                             "sensitivity.label_free=true"])
+    assert report["fp32"]["cosine_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 < report["quant_before_finetune"]["cosine_mean"] <= 1.0 + 1e-6
+
+
+def test_retinanet(tmp_path):
+    root = make_fake_coco(tmp_path / "coco", n_train=4, n_val=2, size=64)
+    report = _run(tmp_path, ["model.name=retinanet_resnet50_fpn", "model.kwargs={min_size: 64, max_size: 64}",
+                             "data.name=coco", f"data.root={root}", "train.distill.enabled=false",
+                             "sensitivity.batch_size=2"])
+    assert "map" in report["quant_before_finetune"]
