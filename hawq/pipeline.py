@@ -453,7 +453,8 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ecfg = run.cfg.export
     if ecfg.safetensors:
-        summary = save_quantized(qmodel, bits, run.run_dir / "model.safetensors", run.results["model_info"])
+        summary = save_quantized(qmodel, bits, run.run_dir / "model.safetensors", run.results["model_info"],
+                                 quant_config=run.cfg.quant, integer=ecfg.integer)
         out["safetensors"] = {"path": "model.safetensors", **summary}
     if ecfg.onnx:
         from hawq.export import compare_onnx
@@ -461,7 +462,8 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
         example = run.task.model_inputs(run.batches("test", 1, 8)[0])
         path = run.run_dir / "model.onnx"
         try:
-            export_onnx(qmodel, example if len(example) > 1 else example[0], path, opset=ecfg.onnx_opset)
+            export_onnx(qmodel, example if len(example) > 1 else example[0], path, opset=ecfg.onnx_opset,
+                        int4=ecfg.onnx_int4)
             out["onnx"] = {"path": "model.onnx", "check": compare_onnx(qmodel, path, example)}
         except Exception as e:  # noqa: BLE001
             # Some graphs (detection post-processing, HF model outputs) have no QDQ export yet; the

@@ -290,3 +290,30 @@ def test_integer_unavailable_is_recorded_and_requesting_it_fails(tmp_path):
         load_quantized(path, build=_resnet_build, integer=True)
     with pytest.raises(HawqError, match="16-bit"):
         save_quantized(model, bits, path, {"name": "fashion_resnet", "kwargs": {"width": WIDTH}}, integer=True)
+
+
+def test_integer_codes_that_round_differently_travel_as_a_patch(tmp_path, monkeypatch):
+    """to_integer derives codes in float64; where one rounds differently the file must carry it."""
+    import hawq.quant.integer as integer_mod
+    from hawq.quant import to_integer
+
+    model, bits, x = _quantized_resnet((8,))
+    original = integer_mod.quantize_to_int
+
+    def one_code_off(w, b, per_channel=True, group_size=None):
+        codes, scale = original(w, b, per_channel, group_size)
+        codes = codes.clone()
+        codes.view(-1)[0] = 0 if int(codes.view(-1)[0]) != 0 else 1
+        return codes, scale
+
+    monkeypatch.setattr(integer_mod, "quantize_to_int", one_code_off)
+    path = tmp_path / "m.safetensors"
+    _save(model, bits, path)
+    reference = to_integer(model)
+    monkeypatch.undo()
+    raw = load_file(path)
+    assert any(k.endswith("weight_codes_patch_index") for k in raw)
+    loaded = load_quantized(path, build=_resnet_build, integer=True)
+    with torch.no_grad():
+        assert torch.equal(reference(x), loaded(x))
+        assert not torch.equal(to_integer(model)(x), reference(x))  # the patch mattered

@@ -280,29 +280,42 @@ def integer_tensors(model: nn.Module, packed: Mapping[str, torch.Tensor], packin
     """The state dict of ``hawq.quant.to_integer(model)`` minus what the packed codes already hold.
 
     Kept: dyadic multipliers/shifts (``in_mult``, ``in_shift``, ``mult_*``, ``shift_*``), int32
-    biases, BN gains, activation and output scales. Dropped: a layer's ``weight_codes`` (and the
-    buffers derived from them) when they equal its packed codes -- the integer model derives its
-    codes in float64, so in the rare case that rounding differs the layer keeps its own copy.
+    biases, BN gains, activation and output scales. Dropped: each layer's ``weight_codes`` and the
+    buffers derived from them (``weight_mat_t``, ``weight_rowsum``). ``to_integer`` derives its
+    codes in float64, so a handful of codes (about 1 in 10^6 on ResNet-18) can round differently
+    from the packed float32 codes; those are kept as a sparse patch,
+    ``<module>.weight_codes_patch_index`` (flat int64 indices) and ``..._patch_value``.
     """
     from hawq.quant import integer_layers, to_integer
 
     int_model = to_integer(model, example_input)
     module_path = {id(m): n for n, m in int_model.named_modules()}
-    codes_in_file = set()
+    out: dict[str, torch.Tensor] = {}
     for name, layer in integer_layers(int_model).items():
         info = packing.get(name)
         if info is None:
             raise HawqError(f"integer model layer '{name}' has no packed weights")
-        stored = unpack_codes(packed[info["codes"]], info["bits"], info["numel"]).reshape(info["shape"])
-        if torch.equal(layer.weight_codes.to(torch.int32), stored):
-            codes_in_file.add(module_path[id(layer)])
-    out = {}
+        stored = unpack_codes(packed[info["codes"]], info["bits"], info["numel"])
+        codes = layer.weight_codes.reshape(-1)
+        index = (codes.to(torch.int32) != stored).nonzero().reshape(-1)
+        if index.numel():
+            prefix = module_path[id(layer)] + ".weight_codes_patch_"
+            out[prefix + "index"] = index.to(torch.int64)
+            out[prefix + "value"] = codes[index].clone()
     for key, value in int_model.state_dict().items():
-        module, _, attr = key.rpartition(".")
-        if module in codes_in_file and attr in _DERIVED_FROM_CODES:
-            continue
-        out[key] = value.detach().cpu().contiguous().clone()
+        if key.rpartition(".")[2] not in _DERIVED_FROM_CODES:
+            out[key] = value.detach().cpu().contiguous().clone()
     return out
+
+
+def _set_codes(layer: nn.Module, codes: torch.Tensor) -> None:
+    """Replace an integer layer's weight codes and the GEMM buffers ``hawq.quant.integer`` derives from them."""
+    layer.weight_codes.copy_(codes)
+    matrix = codes.reshape(codes.shape[0], -1)
+    if getattr(layer, "weight_mat_t", None) is not None:
+        layer.weight_mat_t.copy_(matrix.t())
+    if getattr(layer, "weight_rowsum", None) is not None:
+        layer.weight_rowsum.copy_(matrix.to(torch.int64).sum(1).to(layer.weight_rowsum.dtype))
 
 
 def _load_integer(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor], meta: dict) -> nn.Module:
@@ -314,6 +327,27 @@ def _load_integer(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tens
     shape = info.get("example_shape")
     int_model = to_integer(model, None if shape is None else torch.zeros(shape))
     stored = {k[len(INTEGER_PREFIX):]: v for k, v in tensors.items() if k.startswith(INTEGER_PREFIX)}
+    patches = {k: stored.pop(k) for k in [k for k in stored if ".weight_codes_patch_" in k]}
+    module_path = {id(m): n for n, m in int_model.named_modules()}
+    applied = set()
+    with torch.no_grad():
+        for name, layer in integer_layers(int_model).items():
+            p = meta["packing"][name]
+            codes = unpack_codes(tensors[p["codes"]], p["bits"], p["numel"])
+            if not torch.equal(layer.weight_codes.reshape(-1).to(torch.int32), codes):
+                raise HawqError(f"{path}: integer layer '{name}' does not reproduce the packed codes")
+            prefix = module_path[id(layer)] + ".weight_codes_patch_"
+            if prefix + "index" in patches:
+                index, value = patches[prefix + "index"], patches.get(prefix + "value")
+                if value is None or index.shape != value.shape or index.dtype != torch.int64 or (
+                        index.numel() and (int(index.min()) < 0 or int(index.max()) >= codes.numel())):
+                    raise HawqError(f"{path}: invalid integer code patch for layer '{name}'")
+                patched = layer.weight_codes.reshape(-1).clone()
+                patched[index] = value.to(patched.dtype)
+                _set_codes(layer, patched.reshape(layer.weight_codes.shape))
+                applied.update((prefix + "index", prefix + "value"))
+    if set(patches) - applied:
+        raise HawqError(f"{path}: integer code patch '{sorted(set(patches) - applied)[0]}' matches no layer")
     state = int_model.state_dict()
     extra = sorted(set(stored) - set(state))
     if extra:
@@ -324,13 +358,6 @@ def _load_integer(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tens
                 raise HawqError(f"{path}: integer tensor '{key}' has the wrong shape or dtype")
         elif key.rpartition(".")[2] not in _DERIVED_FROM_CODES:
             raise HawqError(f"{path}: integer tensor '{key}' is missing")
-    module_path = {id(m): n for n, m in int_model.named_modules()}
-    for name, layer in integer_layers(int_model).items():  # codes not stored come from the packing
-        if module_path[id(layer)] + ".weight_codes" not in stored:
-            p = meta["packing"][name]
-            codes = unpack_codes(tensors[p["codes"]], p["bits"], p["numel"]).reshape(p["shape"])
-            if not torch.equal(layer.weight_codes.to(torch.int32), codes):
-                raise HawqError(f"{path}: integer layer '{name}' does not reproduce the packed codes")
     int_model.load_state_dict({**state, **stored}, strict=True)
     return int_model
 

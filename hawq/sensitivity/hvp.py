@@ -185,8 +185,8 @@ class _AutogradBatch:
     def _make_monitor(node: Any, bad: list[Any]) -> Callable:
         def monitor(grad_inputs: tuple, grad_outputs: tuple) -> None:
             incoming_differentiable = any(g is not None and g.requires_grad for g in grad_outputs)
-            for g in grad_inputs:
-                if g is None:
+            for g, (nxt, _) in zip(grad_inputs, node.next_functions):
+                if g is None or nxt is None:  # no gradient, or an input that needs none
                     continue
                 cut = incoming_differentiable and not g.requires_grad  # backward ran outside autograd
                 if cut or type(g.grad_fn).__name__ in _ERROR_NODES:  # e.g. @once_differentiable
@@ -314,7 +314,9 @@ class HessianOperator:
         self.needs_double_backward_check = True
         self.fallback_reason: str | None = None
         self._cached: _AutogradBatch | _FiniteDifferenceBatch | None = None
-        self.weights_at_start = [w.detach().clone() for w in weights]
+        # finite differences move the weights; keep a copy to restore them bit-exactly (only then)
+        self.weights_at_start: list[Tensor] = (
+            [w.detach().clone() for w in weights] if self.method == "finite_difference" else [])
         self._buffers: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ context
@@ -330,6 +332,11 @@ class HessianOperator:
             for w, w0 in zip(self.weights, self.weights_at_start):
                 w.copy_(w0)
         self._buffers = []
+
+    @property
+    def graph_is_kept(self) -> bool:
+        """One local batch and no ranks to synchronise: a round of probes costs no rebuild."""
+        return len(self.batches) == 1 and not self.distributed
 
     # ------------------------------------------------------------------ checks
     @property
@@ -375,6 +382,7 @@ class HessianOperator:
             raise HawqError(f"{err}; use method='auto' or 'finite_difference'") from err
         self.method = "finite_difference"
         self._cached = None
+        self.weights_at_start = [w.detach().clone() for w in self.weights]
         self.fallback_reason = str(err)
         warnings.warn(f"hawq.sensitivity: {err}; falling back to finite-difference Hessian-vector products "
                       "(2 gradient evaluations per product)", RuntimeWarning, stacklevel=3)

@@ -149,7 +149,8 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
             n = samples[i].shape[0]
             std = float(samples[i].std(unbiased=True))
             if n < max_probes and std / math.sqrt(n) > float(targets[i]):
-                nxt[i] = _next_chunk(std, float(targets[i]), n, max_probes)
+                # a kept graph makes rounds free: check after every probe and never overshoot
+                nxt[i] = 1 if op.graph_is_kept else _next_chunk(std, float(targets[i]), n, max_probes)
         chunks = nxt
         if progress:
             bar.set_postfix(active=len(chunks))

@@ -1,0 +1,531 @@
+"""Fast CPU inference: a calibrated fake-quant model on PyTorch's int8 engine (fbgemm / x86).
+
+:func:`to_fbgemm` rewrites the traced fake-quant graph into ``torch.ao.nn.quantized`` modules, whose
+kernels (``quantized::conv2d``, ``conv2d_relu``, ``linear``, ``add``, ``add_relu``) are PyTorch's own
+int8 engine. Nothing is re-calibrated where hawq has a quantizer:
+
+* weights are hawq's integer codes (BN folded as the fake-quant model folds it), per-channel qint8
+  with hawq's scales; 4-bit (and lower) weights are their codes widened to int8, so the int8
+  kernel multiplies exactly hawq's quantized weights;
+* the tensor that feeds a quantized layer is quantized onto that layer's ``QuantAct`` grid: a conv
+  (with its BN and ReLU fused) or a residual add writes its output directly at the consumer's
+  scale. hawq's grids have zero point 0; PyTorch's activations are ``quint8``, so an unsigned grid
+  keeps zero point 0 and a signed one uses zero point 128 with the same scale (same grid points);
+* tensors that feed no quantized layer (a conv output entering a residual add, the input of a
+  pooling that precedes the classifier) have no hawq quantizer; their ``quint8`` ranges are the
+  min/max observed on ``example_input`` (pass a representative calibration batch).
+
+Arithmetic: int8 x int8 -> int32 kernels, but fbgemm requantizes the int32 accumulator with a
+float32 multiplier (``s_in * s_w / s_out``) and adds a float bias, so it is "int8 kernels, float
+requant multiplier". It is not hawq's exact dyadic integer pipeline (:func:`hawq.quant.to_integer`
+is the reference for that); it differs from the fake-quant model where a value lands within float
+rounding of a grid boundary, by the 8-bit quantization of the add operands above, and by rounding
+an average pool's output on the integer grid. On CPUs without AVX512-VNNI, fbgemm's
+``vpmaddubsw`` path can saturate int16 pair sums when 8-bit activations meet 8-bit weights (the
+reason PyTorch's default qconfig uses 7-bit activations); hawq's full 8-bit grids are kept, so
+check the agreement figures on such machines.
+
+The classifier head (a ``QuantLinear`` whose output is a model output) runs by default as a float
+linear on hawq's dequantized int8 input codes and weights (``float_head=True``): exactly the
+fake-quant layer, so logits are not rounded to 8 bits; it costs a negligible share of a ResNet.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hawq import HawqError
+from hawq.quant.model import trace
+from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
+from hawq.quant.quantizers import FLOAT_BITS, quantize_to_int
+
+ENGINES = ("fbgemm", "x86")
+QUINT8_MAX = 255
+SIGNED_ZERO_POINT = 128  # a signed hawq grid in quint8: same scale, codes shifted by 128
+
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, FoldedBatchNorm2d)
+_RELU_FUNCS = {F.relu, torch.relu}
+_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+
+
+# --- quantization parameters (pure functions) -----------------------------------------------------
+def act_qparams(act: QuantAct) -> tuple[float, int, int, int]:
+    """``(scale, zero_point, code_min, code_max)`` of a hawq activation grid written as ``quint8``.
+
+    ``code_min``/``code_max`` are hawq's clamp bounds in quint8 codes (e.g. 1..255 for signed 8-bit,
+    0..15 for unsigned 4-bit); they are narrower than quint8's 0..255 where hawq's grid is.
+    """
+    zp = SIGNED_ZERO_POINT if act.is_signed else 0
+    return float(act.scale), zp, act.qmin + zp, act.qmax + zp
+
+
+def observed_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """Asymmetric ``quint8`` scale and zero point covering ``[min(lo, 0), max(hi, 0)]``."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / QUINT8_MAX if hi > lo else 1.0
+    zp = int(min(QUINT8_MAX, max(0, round(-lo / scale))))
+    return scale, zp
+
+
+# --- runtime modules (thin) -------------------------------------------------------------------------
+class QuantizeInput(nn.Module):
+    """Model input -> ``quint8`` on the first layer's grid (clamped to hawq's code range first)."""
+
+    def __init__(self, scale: float, zero_point: int, code_min: int, code_max: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point = scale, zero_point
+        self.lo, self.hi = (code_min - zero_point) * scale, (code_max - zero_point) * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.quantize_per_tensor(x.float().clamp(self.lo, self.hi), self.scale, self.zero_point,
+                                         torch.quint8)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, zero_point={self.zero_point}"
+
+
+class Requantize(nn.Module):
+    """A quantized tensor onto another grid (dequantize, clamp to the grid's codes, quantize)."""
+
+    def __init__(self, scale: float, zero_point: int, code_min: int = 0, code_max: int = QUINT8_MAX) -> None:
+        super().__init__()
+        self.scale, self.zero_point = scale, zero_point
+        self.lo, self.hi = (code_min - zero_point) * scale, (code_max - zero_point) * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.dequantize() if x.is_quantized else x
+        return torch.quantize_per_tensor(x.clamp(self.lo, self.hi), self.scale, self.zero_point, torch.quint8)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, zero_point={self.zero_point}"
+
+
+class ClampCodes(nn.Module):
+    """Clamp a quantized tensor to a narrower code range (hawq grids below 8 bits)."""
+
+    def __init__(self, scale: float, zero_point: int, code_min: int, code_max: int) -> None:
+        super().__init__()
+        self.lo, self.hi = (code_min - zero_point) * scale, (code_max - zero_point) * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+
+class QuantizedAdd(nn.Module):
+    """Residual add (optionally fused with ReLU) of two ``quint8`` tensors into ``(scale, zero_point)``."""
+
+    def __init__(self, scale: float, zero_point: int, relu: bool) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.relu = scale, zero_point, relu
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
+        return op(a, b, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, zero_point={self.zero_point}, relu={self.relu}"
+
+
+class FloatHeadLinear(nn.Module):
+    """The classifier head as the fake-quant layer itself: float linear on hawq's grids (no output rounding)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, act: QuantAct, relu: bool) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.scale, _, self.qmin, self.qmax = float(act.scale), 0, act.qmin, act.qmax
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.dequantize() if x.is_quantized else x.float()
+        q = torch.clamp(torch.round(x / self.scale), self.qmin, self.qmax) * self.scale
+        y = F.linear(q, self.weight, self.bias)
+        return F.relu(y) if self.relu else y
+
+
+class FloatAvgPool(nn.Module):
+    """An average pool on the dequantized input (float output; the next quantized layer requantizes)."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = copy.deepcopy(pool)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(x.dequantize())
+
+
+class Dequantize(nn.Module):
+    """Model output: ``quint8`` -> float."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.dequantize() if isinstance(x, Tensor) and x.is_quantized else x
+
+
+# --- weights -----------------------------------------------------------------------------------------
+def _layer_weight(layer: QuantConv2d | QuantLinear, name: str, act: QuantAct,
+                  bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """hawq's ``(codes, per-channel scale, bias)`` of a layer, the bias rounded as the fake-quant model does.
+
+    An unfolded eval BatchNorm after a plain ``QuantConv2d`` goes into the per-channel scale
+    (``|g|``), the sign of the codes (exact: the grid is symmetric) and the bias.
+    """
+    if layer.weight_bits >= FLOAT_BITS:
+        raise HawqError(f"to_fbgemm: layer '{name}' has float weights (weight bits 32)")
+    if layer.weight_bits > 8:
+        raise HawqError(f"to_fbgemm: layer '{name}' has {layer.weight_bits}-bit weights; at most 8 supported")
+    if layer.group_size is not None:
+        raise HawqError(f"to_fbgemm: layer '{name}' uses group-wise weights; fbgemm needs per-channel scales")
+    if isinstance(layer, QuantBnConv2d):
+        w, b = layer.folded_weight_bias()
+    else:
+        w, b = layer.weight, layer.bias
+    w = w.detach().float()
+    codes, scale = quantize_to_int(w, layer.weight_bits, layer.per_channel, None)
+    scale = scale.float().expand(codes.shape[0]).clone() if scale.dim() == 0 else scale.float()
+    if b is not None:  # the fake-quant bias is rounded onto the accumulator grid s_in * s_w
+        b = b.detach().float()
+        acc = float(act.scale) * scale
+        b = torch.round(b / acc) * acc
+    if bn is not None:
+        if bn.training or not bn.track_running_stats:
+            raise HawqError(f"to_fbgemm: BatchNorm after '{name}' must be in eval mode with running statistics")
+        g = (bn.weight.detach().float() if bn.affine else torch.ones(bn.num_features))
+        g = g / torch.sqrt(bn.running_var.float() + bn.eps)
+        if bool((g == 0).any()):
+            raise HawqError(f"to_fbgemm: the BatchNorm after '{name}' has a zero gain")
+        beta = bn.bias.detach().float() if bn.affine else torch.zeros_like(g)
+        shift = beta - bn.running_mean.float() * g
+        codes = codes * torch.sign(g).to(torch.int8).reshape(-1, *([1] * (codes.dim() - 1)))
+        scale = scale * g.abs()
+        b = shift if b is None else b * g + shift
+    return codes, scale, b
+
+
+def _qweight(codes: Tensor, scale: Tensor) -> Tensor:
+    return torch._make_per_channel_quantized_tensor(codes.to(torch.int8), scale.double(),
+                                                    torch.zeros(codes.shape[0], dtype=torch.int64), 0)
+
+
+# --- conversion --------------------------------------------------------------------------------------
+class _QParams:
+    """A quantized tensor's grid in the new graph: ``quint8`` scale, zero point and hawq's code range."""
+
+    def __init__(self, scale: float, zero_point: int, code_min: int = 0, code_max: int = QUINT8_MAX) -> None:
+        self.scale, self.zero_point, self.code_min, self.code_max = scale, zero_point, code_min, code_max
+
+    def same_grid(self, other: _QParams) -> bool:
+        return (abs(self.scale - other.scale) <= 1e-7 * other.scale and self.zero_point == other.zero_point)
+
+
+def _unsupported(node: fx.Node, module: nn.Module | None = None, why: str = "") -> HawqError:
+    if module is not None:
+        what = f"module '{node.target}' ({type(module).__name__})"
+    else:
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        what = f"node '{node.name}' ({node.op} {target})"
+    return HawqError(f"to_fbgemm: cannot convert {what}{why}; supported: quantized Conv2d/Linear, BatchNorm2d "
+                     "after a conv, ReLU, residual add, max/avg pool, flatten, dropout, identity")
+
+
+class _Converter:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, ranges: dict[str, tuple[float, float]],
+                 float_head: bool) -> None:
+        self.model, self.gm, self.ranges, self.float_head = model, gm, ranges, float_head
+        self.modules = dict(model.named_modules())
+        self.graph = fx.Graph()
+        self.new_modules: dict[str, nn.Module] = {}
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.qp: dict[fx.Node, _QParams | None] = {}  # None: a float value
+        self.absorbed: dict[fx.Node, fx.Node] = {}  # fused node -> the node whose value it takes
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _add(self, base: str, module: nn.Module) -> str:
+        name = base.replace(".", "_")
+        while name in self.new_modules:
+            name += "_"
+        self.new_modules[name] = module
+        return name
+
+    def _emit(self, base: str, module: nn.Module, args: tuple) -> fx.Node:
+        return self.graph.call_module(self._add(base, module), args)
+
+    def _module(self, node: fx.Node) -> nn.Module | None:
+        return self.modules.get(node.target) if node.op == "call_module" else None
+
+    def _is_identity(self, node: fx.Node) -> bool:
+        mod = self._module(node)
+        return isinstance(mod, _IDENTITY_MODULES) and len(node.args) == 1 and isinstance(node.args[0], fx.Node)
+
+    def _is_relu(self, node: fx.Node) -> bool:
+        if isinstance(self._module(node), nn.ReLU):
+            return True
+        if node.op == "call_function" and node.target in _RELU_FUNCS:
+            return True
+        return node.op == "call_method" and node.target in ("relu", "relu_")
+
+    def _only_user(self, node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def _skip_identity(self, node: fx.Node) -> fx.Node:
+        """Follow single-user identity modules (folded BN, dropout) downstream."""
+        nxt = self._only_user(node)
+        while nxt is not None and self._is_identity(nxt):
+            node, nxt = nxt, self._only_user(nxt)
+        return node
+
+    def _consumers(self, node: fx.Node) -> list[fx.Node]:
+        """Users of ``node``'s value, looking through identity modules."""
+        out: list[fx.Node] = []
+        for u in node.users:
+            out.extend(self._consumers(u) if self._is_identity(u) else [u])
+        return out
+
+    def _out_qparams(self, node: fx.Node) -> _QParams:
+        """Grid of a produced tensor: its first quantized consumer's QuantAct, else the observed range."""
+        for c in self._consumers(node):
+            mod = self._module(c)
+            if isinstance(mod, (QuantConv2d, QuantLinear)) and mod.input_quant is not None:
+                scale, zp, _, _ = act_qparams(mod.input_quant)
+                return _QParams(scale, zp)  # the kernel writes all of 0..255; a consumer clamps if needed
+        if node.name not in self.ranges:
+            raise HawqError(f"to_fbgemm: no observed range for '{node.name}'; is it on the forward path?")
+        return _QParams(*observed_qparams(*self.ranges[node.name]))
+
+    def _bind(self, node: fx.Node, value: fx.Node, qp: _QParams | None) -> None:
+        self.env[node], self.qp[node] = value, qp
+
+    def _value(self, node: fx.Node, arg: Any) -> tuple[fx.Node, _QParams | None]:
+        if not isinstance(arg, fx.Node) or arg not in self.env:
+            raise _unsupported(node, why=": an input is not a tensor of the converted graph")
+        return self.env[arg], self.qp[arg]
+
+    # --- walk ---------------------------------------------------------------------------------
+    def convert(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            if node in self.absorbed:
+                src = self.absorbed[node]
+                self._bind(node, self.env[src], self.qp[src])
+            elif node.op == "placeholder":
+                self._placeholder(node)
+            elif node.op == "output":
+                self.graph.output(fx.node.map_arg(node.args[0], self._output_value))
+            elif node.op == "call_module":
+                self._call_module(node)
+            elif node.op in ("call_function", "call_method"):
+                self._call_function(node)
+            else:
+                raise _unsupported(node)
+        self.graph.lint()
+        return fx.GraphModule(self.new_modules, self.graph, "FbgemmModel")
+
+    def _output_value(self, arg: fx.Node) -> fx.Node:
+        if self.qp[arg] is None:
+            return self.env[arg]
+        return self._emit(f"dequant_{arg.name}", Dequantize(), (self.env[arg],))
+
+    def _placeholder(self, node: fx.Node) -> None:
+        ph = self.graph.placeholder(node.name)
+        qp = self._out_qparams(node)
+        for c in self._consumers(node):
+            mod = self._module(c)
+            if isinstance(mod, (QuantConv2d, QuantLinear)) and mod.input_quant is not None:
+                qp = _QParams(*act_qparams(mod.input_quant))  # clamped here: the first layer needs no clamp
+                break
+        self._bind(node, self._emit(f"quant_{node.name}", QuantizeInput(qp.scale, qp.zero_point, qp.code_min,
+                                                                        qp.code_max), (ph,)), qp)
+
+    def _layer_input(self, node: fx.Node, name: str, act: QuantAct) -> fx.Node:
+        """The layer's input on its own grid (requantized when the producer wrote another grid)."""
+        v, qp = self._value(node, node.args[0])
+        scale, zp, lo, hi = act_qparams(act)
+        want = _QParams(scale, zp, lo, hi)
+        if qp is None or not qp.same_grid(want):
+            return self._emit(f"requant_{name}", Requantize(scale, zp, lo, hi), (v,))
+        if qp.code_min < lo or qp.code_max > hi:
+            # hawq's grid is narrower than quint8 (below 8 bits, or signed without code -128): clamp.
+            return self._emit(f"clamp_{name}", ClampCodes(scale, zp, lo, hi), (v,))
+        return v
+
+    def _call_module(self, node: fx.Node) -> None:
+        name, mod = node.target, self.modules[node.target]
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            self._layer(node, name, mod)
+            return
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            raise HawqError(f"to_fbgemm: layer '{name}' is float (not in the bit map, or at 32 bits); "
+                            "the int8 engine needs every conv/linear quantized")
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(node, mod, ": extra arguments")
+        if self._is_identity(node):
+            v, qp = self._value(node, node.args[0])
+            self._bind(node, v, qp)
+            return
+        v, qp = self._value(node, node.args[0])
+        if qp is None and not isinstance(mod, nn.Flatten):
+            raise _unsupported(node, mod, ": its input is a float tensor")
+        if isinstance(mod, nn.ReLU):
+            self._bind(node, self._emit(name, nn.ReLU(), (v,)), qp)
+        elif isinstance(mod, (nn.MaxPool2d, nn.Flatten)):
+            self._bind(node, self._emit(name, copy.deepcopy(mod), (v,)), qp)
+        elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+            self._avg_pool(node, name, mod, v)
+        else:
+            raise _unsupported(node, mod)
+
+    def _avg_pool(self, node: fx.Node, name: str, mod: nn.Module, v: fx.Node) -> None:
+        # Averaging on the dequantized values, not on the integer grid: a quantized average pool
+        # rounds its mean onto the input's grid, which is far coarser than the grid of the layer
+        # after a global pool (the mean's range is much smaller). The next layer requantizes.
+        self._bind(node, self._emit(name, FloatAvgPool(mod), (v,)), None)
+
+    def _fusable_chain(self, node: fx.Node, allow_bn: bool) -> tuple[list[fx.Node], nn.BatchNorm2d | None, bool]:
+        """Nodes after a conv/linear/add that fuse into it: identities, one eval BatchNorm, one ReLU."""
+        chain: list[fx.Node] = []
+        bn: nn.BatchNorm2d | None = None
+        cur = node
+        while True:
+            nxt = self._only_user(cur)
+            if nxt is None:
+                return chain, bn, False
+            mod = self._module(nxt)
+            if self._is_identity(nxt):
+                pass
+            elif (allow_bn and bn is None and isinstance(mod, nn.BatchNorm2d)
+                  and not isinstance(mod, FoldedBatchNorm2d)):
+                bn = mod
+            elif self._is_relu(nxt) and len(nxt.args) == 1 and not nxt.kwargs:
+                chain.append(nxt)
+                return chain, bn, True
+            else:
+                return chain, bn, False
+            chain.append(nxt)
+            cur = nxt
+
+    def _layer(self, node: fx.Node, name: str, mod: QuantConv2d | QuantLinear) -> None:
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(node, mod, ": extra arguments")
+        act = mod.input_quant
+        if act is None:
+            raise HawqError(f"to_fbgemm: layer '{name}' has float activations (activation bits 32)")
+        if not act.calibrated:
+            raise HawqError(f"to_fbgemm: the input quantizer of '{name}' is not calibrated; run calibrate() first")
+        if act.bits > 8:
+            raise HawqError(f"to_fbgemm: layer '{name}' has {act.bits}-bit activations; at most 8 supported")
+        is_conv = isinstance(mod, QuantConv2d)
+        chain, bn, relu = self._fusable_chain(node, allow_bn=is_conv and not isinstance(mod, QuantBnConv2d))
+        last = chain[-1] if chain else node
+        codes, w_scale, bias = _layer_weight(mod, name, act, bn)
+        x = self._layer_input(node, name, act)
+        only_output = all(u.op == "output" for u in self._consumers(last))
+        if not is_conv and self.float_head and only_output:
+            w = codes.float() * w_scale.reshape(-1, 1)
+            out, qp = self._emit(name, FloatHeadLinear(w, bias, act, relu), (x,)), None
+        else:
+            qp = self._out_qparams(last)
+            if is_conv:
+                if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                    raise HawqError(f"to_fbgemm: conv '{name}' needs numeric zero padding")
+                cls = nniq.ConvReLU2d if relu else nnq.Conv2d
+                q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                        mod.dilation, mod.groups, True)
+            else:
+                q = nniq.LinearReLU(mod.in_features, mod.out_features) if relu else \
+                    nnq.Linear(mod.in_features, mod.out_features)
+            q.set_weight_bias(_qweight(codes, w_scale), bias)
+            q.scale, q.zero_point = qp.scale, qp.zero_point
+            out = self._emit(name, q, (x,))
+        self._bind(node, out, qp)
+        for n in chain:
+            self.absorbed[n] = node
+
+    def _call_function(self, node: fx.Node) -> None:
+        fn = node.target
+        if node.op == "call_method":
+            fn = {"flatten": torch.flatten, "relu": F.relu, "relu_": F.relu, "add": torch.add,
+                  "view": "view", "reshape": "view"}.get(fn)
+        if fn in _ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
+            (a, qa), (b, qb) = self._value(node, node.args[0]), self._value(node, node.args[1])
+            if qa is None or qb is None:
+                raise _unsupported(node, why=": adds a float tensor")
+            chain, _, relu = self._fusable_chain(node, allow_bn=False)
+            last = chain[-1] if chain else node
+            qp = self._out_qparams(last)
+            self._bind(node, self._emit(node.name, QuantizedAdd(qp.scale, qp.zero_point, relu), (a, b)), qp)
+            for n in chain:
+                self.absorbed[n] = node
+            return
+        if fn in _RELU_FUNCS and len(node.args) == 1:
+            v, qp = self._value(node, node.args[0])
+            self._bind(node, self._emit(node.name, nn.ReLU(), (v,)), qp)
+            return
+        if fn is F.adaptive_avg_pool2d or fn is F.avg_pool2d:
+            v, qp = self._value(node, node.args[0])
+            if qp is None:
+                raise _unsupported(node, why=": its input is a float tensor")
+            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self._value(node, a)[0])
+            deq = self._emit(f"dequant_{node.name}", Dequantize(), (v,))
+            self._bind(node, self.graph.create_node(node.op, node.target, (deq, *rest[0]), rest[1]), None)
+            return
+        if fn is torch.flatten or fn == "view" or fn is F.max_pool2d:
+            v, qp = self._value(node, node.args[0])
+            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self._value(node, a)[0])
+            self._bind(node, self.graph.create_node(node.op, node.target, (v, *rest[0]), rest[1]), qp)
+            return
+        raise _unsupported(node)
+
+
+def _observe_ranges(gm: fx.GraphModule, batches: Sequence[Tensor]) -> dict[str, tuple[float, float]]:
+    """Min/max of every tensor-valued node of the fake-quant graph over ``batches``."""
+    ranges: dict[str, tuple[float, float]] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, Tensor) and out.is_floating_point() and out.numel():
+                lo, hi = float(out.min()), float(out.max())
+                old = ranges.get(n.name)
+                ranges[n.name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+            return out
+
+    rec = _Recorder(gm)
+    for x in batches:
+        rec.run(x)
+    return ranges
+
+
+@torch.no_grad()
+def to_fbgemm(model: nn.Module, example_input: Tensor | Iterable[Tensor], engine: str = "fbgemm",
+              float_head: bool = True) -> fx.GraphModule:
+    """Convert a calibrated fake-quant model to PyTorch's int8 CPU engine (a new ``fx.GraphModule``).
+
+    ``example_input``: one batch, or an iterable of batches, of representative inputs; they set the
+    ``quint8`` ranges of the tensors that have no hawq quantizer (see the module doc). ``engine``:
+    ``"fbgemm"`` or ``"x86"`` (``torch.backends.quantized.engine`` is set to it: the weights are
+    packed for that engine and the model must run under it). ``float_head``: run a classifier
+    ``QuantLinear`` that produces a model output as the float fake-quant layer. Every conv/linear
+    must be a calibrated ``QuantConv2d``/``QuantBnConv2d``/``QuantLinear`` with <= 8-bit weights and
+    activations; anything without a rule raises a HawqError naming it. The model is not modified.
+    """
+    if engine not in ENGINES:
+        raise HawqError(f"to_fbgemm: engine must be one of {', '.join(ENGINES)}, got '{engine}'")
+    if engine not in torch.backends.quantized.supported_engines:
+        raise HawqError(f"to_fbgemm: this PyTorch build has no '{engine}' quantized engine")
+    batches = [example_input] if isinstance(example_input, Tensor) else list(example_input)
+    if not batches or not all(isinstance(b, Tensor) for b in batches):
+        raise HawqError("to_fbgemm: example_input must be a tensor or an iterable of tensors")
+    torch.backends.quantized.engine = engine
+    work = copy.deepcopy(model).eval().to("cpu", torch.float32)
+    gm = trace(work, "to_fbgemm")
+    ranges = _observe_ranges(gm, [b.to("cpu", torch.float32) for b in batches])
+    return _Converter(work, gm, ranges, float_head).convert()
