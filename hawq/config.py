@@ -230,7 +230,7 @@ def validate(cfg: Config) -> None:
         raise HawqError(f"sensitivity.bn_mode must be 'eval' or 'train', got '{cfg.sensitivity.bn_mode}'")
     if cfg.sensitivity.normalize not in ("per_param", "none"):
         raise HawqError(f"sensitivity.normalize must be 'per_param' or 'none', got '{cfg.sensitivity.normalize}'")
-    for key in ("batches", "batch_size", "max_probes", "min_probes"):
+    for key in ("batches", "batch_size", "max_probes", "min_probes", "spectrum_batches"):
         if getattr(cfg.sensitivity, key) < 1:
             raise HawqError(f"sensitivity.{key} must be >= 1")
     if cfg.train.epochs < 0:

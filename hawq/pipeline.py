@@ -235,6 +235,7 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
         traces, meta = load_traces(path)
         if meta.get("key") == key:
             log.info("sensitivity: reusing %s", path)
+            run.results["sensitivity_meta"] = meta
             return traces
     model = copy.deepcopy(run.fp32)
     model.train(scfg.bn_mode == "train")
@@ -242,20 +243,41 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
     if scfg.label_free:
         from hawq.sensitivity import label_free_loss
 
-        loss_fn = label_free_loss(run.task, run.fp32)
+        # the copy, in the same BN mode, is the reference point: the residual is zero there, so this
+        # Hessian is the Gauss-Newton matrix of the output distance
+        loss_fn = label_free_loss(run.task, model)
     else:
         loss_fn = run.task.loss
+    kwargs = {**scfg.hutchinson_kwargs(), "seed": run.cfg.run.seed + scfg.seed}
     t0 = time.perf_counter()
-    traces = hessian_traces(model, loss_fn, batches, layers=run.layers, tol=scfg.tol,
-                            max_probes=scfg.max_probes, min_probes=scfg.min_probes,
-                            seed=run.cfg.run.seed, progress=run.progress)
+    traces = hessian_traces(model, loss_fn, batches, layers=run.layers, progress=run.progress, **kwargs)
     elapsed = time.perf_counter() - t0
     meta = {"key": key, "bn_mode": scfg.bn_mode, "label_free": scfg.label_free, "normalize": scfg.normalize,
-            "batches": len(batches), "batch_size": scfg.batch_size, "seed": run.cfg.run.seed,
+            "batches": len(batches), "batch_size": scfg.batch_size, "seed": kwargs["seed"],
             "tol": scfg.tol, "max_probes": scfg.max_probes, "seconds": round(elapsed, 3),
             "device": str(run.device)}
+    meta.update(_spectrum(run, model, loss_fn, batches[: scfg.spectrum_batches], kwargs["seed"]))
     save_traces(path, traces, meta)
+    run.results["sensitivity_meta"] = meta
     return traces
+
+
+def _spectrum(run: Run, model: nn.Module, loss_fn: Any, batches: list[Any], seed: int) -> dict[str, Any]:
+    """Optional whole-model curvature summaries: top eigenvalues and the SLQ eigenvalue density."""
+    from hawq.sensitivity import plot_density, spectral_density, top_eigenvalues
+
+    scfg = run.cfg.sensitivity
+    out: dict[str, Any] = {}
+    if scfg.top_eigen > 0:
+        top = top_eigenvalues(model, loss_fn, batches, k=scfg.top_eigen, seed=seed, progress=run.progress)
+        out["top_eigenvalues"] = top.values
+    if scfg.density_iter > 0:
+        density = spectral_density(model, loss_fn, batches, n_iter=scfg.density_iter, seed=seed,
+                                   progress=run.progress)
+        plot_density(density, run.run_dir / "density.png")
+        out["density"] = {"nodes": density.nodes, "weights": density.weights, "png": "density.png",
+                          "trace_estimate": density.trace()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,11 @@ def build_report(run: Run, partial: dict[str, Any], traces: dict[str, Any] | Non
             row.update(weight_bits=bits[name].weight, activation_bits=bits[name].activation)
         layers.append(row)
     report["layers"] = layers
+    meta = run.results.get("sensitivity_meta")
+    if meta:
+        report["sensitivity"] = {k: v for k, v in meta.items() if k not in ("key", "density")}
+        if "density" in meta:
+            report["sensitivity"]["density_trace_estimate"] = meta["density"]["trace_estimate"]
     report["fp32_size_mb"] = model_size_mb(run.fp32, 32, run.layers)
     if costs:
         report["fp32_bops_g"] = bops_g(run.fp32, 32, costs=costs)
@@ -155,6 +160,17 @@ def markdown_report(report: dict[str, Any]) -> str:
         "```",
         "",
     ]
+    sens = report.get("sensitivity") or {}
+    if sens:
+        parts += ["## Sensitivity", "",
+                  f"- Hutchinson traces: {sens.get('batches')} batch(es) of {sens.get('batch_size')}, "
+                  f"tol {sens.get('tol')}, at most {sens.get('max_probes')} probes per layer, "
+                  f"BN in {sens.get('bn_mode')} mode, {sens.get('seconds')} s on {sens.get('device')}"]
+        if sens.get("top_eigenvalues"):
+            parts.append(f"- top Hessian eigenvalues: {', '.join(_fmt(v, 4) for v in sens['top_eigenvalues'])}")
+        if sens.get("density_trace_estimate") is not None:
+            parts.append(f"- whole-model trace from the SLQ density: {_fmt(sens['density_trace_estimate'], 3)}")
+        parts.append("")
     if search:
         parts += ["## Search", "",
                   f"- solver status: {search.get('status')}, objective {_fmt(search.get('objective'), 6)}, "
@@ -181,6 +197,10 @@ def write_report(run: Run, report: dict[str, Any], traces: dict[str, Any] | None
     if traces:
         plot_traces_and_bits(report, out / "traces_bits.png")
         plots.append("traces_bits.png")
+    if (out / "density.png").exists():
+        plots.append("density.png")
+    if (out / "pareto.png").exists():
+        plots.append("pareto.png")
     history = report.get("history")
     if history:
         try:

@@ -10,6 +10,8 @@ turns within every round, so load on a shared machine affects all of them alike)
                               prepared and converted with the fbgemm qconfig (random calibration)
 * ``hawq <map> integer``      ``hawq.quant.to_integer`` model with the ``fast`` engine (torch._int_mm)
 * ``hawq <map> ort-qdq``      ``hawq.export.export_onnx`` QDQ graph (int8 weight containers) in onnxruntime
+* ``hawq <map> fbgemm``       ``hawq.quant.to_fbgemm`` model: hawq's codes and activation grids on PyTorch's
+                              int8 fbgemm kernels (int8 kernels, float requant multiplier)
 
 for two hawq bit maps: ``W8A8`` (all layers 8-bit) and ``W4/8A8`` (every other layer's weights at
 4 bits). hawq models use ``QuantConfig(fold_bn=True)`` (HAWQ-V3 BN folding) and min/max
@@ -18,6 +20,7 @@ inputs against FP32 eager and, for hawq engines, against that map's fake-quant P
 
     .venv/bin/python scripts/bench_integer.py            # full (batch 1 and 16, 10 rounds)
     .venv/bin/python scripts/bench_integer.py --quick    # smoke run (3 rounds, fewer images)
+    .venv/bin/python scripts/bench_integer.py --threads 1 --fbgemm-only   # fp32 eager, torch int8, hawq fbgemm
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from hawq.bitmap import LayerBits  # noqa: E402
 from hawq.export.onnx_qdq import export_onnx  # noqa: E402
 from hawq.layers import quantizable_layers  # noqa: E402
 from hawq.quant import QuantConfig, calibrate, quantize_model, set_integer_backend, to_integer  # noqa: E402
+from hawq.quant.fast import to_fbgemm  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -125,6 +129,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=None, help="timed rounds per engine (default 10, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3, quick 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fbgemm-only", action="store_true",
+                    help="time only fp32 eager, torch int8 fbgemm and the hawq fbgemm rows (skips ONNX exports)")
     args = ap.parse_args()
     runs = args.runs or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -140,20 +146,26 @@ def main() -> None:
     engines: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     fake_quant: dict[str, nn.Module] = {}  # engine name -> the hawq fake-quant model it implements
     engines["fp32 eager"] = fp32
-    log("exporting FP32 ONNX")
-    engines["fp32 onnxruntime"] = ort_runner(ort_session(export_fp32(fp32, calib[0][:1], tmp / "fp32.onnx"),
-                                                         args.threads))
+    if not args.fbgemm_only:
+        log("exporting FP32 ONNX")
+        engines["fp32 onnxruntime"] = ort_runner(ort_session(export_fp32(fp32, calib[0][:1], tmp / "fp32.onnx"),
+                                                             args.threads))
     log("PyTorch eager int8 (fbgemm): prepare / calibrate / convert")
     engines["torch int8 fbgemm"] = fbgemm_int8(fp32, calib)
     maps = {"W8A8": lambda i: 8, "W4/8A8": lambda i: 4 if i % 2 else 8}
     for tag, wb in maps.items():
-        log(f"hawq {tag}: quantize + calibrate, to_integer, export_onnx")
+        log(f"hawq {tag}: quantize + calibrate, to_integer, export_onnx, to_fbgemm")
         fq = hawq_model(fp32, wb, calib)
-        integer = set_integer_backend(to_integer(fq), "fast")
-        qdq = export_onnx(fq, calib[0][:1], tmp / f"hawq_{tag.replace('/', '_')}.onnx", int4=False)
-        engines[f"hawq {tag} integer"] = integer
-        engines[f"hawq {tag} ort-qdq"] = ort_runner(ort_session(qdq, args.threads))
-        fake_quant[f"hawq {tag} integer"] = fake_quant[f"hawq {tag} ort-qdq"] = fq
+        if not args.fbgemm_only:
+            integer = set_integer_backend(to_integer(fq), "fast")
+            qdq = export_onnx(fq, calib[0][:1], tmp / f"hawq_{tag.replace('/', '_')}.onnx", int4=False)
+            engines[f"hawq {tag} integer"] = integer
+            engines[f"hawq {tag} ort-qdq"] = ort_runner(ort_session(qdq, args.threads))
+            fake_quant[f"hawq {tag} integer"] = fake_quant[f"hawq {tag} ort-qdq"] = fq
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's deprecation notice for quantized tensor creation
+            engines[f"hawq {tag} fbgemm"] = to_fbgemm(fq, calib)
+        fake_quant[f"hawq {tag} fbgemm"] = fq
 
     log("agreement on random inputs")
     agree: dict[str, tuple[float, float, float | None, float | None]] = {}

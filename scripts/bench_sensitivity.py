@@ -247,7 +247,7 @@ def fashion_batch(n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="looser tolerance, fewer probes (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="looser tolerance, fewer probes, one run each (~2 min)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 keeps CPU time meaningful on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)

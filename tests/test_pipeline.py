@@ -40,7 +40,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 def test_run_folder_has_every_artifact(tiny_run):
     for name in ("config.yaml", "traces.json", "bits.yaml", "metrics.json", "report.json", "report.md",
-                 "traces_bits.png", "model.safetensors", "model.onnx"):
+                 "traces_bits.png", "model.safetensors", "model.onnx", "density.png", "pareto.png", "pareto.csv"):
         assert (tiny_run / name).is_file(), name
 
 

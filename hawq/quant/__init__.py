@@ -1,6 +1,7 @@
 """Quantization: weight/activation quantizers, quantized modules and integer-only inference."""
 
 from hawq.quant.config import QuantConfig
+from hawq.quant.fast import to_fbgemm
 from hawq.quant.integer import (
     Dequantize,
     IntAdd,
@@ -74,6 +75,7 @@ __all__ = [
     "set_act_calibration",
     "set_act_quant",
     "set_integer_backend",
+    "to_fbgemm",
     "to_integer",
     "weight_scale",
 ]

@@ -143,7 +143,7 @@ class FloatHeadLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
-        self.scale, _, self.qmin, self.qmax = float(act.scale), 0, act.qmin, act.qmax
+        self.scale, self.qmin, self.qmax = float(act.scale), act.qmin, act.qmax
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,7 +164,7 @@ class FloatAvgPool(nn.Module):
         return self.pool(x.dequantize())
 
 
-class Dequantize(nn.Module):
+class DequantizeOutput(nn.Module):
     """Model output: ``quint8`` -> float."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -288,7 +288,9 @@ class _Converter:
         """Users of ``node``'s value, looking through identity modules."""
         out: list[fx.Node] = []
         for u in node.users:
-            out.extend(self._consumers(u) if self._is_identity(u) else [u])
+            # Max pooling commutes with rounding onto a grid: look through it as well.
+            through = self._is_identity(u) or isinstance(self._module(u), nn.MaxPool2d)
+            out.extend(self._consumers(u) if through else [u])
         return out
 
     def _out_qparams(self, node: fx.Node) -> _QParams:
@@ -332,7 +334,7 @@ class _Converter:
     def _output_value(self, arg: fx.Node) -> fx.Node:
         if self.qp[arg] is None:
             return self.env[arg]
-        return self._emit(f"dequant_{arg.name}", Dequantize(), (self.env[arg],))
+        return self._emit(f"dequant_{arg.name}", DequantizeOutput(), (self.env[arg],))
 
     def _placeholder(self, node: fx.Node) -> None:
         ph = self.graph.placeholder(node.name)
@@ -474,7 +476,7 @@ class _Converter:
             if qp is None:
                 raise _unsupported(node, why=": its input is a float tensor")
             rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self._value(node, a)[0])
-            deq = self._emit(f"dequant_{node.name}", Dequantize(), (v,))
+            deq = self._emit(f"dequant_{node.name}", DequantizeOutput(), (v,))
             self._bind(node, self.graph.create_node(node.op, node.target, (deq, *rest[0]), rest[1]), None)
             return
         if fn is torch.flatten or fn == "view" or fn is F.max_pool2d:
@@ -526,6 +528,10 @@ def to_fbgemm(model: nn.Module, example_input: Tensor | Iterable[Tensor], engine
         raise HawqError("to_fbgemm: example_input must be a tensor or an iterable of tensors")
     torch.backends.quantized.engine = engine
     work = copy.deepcopy(model).eval().to("cpu", torch.float32)
+    for name, mod in work.named_modules():
+        if isinstance(mod, (QuantConv2d, QuantLinear)) and mod.input_quant is not None \
+                and not mod.input_quant.calibrated:
+            raise HawqError(f"to_fbgemm: the input quantizer of '{name}' is not calibrated; run calibrate() first")
     gm = trace(work, "to_fbgemm")
     ranges = _observe_ranges(gm, [b.to("cpu", torch.float32) for b in batches])
     return _Converter(work, gm, ranges, float_head).convert()

@@ -20,6 +20,10 @@ class SensitivityConfig:
     hvp_method: str = "auto"  # "auto" (double backward, finite differences if unsupported), "autograd",
     # or "finite_difference"
 
+    density_iter: int = 0  # > 0: also a whole-model eigenvalue density (SLQ, this many Lanczos steps)
+    top_eigen: int = 0  # > 0: also this many top Hessian eigenvalues (power iteration)
+    spectrum_batches: int = 1  # batches used for the density and eigenvalues
+
     def hutchinson_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`hawq.sensitivity.hessian_traces` taken from this config."""
         return {"tol": self.tol, "max_probes": self.max_probes, "min_probes": self.min_probes,

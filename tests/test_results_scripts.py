@@ -1,0 +1,153 @@
+"""The results scripts (scripts/results_fashion.py, scripts/results_minilm.py) on tiny settings."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hawq import HawqError
+from hawq.data.fashion_mnist import make_fake_fashion_mnist
+from hawq.models.fashion import fashion_resnet
+from hawq.search import SearchConfig, build_search_problem, layer_costs, model_size_mb
+from hawq.search.allocate import resolve_budgets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+results_fashion = _load("results_fashion")
+
+
+def tiny_overrides(data_root: Path) -> list[str]:
+    return [
+        "run.progress=false", "run.threads=2", "model.checkpoint=null", "model.pretrain_epochs=0",
+        "model.kwargs.width=4", f"data.root={data_root}", "data.batch_size=32", "data.eval_batch_size=128",
+        "sensitivity.batches=1", "sensitivity.batch_size=16", "sensitivity.max_probes=2",
+        "sensitivity.min_probes=2", "quant.calib_batches=1", "train.batch_size=32",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_problem():
+    torch.manual_seed(0)
+    model = fashion_resnet(width=4).eval()
+    from hawq.layers import quantizable_layers
+
+    layers = quantizable_layers(model)
+    x = torch.randn(2, 1, 28, 28)
+    costs = layer_costs(model, lambda m: m(x), layers)
+    traces = {n: {"mean": float(i + 1), "numel": costs[n].weight_numel} for i, n in enumerate(layers)}
+    cfg = SearchConfig(weight_bits=[2, 3, 4, 8], activation_bits=[8])
+    return model, layers, build_search_problem(model, traces, costs, cfg)
+
+
+@pytest.mark.parametrize("budget_bits", [3, 4])
+def test_random_allocation_fills_the_budget_and_depends_on_the_seed(tiny_problem, budget_bits):
+    model, layers, problem = tiny_problem
+    cfg = SearchConfig(budget=SearchConfig().budget.__class__(size_uniform_bits=budget_bits))
+    budgets = resolve_budgets(problem, cfg)
+    widths = sorted(problem.objective[layers[0]])
+    maps = [results_fashion.random_allocation(problem, budgets, seed=s) for s in range(6)]
+    for bits in maps:
+        assert set(bits) == set(layers)
+        size = model_size_mb(model, bits, layers)
+        assert size <= budgets["size_mb"] * (1 + 1e-9)
+        # maximal: widening any single layer to its next option breaks the budget
+        for n in layers:
+            opts = [o for o in widths if o[0] > bits[n].weight]
+            if opts:
+                wider = {**bits, n: type(bits[n])(opts[0][0], bits[n].activation)}
+                assert model_size_mb(model, wider, layers) > budgets["size_mb"]
+    assert len({tuple(sorted((n, b.weight) for n, b in m.items())) for m in maps}) > 1
+    again = results_fashion.random_allocation(problem, budgets, seed=3)
+    assert again == maps[3]
+
+
+def test_random_allocation_greedy_fallback_is_maximal(tiny_problem, monkeypatch):
+    model, layers, problem = tiny_problem
+    monkeypatch.setattr(results_fashion, "MAX_ENUMERATED_MAPS", 1)
+    budgets = resolve_budgets(problem, SearchConfig(budget=SearchConfig().budget.__class__(size_uniform_bits=3)))
+    bits = results_fashion.random_allocation(problem, budgets, seed=0)
+    assert model_size_mb(model, bits, layers) <= budgets["size_mb"] * (1 + 1e-9)
+    assert any(b.weight != 3 for b in bits.values())
+
+
+def test_random_allocation_rejects_an_impossible_budget(tiny_problem):
+    _, _, problem = tiny_problem
+    budgets = resolve_budgets(problem, SearchConfig(budget=SearchConfig().budget.__class__(size_uniform_bits=2)))
+    with pytest.raises(HawqError, match="no bit map"):
+        results_fashion.random_allocation(problem, {"size_mb": budgets["size_mb"] * 0.5}, seed=0)
+
+
+def test_mean_spread():
+    s = results_fashion.mean_spread([1.0, 2.0, 3.0])
+    assert s == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert results_fashion.mean_spread([5.0])["std"] == 0.0
+    with pytest.raises(HawqError):
+        results_fashion.mean_spread([])
+
+
+def test_fashion_results_end_to_end_and_resume(tmp_path):
+    root = make_fake_fashion_mnist(tmp_path / "fmnist", n_train=96, n_test=64)
+    cfg = results_fashion.build_config(str(REPO / "configs/fashion_resnet.yaml"), tiny_overrides(root),
+                                       finetune_epochs=0.5, test_subset=None, train_subset=None,
+                                       max_probes=None, threads=None)
+    out = tmp_path / "out"
+    data = results_fashion.run_results(cfg, [0], [3], out, progress=False)
+    assert set(data["cells"]) == {f"seed0/w3/{m}" for m in ("uniform", "random", "hawq")}
+    for cell, r in data["cells"].items():
+        assert 0.0 <= r["before"] <= 100.0 and 0.0 <= r["after"] <= 100.0, cell
+        assert data["sizes_mb"][cell]["size_mb"] <= data["sizes_mb"][cell]["budget_mb"] * (1 + 1e-9)
+    assert all(w == 3 for w in data["bits"]["seed0/w3/uniform"].values())
+    on_disk = json.loads((out / "results_fashion.json").read_text())
+    assert on_disk["cells"] == data["cells"]
+
+    # resume: nothing is recomputed
+    seen = []
+    results_fashion.run_results(cfg, [0], [3], out, progress=False, on_cell=lambda c, r: seen.append(c))
+    assert seen == []
+    table, claims = results_fashion.write_outputs(data, [0], [3], out, "results_fashion", "test", png=True)
+    assert "| uniform 3-bit" in table and table.count("\n|") == 5
+    assert len(claims) == 2 and all(isinstance(ok, bool) for ok, _ in claims)
+    for suffix in (".md", ".png", "_summary.json"):
+        assert (out / f"results_fashion{suffix}").is_file()
+
+    # other settings in the same folder: refused
+    cfg.train.epochs = 0.25
+    with pytest.raises(HawqError, match="other settings"):
+        results_fashion.run_results(cfg, [0], [3], out, progress=False)
+
+
+def test_minilm_results_on_a_tiny_encoder(tmp_path):
+    results_minilm = _load("results_minilm")
+    tiny = ("{vocab_size: 30522, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+            "intermediate_size: 64, max_position_embeddings: 64}")
+    overrides = ["run.progress=false", "run.threads=2", "model.name=bert_encoder", f"model.kwargs.config={tiny}",
+                 "data.max_length=24", "sensitivity.batch_size=8", "sensitivity.max_probes=2",
+                 "sensitivity.min_probes=2", "quant.calib_batches=1", "train.lr=0.001"]
+    cfg = results_fashion.build_config(str(REPO / "configs/minilm_sentence.yaml"), overrides,
+                                       finetune_epochs=0.2, test_subset=None, train_subset=None,
+                                       max_probes=None, threads=None)
+    data = results_minilm.run_minilm_results(cfg, tmp_path / "out", budget_bits=4, progress=False,
+                                             config_dir=REPO / "configs")
+    assert list(data["cells"]) == ["uniform8", "uniform4", "hawq"]
+    assert set(data["bits"]["uniform8"].values()) == {8} and set(data["bits"]["uniform4"].values()) == {4}
+    assert data["sizes_mb"]["hawq"]["size_mb"] <= data["sizes_mb"]["hawq"]["budget_mb"] * (1 + 1e-9)
+    assert data["sizes_mb"]["uniform4"]["size_mb"] < data["sizes_mb"]["uniform8"]["size_mb"]
+    for name, r in data["cells"].items():
+        for metrics in (r["before_metrics"], r["after_metrics"]):
+            assert -1.0 <= metrics["cosine_worst"] <= metrics["cosine_mean"] <= 1.0 + 1e-6, name
+    # 8-bit weights keep the embeddings closer to FP32 than 4-bit ones
+    assert data["cells"]["uniform8"]["before"] > data["cells"]["uniform4"]["before"]
+    table = results_minilm.markdown_table(data)
+    assert table.count("\n|") == 4 and "hawq" in table
