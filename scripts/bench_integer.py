@@ -12,6 +12,7 @@ turns within every round, so load on a shared machine affects all of them alike)
 * ``hawq <map> ort-qdq``      ``hawq.export.export_onnx`` QDQ graph (int8 weight containers) in onnxruntime
 * ``hawq <map> fbgemm``       ``hawq.quant.to_fbgemm`` model: hawq's codes and activation grids on PyTorch's
                               int8 fbgemm kernels (int8 kernels, float requant multiplier)
+* ``hawq <map> onednn``       the same with ``engine="onednn"`` (conv fused with its residual add)
 
 for two hawq bit maps: ``W8A8`` (all layers 8-bit) and ``W4/8A8`` (every other layer's weights at
 4 bits). hawq models use ``QuantConfig(fold_bn=True)`` (HAWQ-V3 BN folding) and min/max
@@ -109,6 +110,8 @@ def fbgemm_int8(fp32: nn.Module, calib: list[torch.Tensor]) -> nn.Module:
             for x in calib:
                 model(x)
         convert(model, inplace=True)
+    # hawq's onednn rows switch the global quantized engine; this model's weights are fbgemm-packed.
+    model.register_forward_pre_hook(lambda *_: setattr(torch.backends.quantized, "engine", "fbgemm"))
     return model
 
 
@@ -165,7 +168,8 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PyTorch's deprecation notice for quantized tensor creation
             engines[f"hawq {tag} fbgemm"] = to_fbgemm(fq, calib)
-        fake_quant[f"hawq {tag} fbgemm"] = fq
+            engines[f"hawq {tag} onednn"] = to_fbgemm(fq, calib, engine="onednn")
+        fake_quant[f"hawq {tag} fbgemm"] = fake_quant[f"hawq {tag} onednn"] = fq
 
     log("agreement on random inputs")
     agree: dict[str, tuple[float, float, float | None, float | None]] = {}
@@ -196,12 +200,12 @@ def main() -> None:
     print(f"\nResNet-18 (random init), 224x224, {args.threads} threads, median of {runs} runs after "
           f"{warmup} warmup; torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
     print("ratio = engine time / FP32 eager time at the same batch (< 1 is faster)\n")
-    head = f"{'engine':<24}" + "".join(f"{'b' + str(b) + ' ms':>11}{'ratio':>7}" for b in args.batch)
+    head = f"{'engine':<22}" + "".join(f"{'b' + str(b) + ' ms':>11}{'ratio':>7}" for b in args.batch)
     head += f"{'top1=fp32':>11}{'err_fp32':>10}{'top1=fq':>9}{'err_fq':>9}"
     print(head)
     print("-" * len(head))
     for name in engines:
-        row = f"{name:<24}"
+        row = f"{name:<22}"
         for b in args.batch:
             ms = results[(name, b)]
             row += f"{ms:>11.2f}{ms / results[('fp32 eager', b)]:>7.2f}"

@@ -19,8 +19,9 @@ def tiny_overrides(data_root: Path, out_dir: Path, name: str = "tiny") -> list[s
         f"run.name={name}", f"run.out_dir={out_dir}", "run.progress=false", "run.threads=2",
         "model.checkpoint=null", "model.pretrain_epochs=2", "model.pretrain_lr=0.05", "model.kwargs.width=4",
         f"data.root={data_root}", "data.batch_size=32", "data.eval_batch_size=128",
-        "sensitivity.batches=2", "sensitivity.batch_size=64", "sensitivity.max_probes=12",
-        "sensitivity.min_probes=4", "quant.calib_batches=2", "train.epochs=0.5", "train.batch_size=32",
+        "sensitivity.batches=2", "sensitivity.batch_size=32", "sensitivity.max_probes=6",
+        "sensitivity.min_probes=3", "sensitivity.density_iter=8", "quant.calib_batches=2", "train.epochs=0.5",
+        "train.batch_size=32",
     ]
 
 
@@ -130,7 +131,8 @@ def test_real_fashion_subset_learns_and_quantizes(tmp_path):
     argv = ["--config", str(REPO / "configs/fashion_resnet.yaml")]
     for o in [f"run.out_dir={tmp_path}", "run.name=real", "run.progress=false", "model.checkpoint=null",
               "model.pretrain_epochs=2", "model.kwargs.width=8", "data.train_subset=2048", "data.test_subset=500",
-              "data.batch_size=32", "sensitivity.batches=1", "sensitivity.batch_size=128", "sensitivity.max_probes=16",
+              "data.batch_size=32", "sensitivity.batches=1", "sensitivity.batch_size=128", "sensitivity.max_probes=8",
+              "sensitivity.min_probes=4", "sensitivity.top_eigen=0", "sensitivity.density_iter=0",
               "search.weight_bits=[4,8]", "search.budget.size_uniform_bits=null", "search.budget.size_mb=0.03",
               "search.pareto_points=0", "train.epochs=0.5", "train.batch_size=32", "export.onnx=false",
               "run.stages=[sensitivity,search,quantize,finetune]"]:

@@ -15,7 +15,7 @@ from hawq.data.fashion_mnist import load_fashion_mnist, make_fake_fashion_mnist
 from hawq.layers import quantizable_layers
 from hawq.models.fashion import fashion_resnet
 from hawq.quant import QuantConfig, calibrate, quantize_model
-from hawq.quant.fast import QuantizeInput, act_qparams, observed_qparams, to_fbgemm
+from hawq.quant.fast import ConvAdd, QuantizeInput, act_qparams, observed_qparams, to_fbgemm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PyTorch's quantized-tensor deprecation note
 
@@ -58,11 +58,16 @@ def _bits(model: nn.Module, weight_bits: int) -> dict[str, LayerBits]:
     return uniform_bitmap(quantizable_layers(model), weight_bits, 8)
 
 
-@pytest.mark.parametrize(("weight_bits", "fold"), [(8, True), (4, True), (8, False)])
-def test_fbgemm_matches_fake_quant(trained, weight_bits: int, fold: bool) -> None:
+@pytest.mark.parametrize(("weight_bits", "fold", "engine"),
+                         [(8, True, "fbgemm"), (4, True, "fbgemm"), (8, False, "fbgemm"),
+                          pytest.param(8, True, "onednn", marks=pytest.mark.skipif(
+                              "onednn" not in torch.backends.quantized.supported_engines, reason="no onednn"))])
+def test_fbgemm_matches_fake_quant(trained, weight_bits: int, fold: bool, engine: str) -> None:
     model, train_x, test_x = trained
     fq = _quantized(model, train_x, _bits(model, weight_bits), fold)
-    fast = to_fbgemm(fq, train_x[:128])
+    fast = to_fbgemm(fq, train_x[:128], engine=engine)
+    fused = [m for m in fast.modules() if isinstance(m, ConvAdd)]
+    assert len(fused) == (3 if engine == "onednn" else 0)  # one conv + residual add per block
     with torch.no_grad():
         ref, out = fq(test_x), fast(test_x)
     assert out.dtype == torch.float32 and out.shape == ref.shape

@@ -15,6 +15,11 @@ int8 engine. Nothing is re-calibrated where hawq has a quantizer:
   pooling that precedes the classifier) have no hawq quantizer; their ``quint8`` ranges are the
   min/max observed on ``example_input`` (pass a representative calibration batch).
 
+Engines: ``"fbgemm"`` (PyTorch's classic x86 int8 backend), ``"x86"`` (PyTorch picks fbgemm or
+oneDNN kernels per op) and ``"onednn"``, which also fuses a conv with the residual add that
+consumes it (``quantized::conv2d_add_relu``), so that the conv's output is not rounded to 8 bits
+before the add.
+
 Arithmetic: int8 x int8 -> int32 kernels, but fbgemm requantizes the int32 accumulator with a
 float32 multiplier (``s_in * s_w / s_out``) and adds a float bias, so it is "int8 kernels, float
 requant multiplier". It is not hawq's exact dyadic integer pipeline (:func:`hawq.quant.to_integer`
@@ -33,6 +38,7 @@ fake-quant layer, so logits are not rounded to 8 bits; it costs a negligible sha
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -49,7 +55,7 @@ from hawq.quant.model import trace
 from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
 from hawq.quant.quantizers import FLOAT_BITS, quantize_to_int
 
-ENGINES = ("fbgemm", "x86")
+ENGINES = ("fbgemm", "x86", "onednn")
 QUINT8_MAX = 255
 SIGNED_ZERO_POINT = 128  # a signed hawq grid in quint8: same scale, codes shifted by 128
 
@@ -131,6 +137,21 @@ class QuantizedAdd(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
         return op(a, b, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, zero_point={self.zero_point}, relu={self.relu}"
+
+
+class ConvAdd(nn.Module):
+    """onednn's fused conv + residual add (+ ReLU): ``requant(conv(x) + accum)`` in one kernel."""
+
+    def __init__(self, conv: nn.Module, scale: float, zero_point: int, relu: bool) -> None:
+        super().__init__()
+        self.conv, self.scale, self.zero_point, self.relu = conv, scale, zero_point, relu
+
+    def forward(self, x: Tensor, accum: Tensor) -> Tensor:
+        op = torch.ops.quantized.conv2d_add_relu if self.relu else torch.ops.quantized.conv2d_add
+        return op(x, accum, self.conv._packed_params, self.scale, self.zero_point)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}, zero_point={self.zero_point}, relu={self.relu}"
@@ -239,7 +260,7 @@ def _unsupported(node: fx.Node, module: nn.Module | None = None, why: str = "") 
 
 class _Converter:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, ranges: dict[str, tuple[float, float]],
-                 float_head: bool) -> None:
+                 float_head: bool, engine: str) -> None:
         self.model, self.gm, self.ranges, self.float_head = model, gm, ranges, float_head
         self.modules = dict(model.named_modules())
         self.graph = fx.Graph()
@@ -247,6 +268,10 @@ class _Converter:
         self.env: dict[fx.Node, fx.Node] = {}
         self.qp: dict[fx.Node, _QParams | None] = {}  # None: a float value
         self.absorbed: dict[fx.Node, fx.Node] = {}  # fused node -> the node whose value it takes
+        self.fuse_add = engine == "onednn"
+        # onednn: a conv whose only consumer is a residual add waits for it (fused conv + add).
+        self.deferred: dict[fx.Node, tuple[nn.Module, fx.Node, fx.Node, str]] = {}  # node: (conv, x, last, name)
+        self.deferred_alias: dict[fx.Node, fx.Node] = {}
 
     # --- helpers ------------------------------------------------------------------------------
     def _add(self, base: str, module: nn.Module) -> str:
@@ -317,7 +342,10 @@ class _Converter:
         for node in self.gm.graph.nodes:
             if node in self.absorbed:
                 src = self.absorbed[node]
-                self._bind(node, self.env[src], self.qp[src])
+                if src in self.deferred:
+                    self.deferred_alias[node] = src
+                else:
+                    self._bind(node, self.env[src], self.qp[src])
             elif node.op == "placeholder":
                 self._placeholder(node)
             elif node.op == "output":
@@ -391,6 +419,18 @@ class _Converter:
         # after a global pool (the mean's range is much smaller). The next layer requantizes.
         self._bind(node, self._emit(name, FloatAvgPool(mod), (v,)), None)
 
+    def _conv_add(self, node: fx.Node, conv_node: fx.Node, other: Any) -> None:
+        """onednn's fused ``conv2d_add(_relu)``: the conv's int32 result is added before any rounding."""
+        q, x, _, name = self.deferred.pop(conv_node)
+        accum, qa = self._value(node, other)
+        if qa is None:
+            raise _unsupported(node, why=": adds a float tensor")
+        chain, _, relu = self._fusable_chain(node, allow_bn=False)
+        qp = self._out_qparams(chain[-1] if chain else node)
+        self._bind(node, self._emit(f"{name}_add", ConvAdd(q, qp.scale, qp.zero_point, relu), (x, accum)), qp)
+        for n in chain:
+            self.absorbed[n] = node
+
     def _fusable_chain(self, node: fx.Node, allow_bn: bool) -> tuple[list[fx.Node], nn.BatchNorm2d | None, bool]:
         """Nodes after a conv/linear/add that fuse into it: identities, one eval BatchNorm, one ReLU."""
         chain: list[fx.Node] = []
@@ -445,11 +485,31 @@ class _Converter:
                 q = nniq.LinearReLU(mod.in_features, mod.out_features) if relu else \
                     nnq.Linear(mod.in_features, mod.out_features)
             q.set_weight_bias(_qweight(codes, w_scale), bias)
+            if is_conv and self.fuse_add and not relu and self._is_add(self._only_user(last)):
+                self.deferred[node] = (q, x, last, name)
+                for n in chain:
+                    self.absorbed[n] = node
+                return
             q.scale, q.zero_point = qp.scale, qp.zero_point
             out = self._emit(name, q, (x,))
         self._bind(node, out, qp)
         for n in chain:
             self.absorbed[n] = node
+
+    def _is_add(self, node: fx.Node | None) -> bool:
+        if node is None or len(node.args) != 2 or node.kwargs:
+            return False
+        return (node.op == "call_function" and node.target in _ADD_FUNCS) or (
+            node.op == "call_method" and node.target == "add")
+
+    def _emit_deferred(self, conv_node: fx.Node) -> fx.Node:
+        """A deferred conv that is not fused after all: emit it with its own output grid."""
+        q, x, last, name = self.deferred.pop(conv_node)
+        qp = self._out_qparams(last)
+        q.scale, q.zero_point = qp.scale, qp.zero_point
+        out = self._emit(name, q, (x,))
+        self._bind(conv_node, out, qp)
+        return out
 
     def _call_function(self, node: fx.Node) -> None:
         fn = node.target
@@ -457,6 +517,16 @@ class _Converter:
             fn = {"flatten": torch.flatten, "relu": F.relu, "relu_": F.relu, "add": torch.add,
                   "view": "view", "reshape": "view"}.get(fn)
         if fn in _ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
+            srcs = [self.deferred_alias.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
+            fused = next((i for i, n in enumerate(srcs) if n in self.deferred), None)
+            for i, n in enumerate(srcs):
+                if i != fused and n in self.deferred:
+                    self._emit_deferred(n)
+                if i != fused and node.args[i] in self.deferred_alias:
+                    self._bind(node.args[i], self.env[n], self.qp[n])
+            if fused is not None:
+                self._conv_add(node, srcs[fused], node.args[1 - fused])
+                return
             (a, qa), (b, qb) = self._value(node, node.args[0]), self._value(node, node.args[1])
             if qa is None or qb is None:
                 raise _unsupported(node, why=": adds a float tensor")
@@ -513,8 +583,11 @@ def to_fbgemm(model: nn.Module, example_input: Tensor | Iterable[Tensor], engine
 
     ``example_input``: one batch, or an iterable of batches, of representative inputs; they set the
     ``quint8`` ranges of the tensors that have no hawq quantizer (see the module doc). ``engine``:
-    ``"fbgemm"`` or ``"x86"`` (``torch.backends.quantized.engine`` is set to it: the weights are
-    packed for that engine and the model must run under it). ``float_head``: run a classifier
+    ``"fbgemm"``, ``"x86"`` or ``"onednn"``; the weights are packed for it and the returned model
+    sets ``torch.backends.quantized.engine`` to it on every call. With ``"onednn"`` a conv whose
+    only consumer is a residual add is fused with it (``quantized::conv2d_add(_relu)``): the conv's
+    result is added before it is rounded, one rounding fewer than fbgemm's separate quantized add,
+    and one pass over memory fewer. ``float_head``: run a classifier
     ``QuantLinear`` that produces a model output as the float fake-quant layer. Every conv/linear
     must be a calibrated ``QuantConv2d``/``QuantBnConv2d``/``QuantLinear`` with <= 8-bit weights and
     activations; anything without a rule raises a HawqError naming it. The model is not modified.
@@ -534,4 +607,13 @@ def to_fbgemm(model: nn.Module, example_input: Tensor | Iterable[Tensor], engine
             raise HawqError(f"to_fbgemm: the input quantizer of '{name}' is not calibrated; run calibrate() first")
     gm = trace(work, "to_fbgemm")
     ranges = _observe_ranges(gm, [b.to("cpu", torch.float32) for b in batches])
-    return _Converter(work, gm, ranges, float_head).convert()
+    out = _Converter(work, gm, ranges, float_head, engine).convert()
+    # The weights are packed for ``engine`` and onednn's fused conv + add checks the global engine.
+    out.register_forward_pre_hook(functools.partial(_select_engine, engine))
+    out.quantized_engine = engine
+    return out
+
+
+def _select_engine(engine: str, module: nn.Module, args: Any) -> None:
+    if torch.backends.quantized.engine != engine:
+        torch.backends.quantized.engine = engine
