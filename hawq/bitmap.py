@@ -84,14 +84,14 @@ def bitmap_to_dict(bits: BitMap) -> dict:
     return {"layers": {name: b.as_dict() for name, b in bits.items()}}
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temp file + fsync + rename so a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,6 +99,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def save_bitmap(bits: BitMap, path: str | os.PathLike) -> None:

@@ -285,12 +285,11 @@ def _spectrum(run: Run, model: nn.Module, loss_fn: Any, batches: list[Any], seed
 
 
 def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, Any]]:
-    from hawq.search import build_search_problem, layer_costs, pareto_sweep, solve_problem, uniform_points, write_pareto
+    from hawq.search import build_search_problem, pareto_sweep, solve_problem, uniform_points, write_pareto
 
     path = run.run_dir / "bits.yaml"
     info_path = run.run_dir / "search.json"
-    costs = layer_costs(run.fp32, _example_forward(run), run.layers)
-    run.results["costs"] = costs
+    costs = run_costs(run)
     search_cfg = dataclasses.replace(run.cfg.search, pins=effective_pins(run))
     traces_key = digest({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                          for k, v in traces.items()})
@@ -298,14 +297,8 @@ def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, An
     info = read_json(info_path)
     if run.cfg.run.resume and path.exists() and info and info.get("key") == key:
         return load_bitmap(path, run.layers), info
-    latency_table = None
-    if search_cfg.latency_table:
-        from hawq.search import load_latency_table
-
-        latency_table = load_latency_table(search_cfg.latency_table)
     problem = build_search_problem(run.fp32, traces, costs, search_cfg, per_channel=run.cfg.quant.per_channel,
-                                   group_size=run.cfg.quant.group_size, latency_table=latency_table,
-                                   progress=run.progress)
+                                   group_size=run.cfg.quant.group_size, progress=run.progress)
     alloc = solve_problem(problem)
     if search_cfg.pareto_points > 0:
         # the whole size/perturbation front from the same traces: cheap, and shows where the budget sits
@@ -317,6 +310,29 @@ def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, An
     save_bitmap(alloc.bits, path)
     write_json(info_path, info)
     return alloc.bits, info
+
+
+def run_costs(run: Run) -> dict[str, Any]:
+    """Per-layer params/MACs from one traced forward pass (computed once per run)."""
+    if "costs" not in run.results:
+        from hawq.search import layer_costs
+
+        run.results["costs"] = layer_costs(run.fp32, _example_forward(run), run.layers)
+    return run.results["costs"]
+
+
+def check_budgets(run: Run) -> None:
+    """Fail fast: an infeasible budget, or pins/ties naming unknown layers, is reported before the
+    (expensive) sensitivity stage. Feasibility does not depend on the traces, so unit ones do."""
+    from hawq.search import build_search_problem, solve_problem
+
+    costs = run_costs(run)
+    search_cfg = dataclasses.replace(run.cfg.search, pins=effective_pins(run))
+    unit = {name: {"mean": 1.0, "numel": 1} for name in costs}
+    flat = {name: dict.fromkeys(run.cfg.search.weight_bits, 1.0) for name in costs}
+    problem = build_search_problem(run.fp32, unit, costs, search_cfg, per_channel=run.cfg.quant.per_channel,
+                                   group_size=run.cfg.quant.group_size, perturbations=flat)
+    solve_problem(problem)
 
 
 def effective_pins(run: Run) -> dict[str, dict[str, int]]:
@@ -432,6 +448,8 @@ def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
         run.timings[name] = round(time.perf_counter() - t0, 2)
         return out
 
+    if "search" in stages:
+        timed("check_budgets", check_budgets, run)
     timed("pretrain", pretrain_if_needed, run)
     run.task.bind_reference(run.fp32)
     fp32_metrics = timed("eval_fp32", run.evaluate, run.fp32, "eval fp32")

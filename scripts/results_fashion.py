@@ -160,8 +160,9 @@ def fmt_stat(s: Mapping[str, float] | None, digits: int = 2) -> str:
     if s is None:
         return "—"
     if s["n"] == 1:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} ({s['min']:.{digits}f}..{s['max']:.{digits}f})"
+        return f"{s['mean']:.{digits}f} (n=1)"
+    return (f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} "
+            f"({s['min']:.{digits}f}..{s['max']:.{digits}f}, n={s['n']})")
 
 
 def _seed_run(run: Run, base: Config, seed: int, budget_bits: int | None = None) -> Run:
@@ -475,7 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data = run_results(cfg, seeds, budgets, out_dir, progress=not args.no_progress, on_cell=show,
                                config_dir=Path(args.config).resolve().parent)
-        command = "python scripts/results_fashion.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        # the command that computed the cells (a --report-only rerun just rebuilds the table)
+        command = "python scripts/results_fashion.py " + " ".join(
+            a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
         table, claims = write_outputs(data, seeds, budgets, out_dir, "results_fashion", command)
     except HawqError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -68,9 +68,11 @@ def test_rerun_resumes_and_is_deterministic(tiny_run, tiny_data):
 
 
 def test_same_seed_fresh_folder_gives_same_traces_and_bits(tiny_run, tiny_data, tmp_path):
+    # same FP32 weights (the first run's pretrained model), a fresh folder: nothing to resume from
+    extra = ["run.stages=[sensitivity,search]", f"model.checkpoint={tiny_run / 'fp32.safetensors'}",
+             "sensitivity.top_eigen=0", "sensitivity.density_iter=0"]
     rc = main(["--config", str(REPO / "configs/fashion_resnet.yaml"), *sum(
-        (["--set", o] for o in tiny_overrides(tiny_data, tmp_path, "again") + ["run.stages=[sensitivity,search]"]),
-        [])])
+        (["--set", o] for o in tiny_overrides(tiny_data, tmp_path, "again") + extra), [])])
     assert rc == 0
     a = json.loads((tiny_run / "traces.json").read_text())["layers"]
     b = json.loads((tmp_path / "again" / "traces.json").read_text())["layers"]
@@ -118,6 +120,9 @@ def test_infeasible_budget_names_smallest_feasible(tiny_data, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "size_mb" in last and "smallest feasible" in last, last
     assert not (tmp_path / "infeasible" / "report.json").exists()
+    # the budget is checked before any training or Hessian work
+    assert not (tmp_path / "infeasible" / "traces.json").exists()
+    assert not (tmp_path / "infeasible" / "fp32.safetensors").exists()
     status = json.loads((tmp_path / "infeasible" / "status.json").read_text())
     assert status["status"] == "failed" and "size_mb" in status["error"]
 
@@ -131,7 +136,7 @@ def test_real_fashion_subset_learns_and_quantizes(tmp_path):
     argv = ["--config", str(REPO / "configs/fashion_resnet.yaml")]
     for o in [f"run.out_dir={tmp_path}", "run.name=real", "run.progress=false", "model.checkpoint=null",
               "model.pretrain_epochs=2", "model.kwargs.width=8", "data.train_subset=2048", "data.test_subset=500",
-              "data.batch_size=32", "sensitivity.batches=1", "sensitivity.batch_size=128", "sensitivity.max_probes=8",
+              "data.batch_size=32", "sensitivity.batches=1", "sensitivity.batch_size=64", "sensitivity.max_probes=4",
               "sensitivity.min_probes=4", "sensitivity.top_eigen=0", "sensitivity.density_iter=0",
               "search.weight_bits=[4,8]", "search.budget.size_uniform_bits=null", "search.budget.size_mb=0.03",
               "search.pareto_points=0", "train.epochs=0.5", "train.batch_size=32", "export.onnx=false",

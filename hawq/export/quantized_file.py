@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from torch import nn
 
 import hawq
 from hawq import HawqError
-from hawq.bitmap import FLOAT_BITS, BitMap, bitmap_from_dict, bitmap_to_dict
+from hawq.bitmap import FLOAT_BITS, BitMap, atomic_write_bytes, bitmap_from_dict, bitmap_to_dict
 from hawq.export.packing import pack_codes, packed_dtype, packed_nbytes, packing_layout, unpack_codes
 
 FORMAT_NAME = "hawq.quantized"
@@ -142,21 +141,6 @@ def _quant_config_dict(quant_config: Any) -> dict:
     if isinstance(quant_config, Mapping):
         return dict(quant_config)
     raise HawqError(f"quant_config must be a QuantConfig or a mapping, got {type(quant_config).__name__}")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +249,7 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
     }
     data = safetensors_save(tensors, metadata=metadata)
     path = Path(path)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     (header_len,) = struct.unpack("<Q", data[:8])
     return {
         "path": str(path), "file_bytes": len(data), "header_bytes": 8 + header_len,
