@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="hawq: %(message)s")
+    # hawq's own messages at INFO; libraries (onnx, transformers) only when they warn
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("hawq").setLevel(logging.INFO)
     try:
         if args.list_models:
             from hawq.models import list_models
