@@ -22,12 +22,9 @@ TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_att
 
 
 @pytest.fixture(autouse=True)
-def _offline_one_thread(monkeypatch):
+def _offline_one_thread(monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
