@@ -1,6 +1,7 @@
 """Latency of hawq's quantized ResNet-18 against FP32 and PyTorch's own int8, measured in one run.
 
-Model: torchvision ResNet-18, random init (seed 0), 224x224 inputs, batch 1 and 16, N threads.
+Model: torchvision ResNet-18, random init (seed 0), 224x224 inputs (``--size``), batch 1 and 16, N threads
+(``--threads``, default 2).
 Engines, each timed as the median of ``--runs`` calls after ``--warmup`` calls (engines take
 turns within every round, so load on a shared machine affects all of them alike):
 
@@ -10,6 +11,8 @@ turns within every round, so load on a shared machine affects all of them alike)
                               prepared and converted with the fbgemm qconfig (random calibration)
 * ``hawq <map> integer``      ``hawq.quant.to_integer`` model with the ``fast`` engine (torch._int_mm)
 * ``hawq <map> ort-qdq``      ``hawq.export.export_onnx`` QDQ graph (int8 weight containers) in onnxruntime
+* ``hawq <map> ort-int``      ``hawq.export.export_onnx_integer``: the integer model as ConvInteger/MatMulInteger
+                              and INT64 rescaling in onnxruntime (bit-identical to ``hawq <map> integer``)
 * ``hawq <map> fbgemm``       ``hawq.quant.to_fbgemm`` model: hawq's codes and activation grids on PyTorch's
                               int8 fbgemm kernels (int8 kernels, float requant multiplier)
 * ``hawq <map> onednn``       the same with ``engine="onednn"`` (conv fused with its residual add)
@@ -18,9 +21,13 @@ for two hawq bit maps: ``W8A8`` (all layers 8-bit) and ``W4/8A8`` (every other l
 4 bits). hawq models use ``QuantConfig(fold_bn=True)`` (HAWQ-V3 BN folding) and min/max
 calibration on the same random batches. Agreement: the fraction of argmax matches on random
 inputs against FP32 eager and, for hawq engines, against that map's fake-quant PyTorch model.
+Each engine's time is reported with two ratios from the same run: against FP32 eager and against
+PyTorch's own int8 model (``torch int8 fbgemm``).
 
     .venv/bin/python scripts/bench_integer.py            # full (batch 1 and 16, 10 rounds)
     .venv/bin/python scripts/bench_integer.py --quick    # smoke run (3 rounds, fewer images)
+    .venv/bin/python scripts/bench_integer.py --quick --size 64 --batch 1   # fastest smoke run
+    .venv/bin/python scripts/bench_integer.py --agreement-only --size 32 --threads 1   # no timing
     .venv/bin/python scripts/bench_integer.py --threads 1 --fbgemm-only   # fp32 eager, torch int8, hawq fbgemm
 """
 
@@ -43,7 +50,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hawq.bitmap import LayerBits  # noqa: E402
-from hawq.export.onnx_qdq import export_onnx  # noqa: E402
+from hawq.export.onnx_qdq import export_onnx, export_onnx_integer  # noqa: E402
 from hawq.layers import quantizable_layers  # noqa: E402
 from hawq.quant import QuantConfig, calibrate, quantize_model, set_integer_backend, to_integer  # noqa: E402
 from hawq.quant.fast import to_fbgemm  # noqa: E402
@@ -127,14 +134,19 @@ def hawq_model(fp32: nn.Module, weight_bits: Callable[[int], int], calib: list[t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few runs and images: a smoke test of the benchmark")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of PyTorch and onnxruntime (default 2)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     ap.add_argument("--runs", type=int, default=None, help="timed rounds per engine (default 10, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3, quick 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fbgemm-only", action="store_true",
                     help="time only fp32 eager, torch int8 fbgemm and the hawq fbgemm rows (skips ONNX exports)")
+    ap.add_argument("--agreement-only", action="store_true",
+                    help="skip the timing; print only the agreement of every engine with FP32 and fake-quant")
     args = ap.parse_args()
+    if args.agreement_only:
+        args.batch = []
     runs = args.runs or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     n_calib, n_eval = (2, 16) if args.quick else (4, 64)
@@ -142,8 +154,11 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     fp32 = torchvision.models.resnet18(weights=None).eval()
-    calib = [torch.randn(8, 3, 224, 224) for _ in range(n_calib)]
-    eval_x = torch.randn(n_eval, 3, 224, 224)
+    size = args.size
+    if size < 32 or args.threads < 1:
+        ap.error("--size must be >= 32 and --threads >= 1")
+    calib = [torch.randn(8, 3, size, size) for _ in range(n_calib)]
+    eval_x = torch.randn(n_eval, 3, size, size)
     tmp = Path(tempfile.mkdtemp(prefix="hawq_bench_"))
 
     engines: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -157,14 +172,18 @@ def main() -> None:
     engines["torch int8 fbgemm"] = fbgemm_int8(fp32, calib)
     maps = {"W8A8": lambda i: 8, "W4/8A8": lambda i: 4 if i % 2 else 8}
     for tag, wb in maps.items():
-        log(f"hawq {tag}: quantize + calibrate, to_integer, export_onnx, to_fbgemm")
+        log(f"hawq {tag}: quantize + calibrate, to_integer, export_onnx(_integer), to_fbgemm")
         fq = hawq_model(fp32, wb, calib)
         if not args.fbgemm_only:
             integer = set_integer_backend(to_integer(fq), "fast")
-            qdq = export_onnx(fq, calib[0][:1], tmp / f"hawq_{tag.replace('/', '_')}.onnx", int4=False)
+            stem = tmp / f"hawq_{tag.replace('/', '_')}"
+            qdq = export_onnx(fq, calib[0][:1], stem.with_suffix(".onnx"), int4=False)
+            int_onnx = export_onnx_integer(integer, calib[0][:1], stem.with_suffix(".int.onnx"))
             engines[f"hawq {tag} integer"] = integer
             engines[f"hawq {tag} ort-qdq"] = ort_runner(ort_session(qdq, args.threads))
-            fake_quant[f"hawq {tag} integer"] = fake_quant[f"hawq {tag} ort-qdq"] = fq
+            engines[f"hawq {tag} ort-int"] = ort_runner(ort_session(int_onnx, args.threads))
+            for kind in ("integer", "ort-qdq", "ort-int"):
+                fake_quant[f"hawq {tag} {kind}"] = fq
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PyTorch's deprecation notice for quantized tensor creation
             engines[f"hawq {tag} fbgemm"] = to_fbgemm(fq, calib)
@@ -173,6 +192,7 @@ def main() -> None:
 
     log("agreement on random inputs")
     agree: dict[str, tuple[float, float, float | None, float | None]] = {}
+    outputs: dict[str, torch.Tensor] = {}
 
     def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
         return float((y - ref).norm() / ref.norm())
@@ -181,7 +201,7 @@ def main() -> None:
         ref = fp32(eval_x)
         fq_out = {id(m): m(eval_x) for m in {id(m): m for m in fake_quant.values()}.values()}
         for name, fn in engines.items():
-            out = torch.cat([fn(x) for x in eval_x.split(16)])
+            out = outputs[name] = torch.cat([fn(x) for x in eval_x.split(16)])
             fq = fq_out.get(id(fake_quant[name])) if name in fake_quant else None
             agree[name] = (float((out.argmax(-1) == ref.argmax(-1)).float().mean()), rel_err(out, ref),
                            None if fq is None else float((out.argmax(-1) == fq.argmax(-1)).float().mean()),
@@ -191,16 +211,20 @@ def main() -> None:
     results: dict[tuple[str, int], float] = {}
     with torch.no_grad():
         for batch in args.batch:
-            x = torch.randn(batch, 3, 224, 224)
+            x = torch.randn(batch, 3, size, size)
             log(f"timing {len(engines)} engines at batch {batch} ({runs} rounds)")
             fns = {name: (lambda fn=fn, x=x: fn(x)) for name, fn in engines.items()}
             for name, ms in round_robin_median_ms(fns, warmup, runs).items():
                 results[(name, batch)] = ms
 
-    print(f"\nResNet-18 (random init), 224x224, {args.threads} threads, median of {runs} runs after "
-          f"{warmup} warmup; torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
-    print("ratio = engine time / FP32 eager time at the same batch (< 1 is faster)\n")
-    head = f"{'engine':<22}" + "".join(f"{'b' + str(b) + ' ms':>11}{'ratio':>7}" for b in args.batch)
+    timing = "no timing" if args.agreement_only else f"median of {runs} runs after {warmup} warmup"
+    print(f"\nResNet-18 (random init), {size}x{size}, {args.threads} threads, {timing}; "
+          f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
+    if not args.agreement_only:
+        print("ratio = engine time / FP32 eager time, vs int8 = engine time / torch int8 fbgemm time, "
+              "both at the same batch in this run (< 1 is faster)")
+    print()
+    head = f"{'engine':<22}" + "".join(f"{'b' + str(b) + ' ms':>11}{'ratio':>7}{'vs int8':>8}" for b in args.batch)
     head += f"{'top1=fp32':>11}{'err_fp32':>10}{'top1=fq':>9}{'err_fq':>9}"
     print(head)
     print("-" * len(head))
@@ -208,7 +232,7 @@ def main() -> None:
         row = f"{name:<22}"
         for b in args.batch:
             ms = results[(name, b)]
-            row += f"{ms:>11.2f}{ms / results[('fp32 eager', b)]:>7.2f}"
+            row += f"{ms:>11.2f}{ms / results[('fp32 eager', b)]:>7.2f}{ms / results[('torch int8 fbgemm', b)]:>8.2f}"
         a_fp, e_fp, a_fq, e_fq = agree[name]
         row += f"{a_fp:>11.3f}{e_fp:>10.4f}"
         row += f"{a_fq:>9.3f}{e_fq:>9.2e}" if a_fq is not None else f"{'-':>9}{'-':>9}"
@@ -216,6 +240,18 @@ def main() -> None:
     print(f"\ntop1 = argmax agreement, err = relative L2 error of the logits, on {n_eval} random N(0,1) "
           f"images; fq = the hawq fake-quant PyTorch model of that map. The random-init FP32 model "
           f"predicts {distinct} distinct class(es) on them, so argmax agreement is a weak signal here.")
+    for tag in maps:
+        a, b = outputs.get(f"hawq {tag} ort-int"), outputs.get(f"hawq {tag} integer")
+        if a is not None and b is not None:
+            same = float((a == b).float().mean())
+            print(f"hawq {tag}: ort-int vs integer (PyTorch) logits bit-identical: {same:.1%} of {a.numel()}, "
+                  f"max |diff| {float((a - b).abs().max()):.3g}")
+        qdq, fq = outputs.get(f"hawq {tag} ort-qdq"), fq_out.get(id(fake_quant.get(f"hawq {tag} ort-qdq")))
+        if qdq is not None and fq is not None:
+            step = float(fq.abs().max()) / 127  # hawq.export.onnx_qdq.output_step
+            diff = (qdq - fq).abs()
+            print(f"hawq {tag}: ort-qdq vs fake-quant (PyTorch) max |diff| {float(diff.max()) / step:.3f} output "
+                  f"steps (max|y|/127), {float((diff <= step).float().mean()):.2%} of logits within one step")
 
 
 if __name__ == "__main__":

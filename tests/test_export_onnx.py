@@ -10,10 +10,11 @@ from torch import nn
 
 from hawq import HawqError
 from hawq.bitmap import LayerBits
-from hawq.export.onnx_qdq import compare_onnx, export_onnx
+from hawq.export.onnx_qdq import compare_onnx, compare_onnx_integer, export_onnx, export_onnx_integer
 from hawq.layers import quantizable_layers
 from hawq.models.fashion import fashion_resnet
 from hawq.quant.config import QuantConfig
+from hawq.quant.integer import to_integer
 from hawq.quant.model import calibrate, quantize_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -108,3 +109,91 @@ def test_export_errors_are_one_line(tmp_path):
     with pytest.raises(HawqError, match="opset"):
         export_onnx(model, torch.randn(2, 4), tmp_path / "a.onnx", opset=11)
     assert not (tmp_path / "a.onnx").exists()
+
+
+def _mixed_resnet(fold: bool) -> nn.Module:
+    """Demo ResNet (residual adds, max/global pool) at mixed 4/8-bit weights and activations, non-trivial BN."""
+    torch.manual_seed(3)
+    model = fashion_resnet(width=8).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(-0.5, 1.5)  # some negative gains: sign flips in the integer BN
+            m.bias.data.normal_(0, 0.1)
+    names = quantizable_layers(model)
+    bits = {n: LayerBits(4 if i % 2 else 8, 4 if i % 3 == 1 else 8) for i, n in enumerate(names)}
+    quantize_model(model, bits, QuantConfig(fold_bn=fold))
+    calibrate(model, [torch.randn(32, 1, 28, 28)], lambda m, b: m(b), progress=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_integer_onnx_is_bit_identical_to_pytorch_integer_model(tmp_path, fold):
+    model = _mixed_resnet(fold)
+    x = torch.randn(4, 1, 28, 28)
+    int_model = to_integer(model, x)
+    path = export_onnx_integer(int_model, x, tmp_path / "int.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"ConvInteger", "MatMulInteger"} <= ops
+    assert not ops & {"Conv", "Gemm", "MatMul", "QuantizeLinear", "DequantizeLinear"}  # no float kernels
+    result = compare_onnx_integer(int_model, path, torch.randn(48, 1, 28, 28) * 2)  # other batch, clipping
+    # Same integers in both runtimes: within one output step, and in fact bit for bit.
+    assert result["max_diff_in_steps"] <= 1.0, result
+    assert result["exact_fraction"] == 1.0 and result["max_abs_diff"] == 0.0, result
+    assert result["argmax_agreement"] == 1.0, result
+
+
+def test_integer_onnx_linear_signed_and_unsigned_grids(tmp_path):
+    torch.manual_seed(4)
+    # "1" requantizes a signed int32 accumulator (negative values: floor, not truncation); "3" is unsigned.
+    model = nn.Sequential(nn.Linear(12, 32), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5))
+    quantize_model(model, {"0": LayerBits(8, 8), "1": LayerBits(4, 4), "3": LayerBits(8, 8)})
+    calibrate(model, [torch.randn(64, 12)], lambda m, b: m(b), progress=False)
+    x = torch.randn(40, 12)
+    path = export_onnx_integer(model.eval(), x[:2], tmp_path / "lin.onnx")  # converts the fake-quant model
+    proto = onnx.load(str(path))
+    casts = {a.i for n in proto.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    assert {TensorProto.INT8, TensorProto.UINT8} <= casts  # signed grids, unsigned after ReLU
+    result = compare_onnx_integer(to_integer(model, x[:2]), path, x)
+    assert result["exact_fraction"] == 1.0, result
+
+
+def test_integer_onnx_rejects_float_islands(tmp_path):
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    quantize_model(model, {"0": LayerBits(8, 8), "2": LayerBits(8, 8)})
+    calibrate(model, [torch.randn(16, 6)], lambda m, b: m(b), progress=False)
+    int_model = to_integer(model.eval(), float_ops=True)
+    with pytest.raises(HawqError, match="float operators"):
+        export_onnx_integer(int_model, torch.randn(2, 6), tmp_path / "f.onnx")
+    assert not (tmp_path / "f.onnx").exists()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_linear_rounds_like_fake_quant(signed):
+    """The QDQ premise: onnxruntime's QuantizeLinear is hawq's round(x / s) (division, ties to even)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper
+
+    from hawq.quant.quantizers import fake_quant_act
+
+    scale = torch.tensor(0.05377, dtype=torch.float32)
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    k = torch.arange(qmin - 3, qmax + 3, dtype=torch.float64)
+    ties = ((k + 0.5) * float(scale)).float()  # exact .5 multiples in float64, rounded to float32
+    x = torch.cat([ties, torch.nextafter(ties, torch.tensor(1e9)), torch.nextafter(ties, torch.tensor(-1e9)),
+                   (k * float(scale)).float(), torch.randn(20000) * 60 * float(scale)])
+    container = TensorProto.INT8 if signed else TensorProto.UINT8
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [float(scale)]), helper.make_tensor("z", container, [], [0])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"x": x.numpy().astype(np.float32)})[0])
+    assert torch.equal(got, fake_quant_act(x, scale, qmin, qmax))
+    # (x * (1/s), what a reciprocal-multiplying runtime would compute, differs on some of these inputs)
+    assert not torch.equal(got, torch.clamp(torch.round(x * (1 / scale)), qmin, qmax) * scale)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -51,17 +50,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
-from hawq.quant.model import trace
+from hawq.quant.fx_rewrite import (
+    ADD_FUNCS,
+    METHOD_FUNCS,
+    QUANT_LAYERS,
+    RELU_FUNCS,
+    GraphRewriter,
+    check_input_quant,
+    check_weights,
+    source_weight_bias,
+    working_copy,
+)
 from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
-from hawq.quant.quantizers import FLOAT_BITS, quantize_to_int
+from hawq.quant.quantizers import quantize_to_int
 
 ENGINES = ("fbgemm", "x86", "onednn")
 QUINT8_MAX = 255
 SIGNED_ZERO_POINT = 128  # a signed hawq grid in quint8: same scale, codes shifted by 128
-
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, FoldedBatchNorm2d)
-_RELU_FUNCS = {F.relu, torch.relu}
-_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+_WHAT = "to_fbgemm"
 
 
 # --- quantization parameters (pure functions) -----------------------------------------------------
@@ -200,16 +206,8 @@ def _layer_weight(layer: QuantConv2d | QuantLinear, name: str, act: QuantAct,
     An unfolded eval BatchNorm after a plain ``QuantConv2d`` goes into the per-channel scale
     (``|g|``), the sign of the codes (exact: the grid is symmetric) and the bias.
     """
-    if layer.weight_bits >= FLOAT_BITS:
-        raise HawqError(f"to_fbgemm: layer '{name}' has float weights (weight bits 32)")
-    if layer.weight_bits > 8:
-        raise HawqError(f"to_fbgemm: layer '{name}' has {layer.weight_bits}-bit weights; at most 8 supported")
-    if layer.group_size is not None:
-        raise HawqError(f"to_fbgemm: layer '{name}' uses group-wise weights; fbgemm needs per-channel scales")
-    if isinstance(layer, QuantBnConv2d):
-        w, b = layer.folded_weight_bias()
-    else:
-        w, b = layer.weight, layer.bias
+    check_weights(layer, name, _WHAT, "fbgemm needs per-channel scales")
+    w, b = source_weight_bias(layer)
     w = w.detach().float()
     codes, scale = quantize_to_int(w, layer.weight_bits, layer.per_channel, None)
     scale = scale.float().expand(codes.shape[0]).clone() if scale.dim() == 0 else scale.float()
@@ -248,25 +246,20 @@ class _QParams:
         return (abs(self.scale - other.scale) <= 1e-7 * other.scale and self.zero_point == other.zero_point)
 
 
-def _unsupported(node: fx.Node, module: nn.Module | None = None, why: str = "") -> HawqError:
-    if module is not None:
-        what = f"module '{node.target}' ({type(module).__name__})"
-    else:
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-        what = f"node '{node.name}' ({node.op} {target})"
-    return HawqError(f"to_fbgemm: cannot convert {what}{why}; supported: quantized Conv2d/Linear, BatchNorm2d "
-                     "after a conv, ReLU, residual add, max/avg pool, flatten, dropout, identity")
+class _Converter(GraphRewriter):
+    """Rewrites the traced fake-quant graph into quantized modules; ``info[node]`` is its grid (None: float)."""
 
+    what = _WHAT
+    supported = ("quantized Conv2d/Linear, BatchNorm2d after a conv, ReLU, residual add, max/avg pool, "
+                 "flatten, dropout, identity")
+    float_layer_hint = "the int8 engine needs every conv/linear quantized"
+    graph_name = "FbgemmModel"
+    method_funcs = {**METHOD_FUNCS, "view": "view", "reshape": "view"}
 
-class _Converter:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, ranges: dict[str, tuple[float, float]],
                  float_head: bool, engine: str) -> None:
-        self.model, self.gm, self.ranges, self.float_head = model, gm, ranges, float_head
-        self.modules = dict(model.named_modules())
-        self.graph = fx.Graph()
-        self.new_modules: dict[str, nn.Module] = {}
-        self.env: dict[fx.Node, fx.Node] = {}
-        self.qp: dict[fx.Node, _QParams | None] = {}  # None: a float value
+        super().__init__(model, gm)
+        self.ranges, self.float_head = ranges, float_head
         self.absorbed: dict[fx.Node, fx.Node] = {}  # fused node -> the node whose value it takes
         self.fuse_add = engine == "onednn"
         # onednn: a conv whose only consumer is a residual add waits for it (fused conv + add).
@@ -274,27 +267,10 @@ class _Converter:
         self.deferred_alias: dict[fx.Node, fx.Node] = {}
 
     # --- helpers ------------------------------------------------------------------------------
-    def _add(self, base: str, module: nn.Module) -> str:
-        name = base.replace(".", "_")
-        while name in self.new_modules:
-            name += "_"
-        self.new_modules[name] = module
-        return name
-
-    def _emit(self, base: str, module: nn.Module, args: tuple) -> fx.Node:
-        return self.graph.call_module(self._add(base, module), args)
-
-    def _module(self, node: fx.Node) -> nn.Module | None:
-        return self.modules.get(node.target) if node.op == "call_module" else None
-
-    def _is_identity(self, node: fx.Node) -> bool:
-        mod = self._module(node)
-        return isinstance(mod, _IDENTITY_MODULES) and len(node.args) == 1 and isinstance(node.args[0], fx.Node)
-
     def _is_relu(self, node: fx.Node) -> bool:
-        if isinstance(self._module(node), nn.ReLU):
+        if isinstance(self.module_of(node), nn.ReLU):
             return True
-        if node.op == "call_function" and node.target in _RELU_FUNCS:
+        if node.op == "call_function" and node.target in RELU_FUNCS:
             return True
         return node.op == "call_method" and node.target in ("relu", "relu_")
 
@@ -305,7 +281,7 @@ class _Converter:
     def _skip_identity(self, node: fx.Node) -> fx.Node:
         """Follow single-user identity modules (folded BN, dropout) downstream."""
         nxt = self._only_user(node)
-        while nxt is not None and self._is_identity(nxt):
+        while nxt is not None and self.is_identity(nxt):
             node, nxt = nxt, self._only_user(nxt)
         return node
 
@@ -314,14 +290,14 @@ class _Converter:
         out: list[fx.Node] = []
         for u in node.users:
             # Max pooling commutes with rounding onto a grid: look through it as well.
-            through = self._is_identity(u) or isinstance(self._module(u), nn.MaxPool2d)
+            through = self.is_identity(u) or isinstance(self.module_of(u), nn.MaxPool2d)
             out.extend(self._consumers(u) if through else [u])
         return out
 
     def _out_qparams(self, node: fx.Node) -> _QParams:
         """Grid of a produced tensor: its first quantized consumer's QuantAct, else the observed range."""
         for c in self._consumers(node):
-            mod = self._module(c)
+            mod = self.module_of(c)
             if isinstance(mod, (QuantConv2d, QuantLinear)) and mod.input_quant is not None:
                 scale, zp, _, _ = act_qparams(mod.input_quant)
                 return _QParams(scale, zp)  # the kernel writes all of 0..255; a consumer clamps if needed
@@ -329,105 +305,78 @@ class _Converter:
             raise HawqError(f"to_fbgemm: no observed range for '{node.name}'; is it on the forward path?")
         return _QParams(*observed_qparams(*self.ranges[node.name]))
 
-    def _bind(self, node: fx.Node, value: fx.Node, qp: _QParams | None) -> None:
-        self.env[node], self.qp[node] = value, qp
+    # --- handlers -----------------------------------------------------------------------------
+    def before_node(self, node: fx.Node) -> bool:
+        if node not in self.absorbed:  # fused into an earlier conv / linear / add: takes its value
+            return False
+        src = self.absorbed[node]
+        if src in self.deferred:
+            self.deferred_alias[node] = src
+        else:
+            self.bind(node, self.env[src], self.info[src])
+        return True
 
-    def _value(self, node: fx.Node, arg: Any) -> tuple[fx.Node, _QParams | None]:
-        if not isinstance(arg, fx.Node) or arg not in self.env:
-            raise _unsupported(node, why=": an input is not a tensor of the converted graph")
-        return self.env[arg], self.qp[arg]
-
-    # --- walk ---------------------------------------------------------------------------------
-    def convert(self) -> fx.GraphModule:
-        for node in self.gm.graph.nodes:
-            if node in self.absorbed:
-                src = self.absorbed[node]
-                if src in self.deferred:
-                    self.deferred_alias[node] = src
-                else:
-                    self._bind(node, self.env[src], self.qp[src])
-            elif node.op == "placeholder":
-                self._placeholder(node)
-            elif node.op == "output":
-                self.graph.output(fx.node.map_arg(node.args[0], self._output_value))
-            elif node.op == "call_module":
-                self._call_module(node)
-            elif node.op in ("call_function", "call_method"):
-                self._call_function(node)
-            else:
-                raise _unsupported(node)
-        self.graph.lint()
-        return fx.GraphModule(self.new_modules, self.graph, "FbgemmModel")
+    def on_output(self, node: fx.Node) -> None:
+        self.graph.output(fx.node.map_arg(node.args[0], self._output_value))
 
     def _output_value(self, arg: fx.Node) -> fx.Node:
-        if self.qp[arg] is None:
+        if self.info[arg] is None:
             return self.env[arg]
-        return self._emit(f"dequant_{arg.name}", DequantizeOutput(), (self.env[arg],))
+        return self.emit(f"dequant_{arg.name}", DequantizeOutput(), (self.env[arg],))
 
-    def _placeholder(self, node: fx.Node) -> None:
+    def on_placeholder(self, node: fx.Node) -> None:
         ph = self.graph.placeholder(node.name)
         qp = self._out_qparams(node)
         for c in self._consumers(node):
-            mod = self._module(c)
+            mod = self.module_of(c)
             if isinstance(mod, (QuantConv2d, QuantLinear)) and mod.input_quant is not None:
                 qp = _QParams(*act_qparams(mod.input_quant))  # clamped here: the first layer needs no clamp
                 break
-        self._bind(node, self._emit(f"quant_{node.name}", QuantizeInput(qp.scale, qp.zero_point, qp.code_min,
+        self.bind(node, self.emit(f"quant_{node.name}", QuantizeInput(qp.scale, qp.zero_point, qp.code_min,
                                                                         qp.code_max), (ph,)), qp)
 
     def _layer_input(self, node: fx.Node, name: str, act: QuantAct) -> fx.Node:
         """The layer's input on its own grid (requantized when the producer wrote another grid)."""
-        v, qp = self._value(node, node.args[0])
+        v, qp = self.value(node, node.args[0])
         scale, zp, lo, hi = act_qparams(act)
         want = _QParams(scale, zp, lo, hi)
         if qp is None or not qp.same_grid(want):
-            return self._emit(f"requant_{name}", Requantize(scale, zp, lo, hi), (v,))
+            return self.emit(f"requant_{name}", Requantize(scale, zp, lo, hi), (v,))
         if qp.code_min < lo or qp.code_max > hi:
             # hawq's grid is narrower than quint8 (below 8 bits, or signed without code -128): clamp.
-            return self._emit(f"clamp_{name}", ClampCodes(scale, zp, lo, hi), (v,))
+            return self.emit(f"clamp_{name}", ClampCodes(scale, zp, lo, hi), (v,))
         return v
 
-    def _call_module(self, node: fx.Node) -> None:
-        name, mod = node.target, self.modules[node.target]
-        if isinstance(mod, (QuantConv2d, QuantLinear)):
-            self._layer(node, name, mod)
-            return
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            raise HawqError(f"to_fbgemm: layer '{name}' is float (not in the bit map, or at 32 bits); "
-                            "the int8 engine needs every conv/linear quantized")
+    def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         if len(node.args) != 1 or node.kwargs:
-            raise _unsupported(node, mod, ": extra arguments")
-        if self._is_identity(node):
-            v, qp = self._value(node, node.args[0])
-            self._bind(node, v, qp)
-            return
-        v, qp = self._value(node, node.args[0])
+            raise self.unsupported(node, ": extra arguments", mod)
+        v, qp = self.value(node, node.args[0])
         if qp is None and not isinstance(mod, nn.Flatten):
-            raise _unsupported(node, mod, ": its input is a float tensor")
+            raise self.unsupported(node, ": its input is a float tensor", mod)
         if isinstance(mod, nn.ReLU):
-            self._bind(node, self._emit(name, nn.ReLU(), (v,)), qp)
+            self.bind(node, self.emit(name, nn.ReLU(), (v,)), qp)
         elif isinstance(mod, (nn.MaxPool2d, nn.Flatten)):
-            self._bind(node, self._emit(name, copy.deepcopy(mod), (v,)), qp)
+            self.bind(node, self.emit(name, copy.deepcopy(mod), (v,)), qp)
         elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             self._avg_pool(node, name, mod, v)
         else:
-            raise _unsupported(node, mod)
+            raise self.unsupported(node, module=mod)
 
     def _avg_pool(self, node: fx.Node, name: str, mod: nn.Module, v: fx.Node) -> None:
         # Averaging on the dequantized values, not on the integer grid: a quantized average pool
         # rounds its mean onto the input's grid, which is far coarser than the grid of the layer
         # after a global pool (the mean's range is much smaller). The next layer requantizes.
-        self._bind(node, self._emit(name, FloatAvgPool(mod), (v,)), None)
+        self.bind(node, self.emit(name, FloatAvgPool(mod), (v,)), None)
 
     def _conv_add(self, node: fx.Node, conv_node: fx.Node, other: Any) -> None:
         """onednn's fused ``conv2d_add(_relu)``: the conv's int32 result is added before any rounding."""
         q, x, _, name = self.deferred.pop(conv_node)
-        accum, qa = self._value(node, other)
+        accum, qa = self.value(node, other)
         if qa is None:
-            raise _unsupported(node, why=": adds a float tensor")
+            raise self.unsupported(node, ": adds a float tensor")
         chain, _, relu = self._fusable_chain(node, allow_bn=False)
         qp = self._out_qparams(chain[-1] if chain else node)
-        self._bind(node, self._emit(f"{name}_add", ConvAdd(q, qp.scale, qp.zero_point, relu), (x, accum)), qp)
+        self.bind(node, self.emit(f"{name}_add", ConvAdd(q, qp.scale, qp.zero_point, relu), (x, accum)), qp)
         for n in chain:
             self.absorbed[n] = node
 
@@ -440,8 +389,8 @@ class _Converter:
             nxt = self._only_user(cur)
             if nxt is None:
                 return chain, bn, False
-            mod = self._module(nxt)
-            if self._is_identity(nxt):
+            mod = self.module_of(nxt)
+            if self.is_identity(nxt):
                 pass
             elif (allow_bn and bn is None and isinstance(mod, nn.BatchNorm2d)
                   and not isinstance(mod, FoldedBatchNorm2d)):
@@ -454,16 +403,8 @@ class _Converter:
             chain.append(nxt)
             cur = nxt
 
-    def _layer(self, node: fx.Node, name: str, mod: QuantConv2d | QuantLinear) -> None:
-        if len(node.args) != 1 or node.kwargs:
-            raise _unsupported(node, mod, ": extra arguments")
-        act = mod.input_quant
-        if act is None:
-            raise HawqError(f"to_fbgemm: layer '{name}' has float activations (activation bits 32)")
-        if not act.calibrated:
-            raise HawqError(f"to_fbgemm: the input quantizer of '{name}' is not calibrated; run calibrate() first")
-        if act.bits > 8:
-            raise HawqError(f"to_fbgemm: layer '{name}' has {act.bits}-bit activations; at most 8 supported")
+    def on_quant_layer(self, node: fx.Node, name: str, mod: QuantConv2d | QuantLinear) -> None:
+        act = check_input_quant(mod, name, _WHAT)
         is_conv = isinstance(mod, QuantConv2d)
         chain, bn, relu = self._fusable_chain(node, allow_bn=is_conv and not isinstance(mod, QuantBnConv2d))
         last = chain[-1] if chain else node
@@ -472,7 +413,7 @@ class _Converter:
         only_output = all(u.op == "output" for u in self._consumers(last))
         if not is_conv and self.float_head and only_output:
             w = codes.float() * w_scale.reshape(-1, 1)
-            out, qp = self._emit(name, FloatHeadLinear(w, bias, act, relu), (x,)), None
+            out, qp = self.emit(name, FloatHeadLinear(w, bias, act, relu), (x,)), None
         else:
             qp = self._out_qparams(last)
             if is_conv:
@@ -491,15 +432,15 @@ class _Converter:
                     self.absorbed[n] = node
                 return
             q.scale, q.zero_point = qp.scale, qp.zero_point
-            out = self._emit(name, q, (x,))
-        self._bind(node, out, qp)
+            out = self.emit(name, q, (x,))
+        self.bind(node, out, qp)
         for n in chain:
             self.absorbed[n] = node
 
     def _is_add(self, node: fx.Node | None) -> bool:
         if node is None or len(node.args) != 2 or node.kwargs:
             return False
-        return (node.op == "call_function" and node.target in _ADD_FUNCS) or (
+        return (node.op == "call_function" and node.target in ADD_FUNCS) or (
             node.op == "call_method" and node.target == "add")
 
     def _emit_deferred(self, conv_node: fx.Node) -> fx.Node:
@@ -507,54 +448,50 @@ class _Converter:
         q, x, last, name = self.deferred.pop(conv_node)
         qp = self._out_qparams(last)
         q.scale, q.zero_point = qp.scale, qp.zero_point
-        out = self._emit(name, q, (x,))
-        self._bind(conv_node, out, qp)
+        out = self.emit(name, q, (x,))
+        self.bind(conv_node, out, qp)
         return out
 
-    def _call_function(self, node: fx.Node) -> None:
-        fn = node.target
-        if node.op == "call_method":
-            fn = {"flatten": torch.flatten, "relu": F.relu, "relu_": F.relu, "add": torch.add,
-                  "view": "view", "reshape": "view"}.get(fn)
-        if fn in _ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
+    def on_function(self, node: fx.Node, fn: Any) -> None:
+        if fn in ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
             srcs = [self.deferred_alias.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
             fused = next((i for i, n in enumerate(srcs) if n in self.deferred), None)
             for i, n in enumerate(srcs):
                 if i != fused and n in self.deferred:
                     self._emit_deferred(n)
                 if i != fused and node.args[i] in self.deferred_alias:
-                    self._bind(node.args[i], self.env[n], self.qp[n])
+                    self.bind(node.args[i], self.env[n], self.info[n])
             if fused is not None:
                 self._conv_add(node, srcs[fused], node.args[1 - fused])
                 return
-            (a, qa), (b, qb) = self._value(node, node.args[0]), self._value(node, node.args[1])
+            (a, qa), (b, qb) = self.value(node, node.args[0]), self.value(node, node.args[1])
             if qa is None or qb is None:
-                raise _unsupported(node, why=": adds a float tensor")
+                raise self.unsupported(node, ": adds a float tensor")
             chain, _, relu = self._fusable_chain(node, allow_bn=False)
             last = chain[-1] if chain else node
             qp = self._out_qparams(last)
-            self._bind(node, self._emit(node.name, QuantizedAdd(qp.scale, qp.zero_point, relu), (a, b)), qp)
+            self.bind(node, self.emit(node.name, QuantizedAdd(qp.scale, qp.zero_point, relu), (a, b)), qp)
             for n in chain:
                 self.absorbed[n] = node
             return
-        if fn in _RELU_FUNCS and len(node.args) == 1:
-            v, qp = self._value(node, node.args[0])
-            self._bind(node, self._emit(node.name, nn.ReLU(), (v,)), qp)
+        if fn in RELU_FUNCS and len(node.args) == 1:
+            v, qp = self.value(node, node.args[0])
+            self.bind(node, self.emit(node.name, nn.ReLU(), (v,)), qp)
             return
         if fn is F.adaptive_avg_pool2d or fn is F.avg_pool2d:
-            v, qp = self._value(node, node.args[0])
+            v, qp = self.value(node, node.args[0])
             if qp is None:
-                raise _unsupported(node, why=": its input is a float tensor")
-            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self._value(node, a)[0])
-            deq = self._emit(f"dequant_{node.name}", DequantizeOutput(), (v,))
-            self._bind(node, self.graph.create_node(node.op, node.target, (deq, *rest[0]), rest[1]), None)
+                raise self.unsupported(node, ": its input is a float tensor")
+            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self.value(node, a)[0])
+            deq = self.emit(f"dequant_{node.name}", DequantizeOutput(), (v,))
+            self.bind(node, self.graph.create_node(node.op, node.target, (deq, *rest[0]), rest[1]), None)
             return
         if fn is torch.flatten or fn == "view" or fn is F.max_pool2d:
-            v, qp = self._value(node, node.args[0])
-            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self._value(node, a)[0])
-            self._bind(node, self.graph.create_node(node.op, node.target, (v, *rest[0]), rest[1]), qp)
+            v, qp = self.value(node, node.args[0])
+            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self.value(node, a)[0])
+            self.bind(node, self.graph.create_node(node.op, node.target, (v, *rest[0]), rest[1]), qp)
             return
-        raise _unsupported(node)
+        raise self.unsupported(node)
 
 
 def _observe_ranges(gm: fx.GraphModule, batches: Sequence[Tensor]) -> dict[str, tuple[float, float]]:
@@ -600,14 +537,12 @@ def to_fbgemm(model: nn.Module, example_input: Tensor | Iterable[Tensor], engine
     if not batches or not all(isinstance(b, Tensor) for b in batches):
         raise HawqError("to_fbgemm: example_input must be a tensor or an iterable of tensors")
     torch.backends.quantized.engine = engine
-    work = copy.deepcopy(model).eval().to("cpu", torch.float32)
-    for name, mod in work.named_modules():
-        if isinstance(mod, (QuantConv2d, QuantLinear)) and mod.input_quant is not None \
-                and not mod.input_quant.calibrated:
+    for name, mod in model.named_modules():
+        if isinstance(mod, QUANT_LAYERS) and mod.input_quant is not None and not mod.input_quant.calibrated:
             raise HawqError(f"to_fbgemm: the input quantizer of '{name}' is not calibrated; run calibrate() first")
-    gm = trace(work, "to_fbgemm")
+    work, gm = working_copy(model, torch.float32, _WHAT)
     ranges = _observe_ranges(gm, [b.to("cpu", torch.float32) for b in batches])
-    out = _Converter(work, gm, ranges, float_head, engine).convert()
+    out = _Converter(work, gm, ranges, float_head, engine).rewrite()
     # The weights are packed for ``engine`` and onednn's fused conv + add checks the global engine.
     out.register_forward_pre_hook(functools.partial(_select_engine, engine))
     out.quantized_engine = engine

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import operator
 from typing import Any
 
 import torch
@@ -38,9 +37,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
-from hawq.quant.model import trace
-from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
-from hawq.quant.quantizers import FLOAT_BITS, quantize_to_int
+from hawq.quant.fx_rewrite import (
+    ADD_FUNCS,
+    QUANT_LAYERS,
+    RELU_FUNCS,
+    GraphRewriter,
+    check_input_quant,
+    check_weights,
+    get_attr,
+    source_weight_bias,
+    working_copy,
+)
+from hawq.quant.modules import QuantAct, QuantConv2d
+from hawq.quant.quantizers import quantize_to_int
 
 INT32_MAX = 2**31 - 1
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
@@ -275,10 +284,8 @@ class Dequantize(nn.Module):
 
 
 # --- conversion -----------------------------------------------------------------------------------
-_RELU_FUNCS = {F.relu, torch.relu}
-_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
-_FLATTEN = {torch.flatten}
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, FoldedBatchNorm2d)
+_WHAT = "to_integer"
+_GROUP_HINT = "integer inference needs per-channel or per-tensor scales"
 
 
 class _Meta:
@@ -292,30 +299,10 @@ class _Meta:
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
     """Weight codes, compact weight scale and float bias of a quantized conv/linear (BN folded)."""
-    if layer.weight_bits >= FLOAT_BITS:
-        raise HawqError(f"to_integer: layer '{name}' has float weights (weight bits 32)")
-    if layer.group_size is not None:
-        raise HawqError(f"to_integer: layer '{name}' uses group-wise weights; integer inference needs "
-                        "per-channel or per-tensor scales")
-    if layer.weight_bits > 8:
-        raise HawqError(f"to_integer: layer '{name}' has {layer.weight_bits}-bit weights; at most 8 supported")
-    if isinstance(layer, QuantBnConv2d):
-        w, b = layer.folded_weight_bias()
-    else:
-        w, b = layer.weight, layer.bias
+    check_weights(layer, name, _WHAT, _GROUP_HINT)
+    w, b = source_weight_bias(layer)
     codes, scale = quantize_to_int(w.detach().to(torch.float64), layer.weight_bits, layer.per_channel, None)
     return codes, scale, None if b is None else b.detach().to(torch.float64)
-
-
-def _check_act(layer: nn.Module, name: str) -> QuantAct:
-    act = layer.input_quant
-    if act is None:
-        raise HawqError(f"to_integer: layer '{name}' has float activations (activation bits 32)")
-    if not act.calibrated:
-        raise HawqError(f"to_integer: the input quantizer of '{name}' is not calibrated; run calibrate() first")
-    if act.bits > 8:
-        raise HawqError(f"to_integer: layer '{name}' has {act.bits}-bit activations; at most 8 supported")
-    return act
 
 
 def _bias_codes(bias: Tensor | None, acc_scale: Tensor, name: str) -> Tensor | None:
@@ -332,16 +319,6 @@ def _chan(scale: Tensor, ndim: int) -> Tensor:
     return scale.reshape(1, -1, *([1] * (ndim - 2))) if scale.dim() else scale
 
 
-def _unsupported(node: fx.Node, why: str = "", module: nn.Module | None = None) -> HawqError:
-    if module is not None:
-        what = f"module '{node.target}' ({type(module).__name__})"
-    else:
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-        what = f"node '{node.name}' ({node.op} {target})"
-    return HawqError(f"to_integer: cannot convert {what}{why}; supported: quantized Conv2d/Linear, "
-                     "BatchNorm2d, ReLU, add, max/avg pool, flatten, dropout")
-
-
 def _as_float64(x: Any) -> Any:
     """Entry of a float island: floating tensors to float64 (the island runs in float64)."""
     return x.to(torch.float64) if isinstance(x, Tensor) and x.is_floating_point() else x
@@ -351,37 +328,33 @@ def _as_dtype(x: Any, dtype: torch.dtype) -> Any:
     return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x
 
 
-class _Converter:
-    """Rewrites a traced fake-quant graph node by node into integer modules (see the module doc)."""
+class _Converter(GraphRewriter):
+    """Rewrites a traced fake-quant graph node by node into integer modules (see the module doc).
+
+    ``info[node]`` is a :class:`_Meta`; its scale is None for a plain (float or index) value.
+    """
+
+    what = _WHAT
+    supported = "quantized Conv2d/Linear, BatchNorm2d, ReLU, add, max/avg pool, flatten, dropout"
+    float_layer_hint = "integer inference needs every conv/linear quantized"
+    graph_name = "IntegerModel"
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule, out_dtype: torch.dtype, float_ops: bool) -> None:
-        self.model, self.gm = model, gm
-        self.modules = dict(model.named_modules())
-        self.graph = fx.Graph()
-        self.new_modules: dict[str, Any] = {}
-        self.env: dict[fx.Node, fx.Node] = {}
-        self.meta: dict[fx.Node, _Meta] = {}  # scale None: a plain (float or index) value
+        super().__init__(model, gm)
         self.out_dtype = out_dtype
         self.float_ops = float_ops
         self.float_nodes: list[str] = []
-        self._dequantized: dict[fx.Node, fx.Node] = {}
+        self._dequantized: dict[tuple[fx.Node, torch.dtype | None], fx.Node] = {}
 
-    def _add_module(self, base: str, module: Any) -> str:
+    def module_name(self, base: str) -> str:
+        # Integer layers keep their dotted names (``integer_layers``, state_dict keys); clashes get underscores.
         name = base.replace(".", "_") if base in self.new_modules else base
         while name in self.new_modules:
             name += "_"
-        self.new_modules[name] = module
         return name
 
-    def _int_input(self, node: fx.Node, arg: Any) -> tuple[fx.Node, _Meta]:
-        if not isinstance(arg, fx.Node) or arg not in self.meta:
-            raise _unsupported(node, ": an input is not a tensor produced by a converted node")
-        return self.env[arg], self.meta[arg]
-
     def _emit(self, node: fx.Node, module_name: str, module: nn.Module, args: tuple, meta: _Meta) -> None:
-        target = self._add_module(module_name, module)
-        self.env[node] = self.graph.call_module(target, args)
-        self.meta[node] = meta
+        self.bind(node, self.emit(module_name, module, args), meta)
 
     def _tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
@@ -390,83 +363,60 @@ class _Converter:
 
     def _all_int(self, node: fx.Node) -> bool:
         inputs = self._tensor_inputs(node)
-        return bool(inputs) and all(self.meta[n].scale is not None for n in inputs)
+        return bool(inputs) and all(self.info[n].scale is not None for n in inputs)
+
+    def rewrite(self) -> fx.GraphModule:
+        gm = super().rewrite()
+        gm.float_nodes = list(self.float_nodes)
+        return gm
 
     # --- float islands ------------------------------------------------------------------------
     def _plain(self, arg: fx.Node, dtype: torch.dtype | None = torch.float64) -> fx.Node:
         """The new-graph value of ``arg`` as a plain tensor (integer values dequantized)."""
-        meta = self.meta[arg]
+        meta = self.info[arg]
         if meta.scale is None:
             return self.env[arg]
         key = (arg, dtype)
         if key not in self._dequantized:
-            target = self._add_module(f"dequant_{arg.name}", Dequantize(meta.scale, dtype))
-            self._dequantized[key] = self.graph.call_module(target, (self.env[arg],))
+            self._dequantized[key] = self.emit(f"dequant_{arg.name}", Dequantize(meta.scale, dtype), (self.env[arg],))
         return self._dequantized[key]
 
     def _float_op(self, node: fx.Node, mod: nn.Module | None = None, why: str = "") -> None:
         """Run ``node`` unchanged on plain float64 values (only with ``float_ops=True``)."""
         if not self.float_ops:
-            raise _unsupported(node, why + " (float_ops=True runs it in float)", module=mod)
+            raise self.unsupported(node, why + " (float_ops=True runs it in float)", module=mod)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._plain)
         target = node.target
         if node.op in ("call_module", "get_attr"):
-            obj = self.modules[node.target] if node.op == "call_module" else _get_attr(self.model, node.target)
-            target = self._add_module(node.target, obj)
-        self.env[node] = self.graph.create_node(node.op, target, args, kwargs, node.name)
-        self.meta[node] = _Meta(None)
+            obj = self.modules[node.target] if node.op == "call_module" else get_attr(self.model, node.target)
+            target = self.add_module(node.target, obj)
+        self.bind(node, self.graph.create_node(node.op, target, args, kwargs, node.name), _Meta(None))
         if node.op != "get_attr":
             self.float_nodes.append(str(node.target) if node.op == "call_module" else node.name)
 
-    # --- graph walk ---------------------------------------------------------------------------
-    def convert(self) -> fx.GraphModule:
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder":
-                ph = self.graph.placeholder(node.name, default_value=node.args[0] if node.args else
-                                            inspect.Signature.empty)
-                self.env[node] = self.graph.call_function(_as_float64, (ph,)) if self.float_ops else ph
-                self.meta[node] = _Meta(None)
-            elif node.op == "output":
-                self._output(node)
-            elif node.op == "get_attr":
-                self._float_op(node)
-            elif node.op == "call_module":
-                self._call_module(node)
-            elif node.op in ("call_function", "call_method"):
-                self._call_function(node)
-            else:
-                raise _unsupported(node)
-        self.graph.lint()
-        gm = fx.GraphModule(self.new_modules, self.graph, "IntegerModel")
-        gm.float_nodes = list(self.float_nodes)
-        return gm
+    # --- handlers -----------------------------------------------------------------------------
+    def on_placeholder(self, node: fx.Node) -> None:
+        ph = self.graph.placeholder(node.name, default_value=node.args[0] if node.args else inspect.Signature.empty)
+        self.bind(node, self.graph.call_function(_as_float64, (ph,)) if self.float_ops else ph, _Meta(None))
 
-    def _output(self, node: fx.Node) -> None:
+    def on_get_attr(self, node: fx.Node) -> None:
+        self._float_op(node)
+
+    def on_output(self, node: fx.Node) -> None:
         def out(arg: fx.Node) -> fx.Node:
-            if self.meta[arg].scale is not None:
+            if self.info[arg].scale is not None:
                 return self._plain(arg, self.out_dtype)
             if not self.float_ops:
-                raise _unsupported(node, ": the output is not computed by the integer graph")
+                raise self.unsupported(node, ": the output is not computed by the integer graph")
             return self.graph.call_function(_as_dtype, (self.env[arg], self.out_dtype))
 
         self.graph.output(fx.node.map_arg(node.args[0], out))
 
-    def _call_module(self, node: fx.Node) -> None:
-        name, mod = node.target, self.modules[node.target]
-        if isinstance(mod, (QuantConv2d, QuantLinear)):
-            self._layer(node, name, mod)
-            return
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            raise HawqError(f"to_integer: layer '{name}' is float (not in the bit map, or at 32 bits); "
-                            "integer inference needs every conv/linear quantized")
-        if isinstance(mod, _IDENTITY_MODULES) and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
-            # The working copy is in eval mode: dropout is the identity, as are folded BNs.
-            self.env[node], self.meta[node] = self.env[node.args[0]], self.meta[node.args[0]]
-            return
+    def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         if not self._all_int(node) or len(node.args) != 1:
             self._float_op(node, mod)
             return
-        v, meta = self.env[node.args[0]], self.meta[node.args[0]]
+        v, meta = self.env[node.args[0]], self.info[node.args[0]]
         if isinstance(mod, nn.BatchNorm2d):
             self._batchnorm(node, name, mod, v, meta)
         elif isinstance(mod, nn.ReLU):
@@ -484,11 +434,9 @@ class _Converter:
         else:
             self._float_op(node, mod)
 
-    def _layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
-        if len(node.args) != 1 or node.kwargs:
-            raise _unsupported(node, ": extra arguments")
-        v, meta = self._int_input(node, node.args[0])
-        act = _check_act(mod, name)
+    def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
+        v, meta = self.value(node, node.args[0])
+        act = check_input_quant(mod, name, _WHAT)
         codes, w_scale, bias = _layer_codes(mod, name)
         acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
         bias_int = _bias_codes(bias, acc_scale, name)
@@ -546,15 +494,12 @@ class _Converter:
 
         self._emit(node, name, IntFlatten(start, end), (v,), _Meta(flat(meta.scale), bound=flat(meta.bound)))
 
-    def _call_function(self, node: fx.Node) -> None:
-        fn = node.target
-        if node.op == "call_method":
-            fn = {"flatten": torch.flatten, "relu": F.relu, "relu_": F.relu, "add": torch.add}.get(fn)
+    def on_function(self, node: fx.Node, fn: Any) -> None:
         int_ok = fn is not None and self._all_int(node)
-        if int_ok and fn in _RELU_FUNCS and len(node.args) == 1:
-            self._emit(node, node.name, IntReLU(), (self.env[node.args[0]],), self.meta[node.args[0]])
-        elif int_ok and fn in _ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
-            ma, mb = self.meta[node.args[0]], self.meta[node.args[1]]
+        if int_ok and fn in RELU_FUNCS and len(node.args) == 1:
+            self._emit(node, node.name, IntReLU(), (self.env[node.args[0]],), self.info[node.args[0]])
+        elif int_ok and fn in ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
+            ma, mb = self.info[node.args[0]], self.info[node.args[1]]
             # Common scale: the finer operand's, refined by up to FRACTION_BITS while the static
             # bound of the sum stays below 2^30 (so the adds' rounding is negligible and int32 safe).
             real_bound = ma.bound * ma.scale + mb.bound * mb.scale
@@ -564,23 +509,16 @@ class _Converter:
             bound = real_bound / out + 2
             args = (self.env[node.args[0]], self.env[node.args[1]])
             self._emit(node, node.name, module, args, _Meta(out, ma.spatial_one and mb.spatial_one, bound))
-        elif int_ok and fn in _FLATTEN and not node.kwargs:
+        elif int_ok and fn is torch.flatten and not node.kwargs:
             start = node.args[1] if len(node.args) > 1 else 0
             end = node.args[2] if len(node.args) > 2 else -1
-            self._flatten(node, node.name, self.env[node.args[0]], self.meta[node.args[0]], start, end)
+            self._flatten(node, node.name, self.env[node.args[0]], self.info[node.args[0]], start, end)
         elif int_ok and fn is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
-            meta = self.meta[node.args[0]]
+            meta = self.info[node.args[0]]
             self._emit(node, node.name, IntSumPool2d(None, None), (self.env[node.args[0]],),
                        _Meta(meta.scale, True, meta.bound))
         else:
             self._float_op(node)
-
-
-def _get_attr(model: nn.Module, target: str) -> Any:
-    obj: Any = model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 @torch.no_grad()
@@ -599,17 +537,16 @@ def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops:
     names of those operators are listed in the result's ``float_nodes``. Without it, such an
     operator raises a HawqError naming it.
     """
-    work = copy.deepcopy(model).eval().to("cpu", torch.float64)
-    for name, mod in work.named_modules():
-        if isinstance(mod, (QuantConv2d, QuantLinear)):
-            _check_act(mod, name)
-    gm = trace(work, "to_integer")
+    for name, mod in model.named_modules():
+        if isinstance(mod, QUANT_LAYERS):
+            check_input_quant(mod, name, _WHAT)
+    work, gm = working_copy(model, torch.float64, _WHAT)
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
         ShapeProp(gm).propagate(example_input.to("cpu", torch.float64))
     params = list(model.parameters())
-    return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops).convert()
+    return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops).rewrite()
 
 
 def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:
