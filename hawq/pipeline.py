@@ -4,6 +4,12 @@ A run folder ``runs/<name>/`` holds one artifact per stage. Each artifact record
 inputs it was computed from (the config sections that matter plus the upstream artifact), so a
 re-run with ``run.resume: true`` reuses every stage whose inputs did not change and recomputes the
 rest. ``report.json`` is written last: a folder without it is an unfinished run.
+
+Under ``torchrun`` (a process group with several processes) every process runs the same stages:
+the Hessian work is split by batches (each process takes a disjoint shard of the same seeded batch
+list and the Hessian operator sums over processes), finetuning runs DDP, and everything else that
+needs one answer (evaluations, the bit search, export, every file in the run folder) is done by
+rank 0 and broadcast. Only rank 0 writes files and shows progress bars.
 """
 
 from __future__ import annotations
@@ -21,13 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hawq import HawqError
-from hawq.bitmap import BitMap, LayerBits, atomic_write_text, bitmap_to_dict, load_bitmap, save_bitmap
+from hawq.bitmap import (
+    BitMap,
+    LayerBits,
+    atomic_write_text,
+    bitmap_from_dict,
+    bitmap_to_dict,
+    load_bitmap,
+    save_bitmap,
+)
 from hawq.config import Config, config_to_dict, save_config
 from hawq.data import DataBundle, build_data
 from hawq.models import ModelSpec, Task, get_model_spec, get_task
+from hawq.train import distributed as D
 
 log = logging.getLogger("hawq")
 
@@ -43,10 +59,25 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``/``cuda`` is this process's GPU (``cuda:LOCAL_RANK`` under torchrun), else the CPU."""
+    device = _resolve_device(name)
+    if device.type == "cpu" and D.is_distributed() and dist.get_backend() == "nccl":
+        raise HawqError(f"run.device is '{name}' (CPU) but the process group uses NCCL, which reduces GPU "
+                        "tensors only; create the group with gloo for a CPU run (hawq.quantize does so "
+                        "when run.device is cpu)")
+    return device
+
+
+def _resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return D.local_device() if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise HawqError(f"run.device is '{name}' but no CUDA device is available (use 'cpu' or 'auto')")
+    if name == "cuda":
+        return D.local_device()
+    if name.startswith("cuda:") and D.is_distributed():
+        raise HawqError(f"run.device '{name}' names one GPU for all {D.get_world_size()} processes; use "
+                        "'cuda' or 'auto' (each process takes cuda:LOCAL_RANK)")
     try:
         return torch.device(name)
     except RuntimeError:
@@ -123,17 +154,26 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def progress(self) -> bool:
-        return self.cfg.run.progress
+    def main(self) -> bool:
+        """This process writes the run folder (rank 0, or the only process)."""
+        return D.is_main()
 
-    def batches(self, split: str, n: int | None, batch_size: int, shuffle: bool = False) -> list[Any]:
-        """The first ``n`` batches of a split (seeded order), moved to the device."""
+    @property
+    def progress(self) -> bool:
+        return self.cfg.run.progress and self.main
+
+    def batches(self, split: str, n: int | None, batch_size: int, shuffle: bool = False,
+                to_device: bool = True) -> list[Any]:
+        """The first ``n`` batches of a split (seeded order), moved to the device.
+
+        The list is the same on every process; :func:`hawq.train.distributed.shard` splits it.
+        """
         loader = self.data.loader(split, batch_size, shuffle=shuffle, seed=self.cfg.run.seed)
         out = []
         for i, batch in enumerate(loader):
             if n is not None and i >= n:
                 break
-            out.append(self.task.to_device(batch, self.device))
+            out.append(self.task.to_device(batch, self.device) if to_device else batch)
         return out
 
     def eval_batches(self) -> Any:
@@ -200,9 +240,16 @@ def pretrain_if_needed(run: Run) -> None:
 
     path = run.run_dir / "fp32.safetensors"
     key = digest(config_to_dict(run.cfg.model), config_to_dict(run.cfg.data), run.cfg.run.seed)
-    meta = read_json(run.run_dir / "fp32.json")
-    if run.cfg.run.resume and path.exists() and meta and meta.get("key") == key:
-        run.fp32.load_state_dict(load_file(str(path), device=str(run.device)))
+
+    def reuse() -> bool:
+        meta = read_json(run.run_dir / "fp32.json")
+        if run.cfg.run.resume and path.exists() and meta and meta.get("key") == key:
+            run.fp32.load_state_dict(load_file(str(path), device=str(run.device)))
+            return True
+        return False
+
+    if D.run_on_main(reuse):
+        D.broadcast_module(run.fp32)  # rank 0 read the file; the others take its weights
         return
     from hawq.train import train
 
@@ -214,10 +261,17 @@ def pretrain_if_needed(run: Run) -> None:
     train(run.fp32, run.task, run.data.train, train_cfg, device=run.device, run_dir=run.run_dir,
           seed=run.cfg.run.seed, progress=run.progress, tag="pretrain", collate_fn=run.data.collate_fn)
     run.fp32.eval()
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in run.fp32.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-    write_json(run.run_dir / "fp32.json", {"key": key})
+    # DDP keeps the weights equal, but each process updated its BatchNorm statistics on its own
+    # shard after the last broadcast: take rank 0's, the model that is saved
+    D.broadcast_module(run.fp32)
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in run.fp32.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+        write_json(run.run_dir / "fp32.json", {"key": key})
+
+    D.run_on_main(save)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,21 +279,40 @@ def pretrain_if_needed(run: Run) -> None:
 
 
 def stage_sensitivity(run: Run) -> dict[str, Any]:
-    from hawq.sensitivity import hessian_traces, load_traces, save_traces
+    """Per-layer Hessian traces (plus the optional spectrum), cached in ``traces.json``.
+
+    Under torchrun each process takes the batches ``rank, rank + world, ...`` of the same seeded
+    list and the Hessian operator sums over processes, so every process gets the traces one process
+    computes on the whole list (up to float64 summation order). The cache key fingerprints the whole
+    list, so a run on any number of processes reuses the traces of a run on any other number.
+    """
+    from hawq.sensitivity import batches_fingerprint, hessian_traces, load_traces, save_traces, traces_cache_key
 
     scfg = run.cfg.sensitivity
     path = run.run_dir / "traces.json"
-    key = digest(config_to_dict(scfg), run.cfg.run.seed, state_dict_digest(run.fp32),
-                 config_to_dict(run.cfg.data), run.layers)
-    if run.cfg.run.resume and path.exists():
-        traces, meta = load_traces(path)
-        if meta.get("key") == key:
-            log.info("sensitivity: reusing %s", path)
-            run.results["sensitivity_meta"] = meta
-            return traces
+    all_batches = run.batches("train", scfg.batches, scfg.batch_size, shuffle=True, to_device=False)
+    key = traces_cache_key(run.fp32, batches_fingerprint(all_batches),
+                           {"sensitivity": config_to_dict(scfg), "seed": run.cfg.run.seed, "layers": run.layers})
+
+    def cached() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        if run.cfg.run.resume and path.exists():
+            traces, meta = load_traces(path)
+            if meta.get("key") == key:
+                log.info("sensitivity: reusing %s", path)
+                return traces, meta
+        return None
+
+    hit = D.run_on_main(cached)
+    if hit is not None:
+        run.results["sensitivity_meta"] = hit[1]
+        return hit[0]
     model = copy.deepcopy(run.fp32)
     model.train(scfg.bn_mode == "train")
-    batches = run.batches("train", scfg.batches, scfg.batch_size, shuffle=True)
+    world = D.get_world_size()
+    if len(all_batches) < world and run.main:
+        log.warning("sensitivity: %d batches for %d processes: some processes idle (set sensitivity.batches "
+                    ">= %d)", len(all_batches), world, world)
+    batches = [run.task.to_device(b, run.device) for b in D.shard(all_batches)]
     if scfg.label_free:
         from hawq.sensitivity import label_free_loss
 
@@ -253,31 +326,57 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
     traces = hessian_traces(model, loss_fn, batches, layers=run.layers, progress=run.progress, **kwargs)
     elapsed = time.perf_counter() - t0
     meta = {"key": key, "bn_mode": scfg.bn_mode, "label_free": scfg.label_free, "normalize": scfg.normalize,
-            "batches": len(batches), "batch_size": scfg.batch_size, "seed": kwargs["seed"],
-            "tol": scfg.tol, "max_probes": scfg.max_probes, "seconds": round(elapsed, 3),
-            "device": str(run.device)}
-    meta.update(_spectrum(run, model, loss_fn, batches[: scfg.spectrum_batches], kwargs["seed"]))
-    save_traces(path, traces, meta)
+            "batches": len(all_batches), "batch_size": scfg.batch_size, "seed": kwargs["seed"],
+            "tol": scfg.tol, "min_probes": scfg.min_probes, "max_probes": scfg.max_probes,
+            "variance_reduction": scfg.variance_reduction, "hvps": sum(t.n for t in traces.values()),
+            "seconds": round(elapsed, 3), "device": str(run.device), "processes": world}
+    spectrum_batches = D.shard(all_batches[: scfg.spectrum_batches])
+    spectrum, density = _spectrum(run, model, loss_fn, [run.task.to_device(b, run.device) for b in spectrum_batches],
+                                  kwargs["seed"])
+    meta.update(spectrum)
+    if world > 1:
+        # The operator all-reduces every product, so the processes hold bit-identical estimates
+        # (what DDP relies on for its gradients too). Check it; if they ever differed, rank 0's
+        # numbers are the ones written, searched on and reported.
+        mine = digest({k: dataclasses.asdict(v) for k, v in traces.items()}, spectrum)
+        gathered = D.all_gather_object((len(batches), mine))
+        meta["batches_per_process"] = [n for n, _ in gathered]
+        meta["ranks_agree"] = len({d for _, d in gathered}) == 1
+        if not meta["ranks_agree"]:
+            log.warning("sensitivity: the %d processes computed different estimates; using rank 0's", world)
+            traces, meta = D.broadcast_object((traces, meta))  # type: ignore[misc]
+
+    def save() -> None:
+        if density is not None:
+            from hawq.sensitivity import plot_density
+
+            plot_density(density, run.run_dir / "density.png")
+        save_traces(path, traces, meta)
+
+    D.run_on_main(save)
     run.results["sensitivity_meta"] = meta
     return traces
 
 
-def _spectrum(run: Run, model: nn.Module, loss_fn: Any, batches: list[Any], seed: int) -> dict[str, Any]:
-    """Optional whole-model curvature summaries: top eigenvalues and the SLQ eigenvalue density."""
-    from hawq.sensitivity import plot_density, spectral_density, top_eigenvalues
+def _spectrum(run: Run, model: nn.Module, loss_fn: Any, batches: list[Any], seed: int) -> tuple[dict[str, Any], Any]:
+    """Optional whole-model curvature summaries: top eigenvalues and the SLQ eigenvalue density.
+
+    Returns the summaries for ``traces.json``'s meta and the density (to plot), or None.
+    """
+    from hawq.sensitivity import spectral_density, top_eigenvalues
 
     scfg = run.cfg.sensitivity
     out: dict[str, Any] = {}
+    density = None
     if scfg.top_eigen > 0:
         top = top_eigenvalues(model, loss_fn, batches, k=scfg.top_eigen, seed=seed, progress=run.progress)
         out["top_eigenvalues"] = top.values
     if scfg.density_iter > 0:
         density = spectral_density(model, loss_fn, batches, n_iter=scfg.density_iter, seed=seed,
                                    progress=run.progress)
-        plot_density(density, run.run_dir / "density.png")
         out["density"] = {"nodes": density.nodes, "weights": density.weights, "png": "density.png",
                           "trace_estimate": density.trace()}
-    return out
+    return out, density
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,18 +384,24 @@ def _spectrum(run: Run, model: nn.Module, loss_fn: Any, batches: list[Any], seed
 
 
 def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, Any]]:
+    """The bit allocation, solved on rank 0 and broadcast (as bits.yaml's JSON) to every process."""
+    costs = run_costs(run)  # every process needs the costs (report, uniform baseline)
+    bits_dict, info = D.run_on_main(_search_on_main, run, traces, costs)
+    return bitmap_from_dict(bits_dict, run.layers), info
+
+
+def _search_on_main(run: Run, traces: dict[str, Any], costs: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
     from hawq.search import build_search_problem, pareto_sweep, solve_problem, uniform_points, write_pareto
 
     path = run.run_dir / "bits.yaml"
     info_path = run.run_dir / "search.json"
-    costs = run_costs(run)
     search_cfg = dataclasses.replace(run.cfg.search, pins=effective_pins(run))
     traces_key = digest({k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                          for k, v in traces.items()})
     key = digest(config_to_dict(search_cfg), traces_key, config_to_dict(run.cfg.quant))
     info = read_json(info_path)
     if run.cfg.run.resume and path.exists() and info and info.get("key") == key:
-        return load_bitmap(path, run.layers), info
+        return bitmap_to_dict(load_bitmap(path, run.layers)), info
     problem = build_search_problem(run.fp32, traces, costs, search_cfg, per_channel=run.cfg.quant.per_channel,
                                    group_size=run.cfg.quant.group_size, progress=run.progress)
     alloc = solve_problem(problem)
@@ -309,7 +414,7 @@ def stage_search(run: Run, traces: dict[str, Any]) -> tuple[BitMap, dict[str, An
             "status": alloc.status, "solve_time_s": alloc.solve_time_s, "notes": alloc.notes}
     save_bitmap(alloc.bits, path)
     write_json(info_path, info)
-    return alloc.bits, info
+    return bitmap_to_dict(alloc.bits), info
 
 
 def run_costs(run: Run) -> dict[str, Any]:
@@ -392,11 +497,17 @@ def stage_finetune(run: Run, model: nn.Module, bits: BitMap) -> list[dict]:
                  state_dict_digest(run.fp32), run.cfg.run.seed)
     ckpt_dir = run.run_dir / "checkpoints"
     key_file = ckpt_dir / "finetune.key"
-    if key_file.exists() and (key_file.read_text().strip() != key or not run.cfg.run.resume):
-        for old in ckpt_dir.glob("finetune_*"):
-            old.unlink()
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(key_file, key + "\n")
+
+    def prepare() -> None:
+        if key_file.exists() and (key_file.read_text().strip() != key or not run.cfg.run.resume):
+            for old in ckpt_dir.glob("finetune_*"):
+                old.unlink()
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(key_file, key + "\n")
+
+    # rank 0 clears a stale checkpoint before any process looks for one to resume (the run folder
+    # must be on a filesystem every process sees: one node, or shared storage)
+    D.run_on_main(prepare)
     seed_everything(run.cfg.run.seed)
     model.train()
     history = train(model, run.task, run.data.train, run.cfg.train, teacher=run.fp32, device=run.device,
@@ -404,6 +515,9 @@ def stage_finetune(run: Run, model: nn.Module, bits: BitMap) -> list[dict]:
                     collate_fn=run.data.collate_fn,
                     eval_fn=lambda m: {f"test_{k}": v for k, v in run.evaluate(m, "eval").items()})
     model.eval()
+    # DDP keeps the weights equal; BatchNorm statistics and activation ranges are per process:
+    # every process keeps rank 0's (the model that was evaluated and is exported)
+    D.broadcast_module(model)
     return history
 
 
@@ -412,30 +526,43 @@ def stage_finetune(run: Run, model: nn.Module, bits: BitMap) -> list[dict]:
 
 
 def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
-    """Run every configured stage and return the report (also written to ``report.json``)."""
+    """Run every configured stage and return the report (also written to ``report.json``).
+
+    Under torchrun every process calls this with the same config and gets the same report; only
+    rank 0 writes the run folder. Bad input (found while building the model and data, or an
+    infeasible budget) fails on every process alike before any collective work starts.
+    """
     t_start = time.perf_counter()
+    D.init_distributed()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     # Build everything that can fail on bad input before the run folder exists.
-    run = build_model_and_data(cfg, run_dir, config_dir)
+    run = D.run_everywhere(build_model_and_data, cfg, run_dir, config_dir)
+    D.run_on_main(_open_run_folder, cfg, run_dir)
+    try:
+        report = _run_stages(run, t_start)
+    except BaseException as e:
+        # no collectives here: the other processes may be anywhere (torchrun stops them when this
+        # one exits non-zero)
+        if run.main:
+            error = str(e) if isinstance(e, HawqError) else f"{type(e).__name__}: {e}"
+            write_json(run_dir / "status.json", {"status": "failed", "error": error})
+        raise
+    if run.main:
+        write_json(run_dir / "status.json", {"status": "complete"})
+    D.barrier()  # nobody reads a half-finished folder after returning
+    return report
+
+
+def _open_run_folder(cfg: Config, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     stale = run_dir / "report.json"
     if stale.exists():
         stale.unlink()  # this folder is an unfinished run until the new report lands
     save_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "status.json", {"status": "running"})
-    try:
-        report = _run_stages(run, t_start)
-    except HawqError as e:
-        write_json(run_dir / "status.json", {"status": "failed", "error": str(e)})
-        raise
-    except BaseException as e:
-        write_json(run_dir / "status.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
-        raise
-    write_json(run_dir / "status.json", {"status": "complete"})
-    return report
 
 
 def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
@@ -448,12 +575,14 @@ def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
         run.timings[name] = round(time.perf_counter() - t0, 2)
         return out
 
+    on_main = D.run_on_main  # rank 0 computes, every process gets the result
     if "search" in stages:
-        timed("check_budgets", check_budgets, run)
+        timed("check_budgets", D.run_everywhere, check_budgets, run)
     timed("pretrain", pretrain_if_needed, run)
     run.task.bind_reference(run.fp32)
-    fp32_metrics = timed("eval_fp32", run.evaluate, run.fp32, "eval fp32")
-    report: dict[str, Any] = {"fp32": fp32_metrics, "fp32_top1": run.primary(fp32_metrics)}
+    fp32_metrics = timed("eval_fp32", on_main, run.evaluate, run.fp32, "eval fp32")
+    report: dict[str, Any] = {"fp32": fp32_metrics, "fp32_top1": run.primary(fp32_metrics),
+                              "processes": D.get_world_size()}
 
     traces = timed("sensitivity", stage_sensitivity, run) if "sensitivity" in stages else None
     if "search" not in stages or traces is None:
@@ -464,15 +593,14 @@ def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
         return _finish(run, report, traces, bits, t_start)
 
     uniform_w, uniform = uniform_bits_same_size(run, bits)
-    qmodel = timed("quantize", quantized_copy, run, bits)
-    before = timed("eval_quant", run.evaluate, qmodel, "eval hawq")
-    umodel = quantized_copy(run, uniform)
-    uniform_metrics = timed("eval_uniform", run.evaluate, umodel, "eval uniform")
+    # every process needs the quantized model (finetuning); calibration is deterministic, so they agree
+    qmodel = timed("quantize", D.run_everywhere, quantized_copy, run, bits)
+    before = timed("eval_quant", on_main, run.evaluate, qmodel, "eval hawq")
+    uniform_metrics = timed("eval_uniform", on_main, _evaluate_quantized, run, uniform, "eval uniform")
     report.update(quant_before_finetune=before, uniform_same_size=uniform_metrics,
                   quant_top1_before_finetune=run.primary(before),
                   uniform_top1_same_size=run.primary(uniform_metrics),
                   uniform_weight_bits=uniform_w)
-    del umodel
 
     after = before
     if "finetune" in stages:
@@ -483,8 +611,13 @@ def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
     report.update(quant_after_finetune=after, quant_top1_after_finetune=run.primary(after))
 
     if "export" in stages:
-        report["export"] = timed("export", stage_export, run, qmodel, bits)
+        report["export"] = timed("export", on_main, stage_export, run, qmodel, bits)
     return _finish(run, report, traces, bits, t_start)
+
+
+def _evaluate_quantized(run: Run, bits: BitMap, desc: str) -> dict[str, float]:
+    model = quantized_copy(run, bits)
+    return run.evaluate(model, desc)
 
 
 def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
@@ -514,10 +647,14 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
 
 
 def _finish(run: Run, report: dict[str, Any], traces: Any, bits: BitMap | None, t_start: float) -> dict[str, Any]:
+    """Build and write the report on rank 0 (rank 0's timings); every process returns that report."""
     from hawq.report import build_report, write_report
 
-    full = build_report(run, report, traces, bits)
-    full["timings_s"] = {**run.timings, "total": round(time.perf_counter() - t_start, 2)}
-    write_report(run, full, traces, bits)
-    return full
+    def on_main() -> dict[str, Any]:
+        full = build_report(run, report, traces, bits)
+        full["timings_s"] = {**run.timings, "total": round(time.perf_counter() - t_start, 2)}
+        write_report(run, full, traces, bits)
+        return full
+
+    return D.run_on_main(on_main)
 

@@ -2,6 +2,12 @@
 
 Runs sensitivity -> bit allocation -> quantization -> finetuning -> export and prints a summary.
 Bad input (config, data path, model name, budget) prints one line on stderr and exits with code 2.
+
+Multi-process: ``torchrun --nproc-per-node N -m hawq.quantize --config X.yaml``. Every process
+runs the pipeline (see hawq.pipeline); rank 0 writes the run folder and prints the summary. An
+error found by every process (bad input) is printed once, by rank 0, and every process exits 2;
+an error on one process mid-run is printed by that process, which exits non-zero, and torchrun
+then stops the others.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import sys
 from pathlib import Path
 
 from hawq import HawqError
+from hawq.train import distributed as D
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     # hawq's own messages at INFO; libraries (onnx, transformers) only when they warn
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("hawq").setLevel(logging.INFO)
-    try:
-        if args.list_models:
-            from hawq.models import list_models
+    if args.list_models:
+        from hawq.models import list_models
 
-            print("\n".join(list_models()))
-            return 0
+        print("\n".join(list_models()))
+        return 0
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    owns_group = not (dist.is_available() and dist.is_initialized())  # a caller's group stays up
+    # before the process group exists, every process finds the same config errors: rank 0 prints them
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    try:
         from hawq.config import load_config
         from hawq.pipeline import run_pipeline
         from hawq.report import summary_table
@@ -46,17 +61,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             overrides.append("run.progress=false")
         cfg = load_config(args.config, overrides)
+        # CPU runs reduce with gloo; GPU runs with NCCL (the default when CUDA is available)
+        on_cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+        rank, world = D.init_distributed("gloo" if on_cpu else None)
+        if rank != 0:
+            logging.getLogger("hawq").setLevel(logging.WARNING)  # rank 0 tells the story
         config_dir = Path(args.config).resolve().parent if args.config else None
         report = run_pipeline(cfg, config_dir)
     except HawqError as e:
-        print(f"hawq: error: {e}", file=sys.stderr)
+        # every process fails on bad input: rank 0 prints it once; a process that failed alone prints
+        # its own error (tagged with its rank) unless rank 0 already reports it
+        if rank == 0 or (D.is_distributed() and not D.is_relayed(e)):
+            tag = f" (rank {rank})" if rank else ""
+            print(f"hawq: error{tag}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hawq: interrupted; finished stages are kept and the next run resumes from them", file=sys.stderr)
+        if rank == 0:
+            print("hawq: interrupted; finished stages are kept and the next run resumes from them",
+                  file=sys.stderr)
         return 130
-    print()
-    print(summary_table(report))
-    print(f"\nrun folder: {Path(cfg.run.out_dir) / cfg.run.name}")
+    # after an error the group is left alone (peers may be inside a collective); exiting frees it
+    if owns_group:
+        D.shutdown_distributed()
+    if rank == 0:
+        print()
+        print(summary_table(report))
+        procs = f" ({world} processes)" if world > 1 else ""
+        print(f"\nrun folder: {Path(cfg.run.out_dir) / cfg.run.name}{procs}")
     return 0
 
 

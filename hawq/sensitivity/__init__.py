@@ -11,6 +11,7 @@ from hawq.sensitivity.spectrum import (
     top_eigenvalues,
 )
 from hawq.sensitivity.traces import (
+    NystromSketch,
     TraceEstimate,
     batches_fingerprint,
     hessian_traces,
@@ -25,6 +26,7 @@ from hawq.sensitivity.traces import (
 __all__ = [
     "DoubleBackwardUnsupported",
     "HessianOperator",
+    "NystromSketch",
     "SensitivityConfig",
     "SpectralDensity",
     "TopEigen",

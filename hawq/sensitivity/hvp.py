@@ -318,6 +318,7 @@ class HessianOperator:
         self.weights_at_start: list[Tensor] = (
             [w.detach().clone() for w in weights] if self.method == "finite_difference" else [])
         self._buffers: list[tuple[Tensor, Tensor]] = []
+        self.last_hvps: dict[int, Tensor] = {}
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> HessianOperator:
@@ -335,8 +336,10 @@ class HessianOperator:
 
     @property
     def graph_is_kept(self) -> bool:
-        """One local batch and no ranks to synchronise: a round of probes costs no rebuild."""
-        return len(self.batches) == 1 and not self.distributed
+        """One batch in all (on whichever rank holds it): a round of probes costs no rebuild.
+
+        Every rank sees the same global count, so every rank schedules the same rounds."""
+        return self.global_batches == 1
 
     # ------------------------------------------------------------------ checks
     @property
@@ -394,7 +397,12 @@ class HessianOperator:
                 total = None
                 for i in range(len(self.batches)):
                     r = per_batch(self._open(i))
-                    total = r if total is None else total + r
+                    if total is None:
+                        total = r
+                    elif isinstance(r, list):
+                        total = [t + x for t, x in zip(total, r)]
+                    else:
+                        total = total + r
                     if len(self.batches) > 1:
                         self._cached = None
                 return total
@@ -405,6 +413,8 @@ class HessianOperator:
 
     def _reduce_mean(self, local_sum: Tensor | None, like: Tensor) -> Tensor:
         total = local_sum if local_sum is not None else torch.zeros_like(like)
+        if total.dtype != like.dtype:
+            total = total.to(like.dtype)
         if self.distributed:
             buf = total.to(self.reduce_device)
             dist.all_reduce(buf)
@@ -433,35 +443,46 @@ class HessianOperator:
         return self._reduce_mean(self._run(per_batch), like)
 
     def block_quadratic_forms(self, requests: dict[int, tuple[Callable[[int], Tensor], int]],
-                              ) -> dict[int, Tensor]:
+                              return_hvps: Sequence[int] = ()) -> dict[int, Tensor]:
         """Per-layer probing: ``{layer: float64 [count]}`` of ``v . (H_ll v)`` for ``v = probe(j)``.
 
         ``requests`` maps a layer index to ``(probe, count)``; each probe is supported on that
         layer alone, so no other layer's block leaks into the estimate. Every batch's graph is
-        built once and serves every layer and probe of the request.
+        built once and serves every layer and probe of the request. For the layers listed in
+        ``return_hvps`` the products themselves (mean over batches and ranks) are kept too and
+        stored in :attr:`last_hvps` as ``{layer: [count, *weight.shape]}`` (the weight's dtype).
         """
         order = sorted(requests)
         sizes = [requests[i][1] for i in order]
+        keep = [i for i in order if i in set(return_hvps)]
         like = torch.zeros(sum(sizes), dtype=torch.float64, device=self.weights[0].device)
+        like_hv = [torch.zeros(requests[i][1], *self.weights[i].shape, device=self.weights[0].device,
+                               dtype=self.weights[i].dtype) for i in keep]
 
         per_pass = self.probes_per_pass
 
-        def per_batch(session: _AutogradBatch | _FiniteDifferenceBatch) -> Tensor:
-            out = []
+        def per_batch(session: _AutogradBatch | _FiniteDifferenceBatch) -> list[Tensor]:
+            out, kept = [], {i: [] for i in keep}
             for i in order:
                 probe, count = requests[i]
                 for j0 in range(0, count, per_pass):
                     k = min(per_pass, count - j0)
                     if k == 1:
                         v = probe(j0)
-                        out.append((v.double() * session.hvp_block(i, v).double()).sum().reshape(1))
+                        hv = session.hvp_block(i, v).unsqueeze(0)
+                        vs = v.unsqueeze(0)
                     else:
                         vs = torch.stack([probe(j0 + j) for j in range(k)])
                         hv = session.hvp_block_many(i, vs)
-                        out.append((vs.double() * hv.double()).reshape(k, -1).sum(1))
-            return torch.cat(out) if out else like
+                    out.append((vs.double() * hv.double()).reshape(k, -1).sum(1))
+                    if i in kept:
+                        kept[i].append(hv.detach())
+            return [torch.cat(out) if out else like] + [torch.cat(kept[i]) for i in keep]
 
-        flat = self._reduce_mean(self._run(per_batch) if self.batches else None, like)
+        sums = self._run(per_batch) if self.batches else None
+        flat = self._reduce_mean(sums[0] if sums else None, like)
+        self.last_hvps = {i: self._reduce_mean(sums[1 + n] if sums else None, like_hv[n])
+                          for n, i in enumerate(keep)}
         return dict(zip(order, flat.split(sizes)))
 
     def hvp(self, vs: list[Tensor]) -> list[Tensor]:

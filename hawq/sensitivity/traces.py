@@ -1,9 +1,10 @@
-"""Per-layer Hessian traces by Hutchinson's estimator.
+"""Per-layer Hessian traces by Hutchinson's estimator (with Nyström++ variance reduction).
 
 Two probing schemes, both unbiased for ``tr(H_ll)``:
 
 * per layer (default): the probe ``v_l`` lives on layer ``l`` only and ``v_l . H_ll v_l`` comes from
-  a double backward of that layer's gradient. All layers share one gradient graph per batch.
+  a double backward of that layer's gradient. All layers share one gradient graph per batch. A layer
+  whose plain probes converge slowly switches to a Nyström control variate built from them.
 * joint: one probe ``v`` on all layers, one full HVP, and ``v_l . (H v)_l`` for every layer: its
   expectation is ``tr(H_ll) + sum_{m != l} E[v_l^T H_lm v_m] = tr(H_ll)`` (independent, zero-mean
   blocks), but the cross terms add ``sum_{m != l} ||H_lm||_F^2`` to the variance. On ResNets the
@@ -80,7 +81,8 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    layers: list[str] | None = None, tol: float = 0.05, max_probes: int = 200,
                    min_probes: int = 8, seed: int = 0, progress: bool = True,
                    meta: dict | None = None, method: str = "auto",
-                   probing: str = "per_layer", probes_per_pass: int = 1) -> dict[str, TraceEstimate]:
+                   probing: str = "per_layer", probes_per_pass: int = 1,
+                   variance_reduction: str = "nystrom") -> dict[str, TraceEstimate]:
     """Hutchinson estimate of ``tr(H_ll)`` for each layer's ``.weight`` block of the Hessian.
 
     ``H`` is the Hessian of ``mean over batches of loss_fn(model, batch)``; probes are seeded
@@ -97,6 +99,12 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     (double backward, finite differences where that is unsupported), "autograd" or
     "finite_difference". ``probes_per_pass > 1`` answers that many per-layer probes in one vmapped
     double backward (``is_grads_batched``); the numbers then differ from 1 only by rounding.
+
+    ``variance_reduction`` (per-layer probing only): "nystrom" (default) lets a layer that the first
+    ``min_probes`` probes show to be slow to converge switch to Nyström++ (a rank-``min_probes``
+    Nyström sketch of its block, built from those probes' products, as control variate on fresh
+    probes; see :class:`NystromSketch`); "none" is plain Hutchinson. Both are unbiased; ``n`` counts
+    every Hessian-vector product spent on the layer, ``std_err`` is that of the final estimator.
     """
     del meta  # the caller's record; nothing here depends on it
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 2:
@@ -107,40 +115,150 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"tol must be a finite number >= 0, got {tol!r}")
     if probing not in ("per_layer", "joint"):
         raise HawqError(f"probing must be 'per_layer' or 'joint', got {probing!r}")
+    if variance_reduction not in ("nystrom", "none"):
+        raise HawqError(f"variance_reduction must be 'nystrom' or 'none', got {variance_reduction!r}")
     batches = list(batches)
     names, weights = resolve_layers(model, layers)
     with HessianOperator(model, loss_fn, batches, names, weights, method=method,
                          probes_per_pass=probes_per_pass) as op:
-        run = _per_layer if probing == "per_layer" else _joint
-        samples = run(op, names, weights, tol, max_probes, min_probes, seed, progress)
+        if probing == "per_layer":
+            samples, spent, _ = _per_layer(op, names, weights, tol, max_probes, min_probes, seed, progress,
+                                           variance_reduction)
+        else:
+            samples = _joint(op, names, weights, tol, max_probes, min_probes, seed, progress)
+            spent = [s.shape[0] for s in samples]
     out = {}
-    for name, s, w in zip(names, samples, weights):
+    for name, s, n, w in zip(names, samples, spent, weights):
         mean, err = _summary(s[:, None])
-        out[name] = TraceEstimate(float(mean[0]), float(err[0]), int(s.shape[0]), w.numel())
+        out[name] = TraceEstimate(float(mean[0]), float(err[0]), int(n), w.numel())
     return out
+
+
+def _probes_needed(std: float, target: float) -> float:
+    """Probes for a standard error of ``target`` if the per-probe std ``std`` holds (inf for target 0)."""
+    ratio = std / target if target > 0 else math.inf
+    return math.ceil(ratio * ratio) if ratio < 1e150 else math.inf
 
 
 def _next_chunk(std: float, target: float, n: int, max_probes: int) -> int:
     # probes still needed if the sample variance holds, at most doubling n per round
-    need = int(math.ceil((std / max(target, 1e-300)) ** 2)) - n
-    return max(1, min(need, n, max_probes - n))
+    need = _probes_needed(std, target) - n
+    return int(max(1, min(need, n, max_probes - n)))
+
+
+class NystromSketch:
+    """Rank-``r`` Nyström approximation ``Ĥ = Y^T C^+ Y`` of one Hessian block, used as a control variate.
+
+    ``S`` holds ``r`` probes (rows), ``Y = S H`` their products and ``C = S H S^T``. The trace of ``Ĥ``
+    and its quadratic forms cost no Hessian-vector product, so ``g^T H g - beta (g^T Ĥ g - tr(Ĥ))`` is
+    a Hutchinson sample of ``tr(H)`` with a control variate (Nyström++, Persson, Cortinovis & Kressner
+    2022, for ``beta = 1``): unbiased for any ``Ĥ`` and ``beta`` chosen without ``g``, with variance
+    ``2 sum_{i≠j} (H - Ĥ)_ij^2`` at ``beta = 1`` instead of ``2 sum_{i≠j} H_ij^2``.
+    """
+
+    def __init__(self, probes: Tensor, products: Tensor, rtol: float = 1e-6) -> None:
+        s = probes.reshape(probes.shape[0], -1).double()
+        y = products.reshape(products.shape[0], -1)
+        self.y = y if y.dtype == torch.float64 else y.float()  # float32 halves the memory of big layers
+        self.rtol = rtol
+        core = s @ self.y.double().T
+        self.core = (core + core.T) / 2  # symmetric in exact arithmetic
+        self.gram = self.y.double() @ self.y.double().T
+        self.core_pinv, self.rank = self._pinv(self.core)
+        self.trace = float((self.core_pinv * self.gram).sum())  # tr(C^+ Y Y^T)
+
+    def _pinv(self, core: Tensor) -> tuple[Tensor, int]:
+        evals, evecs = torch.linalg.eigh(core)
+        # drop directions the sketch cannot resolve (float32 products): their pseudo-inverse is noise
+        keep = evals.abs() > self.rtol * float(evals.abs().max()) if evals.numel() else evals.bool()
+        return (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T, int(keep.sum())
+
+    def quadratic(self, g: Tensor) -> float:
+        """``g^T Ĥ g``."""
+        z = (self.y @ g.reshape(-1).to(self.y.dtype)).double()
+        return float(z @ (self.core_pinv @ z))
+
+    def leave_one_out_samples(self) -> Tensor:
+        """For each sketch probe ``s_j``: the control-variate sample a sketch without ``s_j`` would give,
+        ``tr(Ĥ_-j) + s_j^T H s_j - s_j^T Ĥ_-j s_j`` (all from ``C`` and ``Y Y^T``, no new product).
+
+        Their spread predicts, before any new product is paid for, whether the control variate beats
+        plain probes on this block (it can lose on small indefinite blocks).
+        """
+        r = self.core.shape[0]
+        out = []
+        for j in range(r):
+            rest = [i for i in range(r) if i != j]
+            pinv, _ = self._pinv(self.core[rest][:, rest])
+            c = self.core[rest, j]
+            out.append(float((pinv * self.gram[rest][:, rest]).sum()) + float(self.core[j, j] - c @ pinv @ c))
+        return torch.tensor(out, dtype=torch.float64)
+
+
+def control_variate_samples(q: Tensor, c: Tensor, trace: float, warmup: int = 3) -> Tensor:
+    """``q_j - beta_j (c_j - trace)`` with ``beta_j`` the least-squares slope of ``q`` on ``c`` over the
+    samples *before* ``j`` (clipped to [0, 1]; 1 for the first ``warmup``).
+
+    ``beta_j`` depends only on earlier probes, so every sample has conditional mean ``tr(H)`` (the
+    samples are martingale increments): the mean stays unbiased and ``std / sqrt(n)`` estimates its
+    standard error, while a poor sketch drives ``beta`` to 0 (plain Hutchinson) instead of adding variance.
+    """
+    out = torch.empty_like(q)
+    for j in range(q.shape[0]):
+        beta = 1.0
+        if j >= warmup:
+            dq, dc = q[:j] - q[:j].mean(), c[:j] - c[:j].mean()
+            var = float((dc * dc).sum())
+            if var > 0:
+                beta = min(max(float((dq * dc).sum()) / var, 0.0), 1.0)
+        out[j] = q[j] - beta * (c[j] - trace)
+    return out
 
 
 def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float,
-               max_probes: int, min_probes: int, seed: int, progress: bool) -> list[Tensor]:
-    """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j)."""
+               max_probes: int, min_probes: int, seed: int, progress: bool,
+               variance_reduction: str = "none") -> tuple[list[Tensor], list[int], list[str]]:
+    """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j).
+
+    With ``variance_reduction="nystrom"`` a layer whose first ``min_probes`` plain probes predict more
+    than ``2 * min_probes`` probes in all, and whose leave-one-out check predicts at least a halved
+    variance, turns those probes' products into a Nyström sketch of its block and restarts on fresh
+    probes ``(seed, name, "nystrom", j)`` with the sketch as control variate; the estimate uses only
+    the fresh probes (so it stays unbiased), while ``n`` counts every product spent. Returns the
+    samples of each layer's final estimator, the products spent and the estimator used.
+    """
     samples = [torch.zeros(0, dtype=torch.float64) for _ in weights]
+    spent = [0] * len(weights)
+    sketches: dict[int, NystromSketch] = {}
+    cv_q: dict[int, Tensor] = {}  # g^T H g of the control-variate probes
+    cv_c: dict[int, Tensor] = {}  # g^T Ĥ g of the same probes
     chunks = {i: min_probes for i in range(len(weights))}
     total = len(weights) * max_probes
     bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
-    while chunks:
-        def probe(j: int, i: int, start: int) -> Tensor:
-            return rademacher_like([weights[i]], probe_seed(seed, names[i], start + j))[0]
 
-        requests = {i: (functools.partial(probe, i=i, start=samples[i].shape[0]), c) for i, c in chunks.items()}
-        got = op.block_quadratic_forms(requests)
+    def plain_probe(j: int, i: int, start: int) -> Tensor:
+        return rademacher_like([weights[i]], probe_seed(seed, names[i], start + j))[0]
+
+    def cv_probe(j: int, i: int, start: int) -> Tensor:
+        return rademacher_like([weights[i]], probe_seed(seed, names[i], "nystrom", start + j))[0]
+
+    while chunks:
+        requests = {}
+        for i, c in chunks.items():
+            make, start = (cv_probe, cv_q[i].shape[0]) if i in sketches else (plain_probe, samples[i].shape[0])
+            requests[i] = (functools.partial(make, i=i, start=start), c)
+        first_round = [i for i in chunks if spent[i] == 0] if variance_reduction == "nystrom" else []
+        got = op.block_quadratic_forms(requests, return_hvps=first_round)
         for i, q in got.items():
-            samples[i] = torch.cat([samples[i], q.cpu()])
+            q = q.cpu()
+            spent[i] += q.shape[0]
+            if i in sketches:
+                probe, sk = requests[i][0], sketches[i]
+                c = torch.tensor([sk.quadratic(probe(j)) for j in range(q.shape[0])], dtype=torch.float64)
+                cv_q[i], cv_c[i] = torch.cat([cv_q[i], q]), torch.cat([cv_c[i], c])
+                samples[i] = control_variate_samples(cv_q[i], cv_c[i], sk.trace)
+            else:
+                samples[i] = torch.cat([samples[i], q])
         bar.update(sum(chunks.values()))
         means = torch.stack([s.mean() for s in samples])
         targets = _stopping_targets(means, tol)
@@ -148,14 +266,27 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
         for i in chunks:
             n = samples[i].shape[0]
             std = float(samples[i].std(unbiased=True))
-            if n < max_probes and std / math.sqrt(n) > float(targets[i]):
-                # a kept graph makes rounds free: check after every probe and never overshoot
-                nxt[i] = 1 if op.graph_is_kept else _next_chunk(std, float(targets[i]), n, max_probes)
+            if spent[i] >= max_probes or std / math.sqrt(n) <= float(targets[i]):
+                continue
+            predicted = _probes_needed(std, float(targets[i]))
+            if i in op.last_hvps and predicted > 2 * min_probes and max_probes - spent[i] >= min_probes:
+                probes = torch.stack([requests[i][0](j) for j in range(n)])
+                sketch = NystromSketch(probes.cpu(), op.last_hvps[i].cpu())
+                if float(sketch.leave_one_out_samples().var()) < 0.5 * std * std:
+                    sketches[i] = sketch
+                    cv_q[i] = cv_c[i] = torch.zeros(0, dtype=torch.float64)
+                    samples[i] = torch.zeros(0, dtype=torch.float64)
+                    nxt[i] = min_probes
+                    continue
+            # a kept graph makes rounds free: check after every probe and never overshoot
+            budget = max_probes - spent[i]
+            nxt[i] = 1 if op.graph_is_kept else int(max(1, min(predicted - n, n, budget)))
+        op.last_hvps = {}
         chunks = nxt
         if progress:
             bar.set_postfix(active=len(chunks))
     bar.close()
-    return samples
+    return samples, spent, ["nystrom++" if i in sketches else "hutchinson" for i in range(len(weights))]
 
 
 def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float, max_probes: int,
@@ -225,7 +356,7 @@ def load_traces(path: str | os.PathLike) -> tuple[dict[str, TraceEstimate], dict
 def _hash_tensor(h: Any, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
 
 
 def batches_fingerprint(batches: Sequence[Any]) -> str:

@@ -3,14 +3,21 @@
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) :func:`init_distributed` creates the
 process group (NCCL when CUDA is available, gloo otherwise). A process group created by the caller
 (e.g. a test with ``init_method="file://..."``) is used as is.
+
+Failures: :func:`run_on_main` and :func:`run_everywhere` turn an exception on one process into an
+exception on every process (a :class:`PeerError` on those that did not fail), so no process waits
+forever in a collective that a failed peer will never join.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from hawq import HawqError
 
@@ -103,3 +110,97 @@ def shutdown_distributed() -> None:
     """Destroy the process group (call once at the end of a torchrun program); no-op otherwise."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+class PeerError(HawqError):
+    """Another process failed; this one stops with that process's message.
+
+    The failing process (or rank 0, which always learns of the failure) reports the error, so a CLI
+    prints a ``PeerError`` only on rank 0.
+    """
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a peer: a HawqError's own message, otherwise ``Type: message``."""
+    return str(e) if isinstance(e, HawqError) else f"{type(e).__name__}: {e}"
+
+
+def run_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Rank 0 runs ``fn`` (which must not use collectives); every process gets its result.
+
+    If ``fn`` raises on rank 0, rank 0 re-raises it and the other processes raise a
+    :class:`PeerError` with its message. In a single process this is ``fn(*args, **kwargs)``.
+    The result travels by ``broadcast_object_list`` (in memory, between our own processes).
+    """
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:
+            broadcast_object(("error", describe_error(e)))
+            raise
+        broadcast_object(("ok", result))
+        return result
+    kind, payload = broadcast_object(None)  # type: ignore[misc]
+    if kind == "error":
+        raise PeerError(payload)
+    return payload
+
+
+def run_everywhere(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Every process runs ``fn`` (no collectives inside); if any raises, every process raises.
+
+    The lowest failing rank re-raises its own exception (marked ``relayed`` when it is not rank 0,
+    since rank 0 reports it); every other process raises a :class:`PeerError` with that message,
+    tagged with the failing rank when it is not 0. Use it where every process should fail alike
+    (bad input found while building the run) so the error is printed once, not once per process.
+    """
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001  (re-raised below, after the peers know)
+        error = e
+    messages = all_gather_object(None if error is None else describe_error(error))
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return result  # type: ignore[return-value]
+    first_rank, message = failed[0]
+    if get_rank() == first_rank and error is not None:
+        if first_rank != 0:
+            error.relayed = True  # type: ignore[attr-defined]
+        raise error
+    raise PeerError(message if first_rank == 0 else f"{message} (on rank {first_rank})")
+
+
+def is_relayed(e: BaseException) -> bool:
+    """True for errors another process (rank 0) already reports: print them there, not here."""
+    return isinstance(e, PeerError) or bool(getattr(e, "relayed", False))
+
+
+def shard(items: Sequence[T], rank: int | None = None, world: int | None = None) -> list[T]:
+    """This process's share of ``items``: items ``rank, rank + world, ...`` (disjoint; the union is all)."""
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
+    return list(items[rank::world])
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s parameters and buffers into every process's ``module`` (in place)."""
+    if not is_distributed():
+        return
+    via_cpu = dist.get_backend() != "nccl"  # gloo: accelerator tensors go through the CPU
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_contiguous() and (t.device.type == "cpu" or not via_cpu):
+                dist.broadcast(t.data, src=src)
+            else:
+                buf = t.detach().cpu().contiguous() if via_cpu else t.detach().contiguous()
+                dist.broadcast(buf, src=src)
+                t.copy_(buf)
