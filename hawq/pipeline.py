@@ -643,7 +643,27 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
             # finetuned model and its safetensors are already saved, so record the reason and go on.
             out["onnx"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("onnx export skipped: %s", e)
+    if ecfg.onnx_integer:
+        out["onnx_integer"] = _export_onnx_integer(run, qmodel)
     return out
+
+
+def _export_onnx_integer(run: Run, qmodel: nn.Module) -> dict[str, Any]:
+    """``model_int.onnx``: the integer-only model (ConvInteger/MatMulInteger + dyadic rescales)."""
+    from hawq.export import compare_onnx_integer, export_onnx_integer
+    from hawq.quant import to_integer
+
+    example = run.task.model_inputs(run.batches("test", 1, 8)[0])
+    if len(example) != 1:
+        return {"skipped": "the integer ONNX export takes models with a single tensor input"}
+    try:
+        int_model = to_integer(qmodel, example[0])
+    except HawqError as e:  # e.g. float-only ops (transformers) or layers above 8 bits
+        log.info("integer onnx export skipped: %s", e)
+        return {"skipped": str(e)}
+    path = run.run_dir / "model_int.onnx"
+    export_onnx_integer(int_model, example[0], path, opset=run.cfg.export.onnx_opset)
+    return {"path": "model_int.onnx", "check": compare_onnx_integer(int_model, path, example[0])}
 
 
 def _finish(run: Run, report: dict[str, Any], traces: Any, bits: BitMap | None, t_start: float) -> dict[str, Any]:

@@ -164,8 +164,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     if sens:
         parts += ["## Sensitivity", "",
                   f"- Hutchinson traces: {sens.get('batches')} batch(es) of {sens.get('batch_size')}, "
-                  f"tol {sens.get('tol')}, at most {sens.get('max_probes')} probes per layer, "
-                  f"BN in {sens.get('bn_mode')} mode, {sens.get('seconds')} s on {sens.get('device')}"]
+                  f"tol {sens.get('tol')}, at most {sens.get('max_probes')} probes per layer "
+                  f"({sens.get('hvps', '?')} Hessian-vector products in all, variance reduction "
+                  f"{sens.get('variance_reduction', 'none')}), BN in {sens.get('bn_mode')} mode, "
+                  f"{sens.get('seconds')} s on {sens.get('device')}"]
         if sens.get("top_eigenvalues"):
             parts.append(f"- top Hessian eigenvalues: {', '.join(_fmt(v, 4) for v in sens['top_eigenvalues'])}")
         if sens.get("density_trace_estimate") is not None:
@@ -177,6 +179,25 @@ def markdown_report(report: dict[str, Any]) -> str:
                   f"{_fmt(search.get('solve_time_s'), 3)} s",
                   f"- budgets: {search.get('budgets')}", f"- used: {search.get('usage')}"]
         parts += [f"- note: {n}" for n in search.get("notes") or []]
+        parts.append("")
+    export = report.get("export") or {}
+    if export:
+        parts += ["## Export", ""]
+        if "safetensors" in export:
+            st = export["safetensors"]
+            parts.append(f"- `{st.get('path')}`: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in st.items()
+                                                                if k != "path" and not isinstance(v, (dict, list))))
+        for key, what in (("onnx", "ONNX QDQ vs the PyTorch fake-quant model"),
+                          ("onnx_integer", "integer-only ONNX vs the PyTorch integer model")):
+            item = export.get(key)
+            if not item:
+                continue
+            if "path" in item:
+                check = item.get("check") or {}
+                checks = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items())
+                parts.append(f"- `{item['path']}` ({what}): {checks}")
+            else:
+                parts.append(f"- {key}: not written ({item.get('error') or item.get('skipped')})")
         parts.append("")
     if report.get("timings_s"):
         parts += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]

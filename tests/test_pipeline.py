@@ -41,8 +41,13 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 def test_run_folder_has_every_artifact(tiny_run):
     for name in ("config.yaml", "traces.json", "bits.yaml", "metrics.json", "report.json", "report.md",
-                 "traces_bits.png", "model.safetensors", "model.onnx", "density.png", "pareto.png", "pareto.csv"):
+                 "traces_bits.png", "model.safetensors", "model.onnx", "model_int.onnx", "density.png", "pareto.png",
+                 "pareto.csv"):
         assert (tiny_run / name).is_file(), name
+    export = json.loads((tiny_run / "report.json").read_text())["export"]
+    # the integer-only ONNX model computes exactly what hawq's PyTorch integer model computes
+    assert export["onnx_integer"]["check"]["exact_fraction"] == 1.0
+    assert export["onnx_integer"]["check"]["max_diff_in_steps"] == 0.0
 
 
 def test_report_keys_and_values(tiny_run):

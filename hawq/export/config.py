@@ -10,3 +10,4 @@ class ExportConfig:
     onnx_opset: int = 21
     onnx_int4: bool = True  # 2..4-bit weight codes as ONNX INT4 (opset >= 21, when onnxruntime runs it)
     integer: bool | None = None  # store the integer-only model's constants: None = when it converts
+    onnx_integer: bool = True  # also model_int.onnx: integer-only ops, bit-identical to to_integer (when it converts)

@@ -2,11 +2,14 @@
 
 from hawq.quant.config import QuantConfig
 from hawq.quant.fast import to_fbgemm
+from hawq.quant.ibert import TraceableBertLayer
 from hawq.quant.integer import (
     Dequantize,
     IntAdd,
     IntConv2d,
     IntLinear,
+    IntRequant,
+    QuantizeInput,
     dyadic,
     integer_layers,
     rescale,
@@ -50,8 +53,10 @@ __all__ = [
     "IntAdd",
     "IntConv2d",
     "IntLinear",
+    "IntRequant",
     "FoldedBatchNorm2d",
     "QuantAct",
+    "QuantizeInput",
     "QuantBnConv2d",
     "QuantConfig",
     "QuantConv2d",
@@ -77,5 +82,6 @@ __all__ = [
     "set_integer_backend",
     "to_fbgemm",
     "to_integer",
+    "TraceableBertLayer",
     "weight_scale",
 ]

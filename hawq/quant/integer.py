@@ -16,6 +16,11 @@ per-channel scale, a sign flip and an int32 bias); ReLU; residual add (both oper
 to a common scale with dyadic multipliers); max pool; global / non-overlapping average pool
 (integer sum then rounded integer division); flatten; dropout and identity.
 
+With ``transformer="ibert"``, transformer operators run in integer too (I-BERT kernels of
+:mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
+requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops.
+Their input grids are static, calibrated on ``example_input`` (see :func:`to_integer`).
+
 With ``float_ops=True``, operators without an integer rule (GELU, softmax, LayerNorm, attention
 matmuls, embedding lookups) run as float64 islands on dequantized values (transformer blocks).
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from typing import Any
 
 import torch
@@ -48,12 +54,27 @@ from hawq.quant.fx_rewrite import (
     source_weight_bias,
     working_copy,
 )
+from hawq.quant.ibert import (
+    ExpConstants,
+    GeluConstants,
+    IntGELU,
+    IntLayerNorm,
+    IntMatmul,
+    IntMean,
+    IntScale,
+    IntSoftmax,
+    LayerNormConstants,
+)
 from hawq.quant.modules import QuantAct, QuantConv2d
 from hawq.quant.quantizers import quantize_to_int
 
 INT32_MAX = 2**31 - 1
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
 BACKENDS = ("reference", "fast")
+SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
+TRANSFORMER_MODES = (None, "ibert")
+INNER_BITS = 16  # grids of the inputs of GELU and LayerNorm, and of a float input feeding integer ops
+INNER_MARGIN = 2.0  # those 16-bit grids cover twice the calibrated range (one bit of headroom)
 
 
 # --- dyadic arithmetic (pure functions) ----------------------------------------------------------
@@ -271,6 +292,34 @@ class IntFlatten(nn.Module):
         return torch.flatten(v, self.start_dim, self.end_dim)
 
 
+class IntRequant(nn.Module):
+    """Integer tensor (scale scalar or per last-dim feature) -> codes on a per-tensor grid (dyadic)."""
+
+    def __init__(self, src_scale: Tensor, scale: Tensor, qmin: int, qmax: int) -> None:
+        super().__init__()
+        m, c = dyadic(src_scale / scale)
+        self.register_buffer("mult", m)
+        self.register_buffer("shift", c)
+        self.qmin, self.qmax = qmin, qmax
+
+    def forward(self, v: Tensor) -> Tensor:
+        return rescale(v, self.mult, self.shift).clamp(self.qmin, self.qmax)
+
+
+class QuantizeInput(nn.Module):
+    """The float model input -> codes on a calibrated grid (an input quantization, like a layer entry)."""
+
+    from_float = True
+
+    def __init__(self, scale: Tensor, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.register_buffer("act_scale", scale.to(torch.float64))
+        self.qmin, self.qmax = qmin, qmax
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.round(x.to(torch.float64) / self.act_scale).clamp(self.qmin, self.qmax).to(torch.int64)
+
+
 class Dequantize(nn.Module):
     """Final dequantization: ``v * s`` (the only float op after the input quantization)."""
 
@@ -291,10 +340,12 @@ _GROUP_HINT = "integer inference needs per-channel or per-tensor scales"
 class _Meta:
     """Conversion-time facts about one integer tensor: its scale and whether dims after C are 1."""
 
-    def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None) -> None:
+    def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None,
+                 grid: tuple[int, int] | None = None) -> None:
         self.scale = scale  # None: the float model input
         self.spatial_one = spatial_one
         self.bound = bound  # a static bound on |v| (same broadcast shape as scale): proves no overflow
+        self.grid = grid  # (qmin, qmax) when v holds codes of a per-tensor grid (matmul operands)
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -339,10 +390,18 @@ class _Converter(GraphRewriter):
     float_layer_hint = "integer inference needs every conv/linear quantized"
     graph_name = "IntegerModel"
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, out_dtype: torch.dtype, float_ops: bool) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, out_dtype: torch.dtype, float_ops: bool,
+                 ranges: dict[str, float] | None = None, attention_bits: int = 8) -> None:
         super().__init__(model, gm)
         self.out_dtype = out_dtype
         self.float_ops = float_ops
+        self.ibert = ranges is not None  # transformer="ibert": integer kernels for transformer ops
+        self.ranges = ranges or {}  # node name -> calibrated max |value| (float64 working copy)
+        self.attention_bits = attention_bits
+        self._grids: dict[tuple[fx.Node, int], tuple[fx.Node, _Meta]] = {}
+        if self.ibert:
+            self.supported += ("; with transformer='ibert' also GELU, softmax(dim=-1), LayerNorm, "
+                               "activation matmul, / or * by a constant, mean, transpose/permute/view/reshape")
         self.float_nodes: list[str] = []
         self._dequantized: dict[tuple[fx.Node, torch.dtype | None], fx.Node] = {}
 
@@ -361,9 +420,181 @@ class _Converter(GraphRewriter):
         fx.node.map_arg((node.args, node.kwargs), found.append)
         return found
 
-    def _all_int(self, node: fx.Node) -> bool:
+    def _all_int(self, node: fx.Node, lift: bool = False) -> bool:
+        """Every tensor input is an integer tensor (``lift``: or a float model input ibert mode quantizes)."""
         inputs = self._tensor_inputs(node)
-        return bool(inputs) and all(self.info[n].scale is not None for n in inputs)
+        return bool(inputs) and all(self.info[n].scale is not None or (lift and self._liftable(n)) for n in inputs)
+
+    # --- transformer="ibert": static grids ----------------------------------------------------
+    def _liftable(self, arg: fx.Node) -> bool:
+        """A float model input that integer ops may use after quantizing it (ibert mode only)."""
+        return self.ibert and arg.op == "placeholder" and arg.name in self.ranges
+
+    def _operand(self, arg: fx.Node) -> tuple[fx.Node, _Meta]:
+        """``(value, meta)`` of an integer operand; a float model input is quantized first (16 bits)."""
+        if self.info[arg].scale is None and self._liftable(arg):
+            return self._grid(arg, INNER_BITS, INNER_MARGIN)
+        return self.env[arg], self.info[arg]
+
+    def _grid(self, arg: fx.Node, bits: int, margin: float) -> tuple[fx.Node, _Meta]:
+        """``arg`` as signed ``bits``-bit codes of a per-tensor grid spanning ``margin`` x its calibrated range.
+
+        These grids are where I-BERT has quantizers that the fake-quant model lacks (matmul operands,
+        the inputs of GELU and LayerNorm); a tensor already on such a grid is used as it is.
+        """
+        meta = self.info[arg]
+        if meta.grid is not None:  # signed codes fit in ``bits`` bits, or unsigned ones (softmax) in ``bits``
+            qmin, qmax = meta.grid
+            if qmax <= (2**bits - 1 if qmin == 0 else 2 ** (bits - 1) - 1):
+                return self.env[arg], meta
+        key = (arg, bits)
+        if key not in self._grids:
+            qmax = 2 ** (bits - 1) - 1
+            extent = self.ranges.get(arg.name)
+            if extent is None:
+                raise HawqError(f"to_integer: no calibrated range for node '{arg.name}' (transformer='ibert' "
+                                "needs example_input)")
+            scale = torch.tensor(max(extent, 1e-8) * margin / qmax, dtype=torch.float64)
+            if meta.scale is None:
+                module: nn.Module = QuantizeInput(scale, -qmax, qmax)
+            else:
+                module = IntRequant(meta.scale, scale, -qmax, qmax)
+            value = self.emit(f"requant_{arg.name}", module, (self.env[arg],))
+            bound = torch.tensor(float(qmax), dtype=torch.float64)
+            self._grids[key] = (value, _Meta(scale, bound=bound, grid=(-qmax, qmax)))
+        return self._grids[key]
+
+    def _shape(self, node: fx.Node) -> torch.Size | None:
+        tm = getattr(node, "meta", {}).get("tensor_meta")
+        return None if tm is None else tm.shape
+
+    def _ibert_function(self, node: fx.Node, fn: Any) -> bool:
+        """The integer rule for a transformer op (call_function / call_method), or False if none applies."""
+        method = node.target if node.op == "call_method" else None
+        first = node.args[0] if node.args else None
+        if not isinstance(first, fx.Node) or first not in self.info:
+            return False
+        if fn is F.gelu and node.kwargs.get("approximate", "none") == "none" and len(node.args) == 1:
+            self._gelu(node, node.name, first)
+        elif fn in (torch.softmax, F.softmax) or method == "softmax":
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if node.kwargs.get("dtype") is not None or len(node.args) > 2:
+                return False
+            self._softmax(node, node.name, first, dim)
+        elif fn in (operator.matmul, torch.matmul, torch.bmm) or method in ("matmul", "bmm"):
+            if len(node.args) != 2 or node.kwargs:
+                return False
+            self._matmul(node, node.args[0], node.args[1])
+        elif fn in (operator.truediv, operator.mul, torch.div, torch.mul) or method in ("div", "mul"):
+            divide = fn in (operator.truediv, torch.div) or method == "div"
+            return self._scale_const(node, divide)
+        elif fn is torch.mean or method == "mean":
+            return self._mean(node)
+        elif method in SHAPE_METHODS or fn in (torch.transpose, torch.permute, torch.reshape):
+            return self._shape_op(node)
+        else:
+            return False
+        return True
+
+    def _ibert_module(self, node: fx.Node, name: str, mod: nn.Module) -> bool:
+        arg = node.args[0]
+        if isinstance(mod, nn.GELU) and mod.approximate == "none":
+            self._gelu(node, name, arg)
+        elif isinstance(mod, nn.Softmax):
+            self._softmax(node, name, arg, mod.dim)
+        elif isinstance(mod, nn.LayerNorm):
+            self._layernorm(node, name, mod, arg)
+        else:
+            return False
+        return True
+
+    def _gelu(self, node: fx.Node, name: str, arg: fx.Node) -> None:
+        v, meta = self._grid(arg, INNER_BITS, INNER_MARGIN)
+        consts = GeluConstants(float(meta.scale))
+        bound = float(meta.bound) * (2 * consts.q_one + 1)
+        if bound > INT32_MAX:
+            raise HawqError(f"to_integer: GELU '{name}' can overflow int32")
+        self._emit(node, name, IntGELU(consts), (v,),
+                   _Meta(torch.tensor(consts.out_scale, dtype=torch.float64),
+                         bound=torch.tensor(bound, dtype=torch.float64)))
+
+    def _softmax(self, node: fx.Node, name: str, arg: fx.Node, dim: Any) -> None:
+        shape = self._shape(arg)
+        if dim not in (-1, None if shape is None else len(shape) - 1):
+            raise self.unsupported(node, ": integer softmax runs over the last dim only")
+        v, meta = self._operand(arg)
+        consts = ExpConstants()
+        exp_grid = IntRequant(meta.scale, torch.tensor(consts.scale, dtype=torch.float64), -(2**40), 2**40)
+        x = self.emit(f"requant_{name}", exp_grid, (v,))
+        out_max = 2**self.attention_bits - 1
+        self._emit(node, name, IntSoftmax(consts, out_max), (x,),
+                   _Meta(torch.tensor(1.0 / out_max, dtype=torch.float64),
+                         bound=torch.tensor(float(out_max), dtype=torch.float64), grid=(0, out_max)))
+
+    def _matmul(self, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
+        bits = self.attention_bits
+        (va, ma), (vb, mb) = self._grid(a, bits, 1.0), self._grid(b, bits, 1.0)
+        shape = self._shape(a)
+        if shape is None:
+            raise HawqError(f"to_integer: matmul '{node.name}' needs shapes; pass example_input to to_integer")
+        bound = float(ma.bound) * float(mb.bound) * shape[-1]
+        if bound > INT32_MAX:
+            raise HawqError(f"to_integer: the int32 accumulator of matmul '{node.name}' can overflow")
+        self._emit(node, node.name, IntMatmul(node.name), (va, vb),
+                   _Meta(ma.scale * mb.scale, bound=torch.tensor(bound, dtype=torch.float64)))
+
+    def _scale_const(self, node: fx.Node, divide: bool) -> bool:
+        """``v / c`` or ``v * c`` with a Python number: only the scale changes (a sign flip if c < 0)."""
+        if len(node.args) != 2 or node.kwargs:
+            return False
+        a, b = node.args
+        if isinstance(b, fx.Node) and isinstance(a, (int, float)) and not divide:
+            a, b = b, a
+        if not isinstance(a, fx.Node) or isinstance(b, bool) or not isinstance(b, (int, float)) or b == 0:
+            return False
+        v, meta = self._operand(a)
+        factor = 1.0 / b if divide else float(b)
+        if factor < 0:
+            v = self.emit(f"{node.name}_neg", IntScale(), (v,))
+        self.bind(node, v, _Meta(meta.scale * abs(factor), bound=meta.bound, grid=meta.grid))
+        return True
+
+    def _mean(self, node: fx.Node) -> bool:
+        args = dict(zip(("input", "dim", "keepdim"), node.args, strict=False)) | dict(node.kwargs)
+        shape, dim = self._shape(node.args[0]), args.get("dim")
+        if shape is None or dim is None or set(args) - {"input", "dim", "keepdim"}:
+            return False
+        dims = [d % len(shape) for d in ((dim,) if isinstance(dim, int) else dim)]
+        v, meta = self._operand(node.args[0])
+        if meta.scale.dim() and len(shape) - 1 in dims:
+            v, meta = self._grid(node.args[0], INNER_BITS, INNER_MARGIN)  # a per-feature scale: one grid first
+        keep = bool(args.get("keepdim", False))
+        self._emit(node, node.name, IntMean(tuple(dims), keep), (v,), _Meta(meta.scale, bound=meta.bound))
+        return True
+
+    def _shape_op(self, node: fx.Node) -> bool:
+        """transpose/permute/view/reshape/contiguous on a per-tensor grid (per-feature scales are requantized)."""
+        first = node.args[0]
+        if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+            return False
+        v, meta = self._operand(first)
+        if meta.scale.dim() and node.target == "flatten":
+            return False  # per-channel conv features: the exact flatten rule applies
+        if meta.scale.dim():
+            v, meta = self._grid(first, self.attention_bits, 1.0)
+        out = self.graph.create_node(node.op, node.target, (v, *node.args[1:]), dict(node.kwargs), node.name)
+        self.bind(node, out, meta)
+        return True
+
+    def _layernorm(self, node: fx.Node, name: str, ln: nn.LayerNorm, arg: fx.Node) -> None:
+        if len(ln.normalized_shape) != 1:
+            raise self.unsupported(node, ": integer LayerNorm over the last dim only", module=ln)
+        d = ln.normalized_shape[0]
+        weight = ln.weight if ln.weight is not None else torch.ones(d, dtype=torch.float64)
+        bias = ln.bias if ln.bias is not None else torch.zeros(d, dtype=torch.float64)
+        v, meta = self._grid(arg, INNER_BITS, INNER_MARGIN)
+        consts = LayerNormConstants(float(meta.scale), weight, bias, ln.eps, name)
+        self._emit(node, name, IntLayerNorm(consts), (v,), _Meta(consts.out_scale, bound=consts.bound))
 
     def rewrite(self) -> fx.GraphModule:
         gm = super().rewrite()
@@ -413,6 +644,9 @@ class _Converter(GraphRewriter):
         self.graph.output(fx.node.map_arg(node.args[0], out))
 
     def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
+        if self.ibert and len(node.args) == 1 and self._all_int(node, lift=True) \
+                and self._ibert_module(node, name, mod):
+            return
         if not self._all_int(node) or len(node.args) != 1:
             self._float_op(node, mod)
             return
@@ -495,11 +729,15 @@ class _Converter(GraphRewriter):
         self._emit(node, name, IntFlatten(start, end), (v,), _Meta(flat(meta.scale), bound=flat(meta.bound)))
 
     def on_function(self, node: fx.Node, fn: Any) -> None:
+        if self.ibert and self._all_int(node, lift=True) and self._ibert_function(node, fn):
+            return
         int_ok = fn is not None and self._all_int(node)
+        if fn in ADD_FUNCS and self.ibert:
+            int_ok = self._all_int(node, lift=True)  # a residual of the (float) model input
         if int_ok and fn in RELU_FUNCS and len(node.args) == 1:
             self._emit(node, node.name, IntReLU(), (self.env[node.args[0]],), self.info[node.args[0]])
         elif int_ok and fn in ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
-            ma, mb = self.info[node.args[0]], self.info[node.args[1]]
+            (va, ma), (vb, mb) = self._operand(node.args[0]), self._operand(node.args[1])
             # Common scale: the finer operand's, refined by up to FRACTION_BITS while the static
             # bound of the sum stays below 2^30 (so the adds' rounding is negligible and int32 safe).
             real_bound = ma.bound * ma.scale + mb.bound * mb.scale
@@ -507,7 +745,7 @@ class _Converter(GraphRewriter):
             # (+ 0 * out broadcasts each operand's scale to the common scale's shape)
             module = IntAdd((ma.scale + 0 * out), (mb.scale + 0 * out), out, node.name)
             bound = real_bound / out + 2
-            args = (self.env[node.args[0]], self.env[node.args[1]])
+            args = (va, vb)
             self._emit(node, node.name, module, args, _Meta(out, ma.spatial_one and mb.spatial_one, bound))
         elif int_ok and fn is torch.flatten and not node.kwargs:
             start = node.args[1] if len(node.args) > 1 else 0
@@ -521,8 +759,23 @@ class _Converter(GraphRewriter):
             self._float_op(node)
 
 
+class _RangeObserver(fx.Interpreter):
+    """Runs the traced float64 fake-quant graph once and records max |value| of every tensor node."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.ranges: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, Tensor) and out.is_floating_point() and out.numel():
+            self.ranges[n.name] = float(out.detach().abs().max())
+        return out
+
+
 @torch.no_grad()
-def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops: bool = False) -> fx.GraphModule:
+def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops: bool = False,
+               transformer: str | None = None, attention_bits: int = 8) -> fx.GraphModule:
     """Convert a calibrated fake-quant model into an integer-only ``fx.GraphModule`` (a new model).
 
     Every Conv2d/Linear on the path must be a calibrated ``QuantConv2d``/``QuantBnConv2d``/
@@ -536,17 +789,38 @@ def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops:
     inputs are dequantized, and the next quantized layer requantizes its output on entry. The
     names of those operators are listed in the result's ``float_nodes``. Without it, such an
     operator raises a HawqError naming it.
+
+    ``transformer="ibert"`` runs transformer operators in integer (I-BERT; docs/quant.md,
+    "Integer-only transformers"): GELU, softmax over the last dim, LayerNorm, matmuls of two
+    activations, ``/`` or ``*`` by a constant, mean, and shape ops. Grids the fake-quant model
+    does not have -- matmul operands (``attention_bits``, per tensor; the softmax output is
+    unsigned ``attention_bits``), GELU/LayerNorm inputs and a float input used by a residual add
+    (16 bits) -- are static, set from the max |value| seen on ``example_input`` (required).
     """
     for name, mod in model.named_modules():
         if isinstance(mod, QUANT_LAYERS):
             check_input_quant(mod, name, _WHAT)
+    if transformer not in TRANSFORMER_MODES:
+        raise HawqError(f"to_integer: transformer must be None or 'ibert', got {transformer!r}")
+    if isinstance(attention_bits, bool) or not isinstance(attention_bits, int) or not 2 <= attention_bits <= 8:
+        raise HawqError(f"to_integer: attention_bits must be an integer in 2..8, got {attention_bits!r}")
+    if transformer == "ibert" and example_input is None:
+        raise HawqError("to_integer: transformer='ibert' needs example_input (a batch that calibrates the "
+                        "attention, GELU and LayerNorm input grids)")
     work, gm = working_copy(model, torch.float64, _WHAT)
+    ranges = None
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        ShapeProp(gm).propagate(example_input.to("cpu", torch.float64))
+        x = example_input.to("cpu", torch.float64) if example_input.is_floating_point() else example_input.cpu()
+        ShapeProp(gm).propagate(x)
+        if transformer == "ibert":
+            observer = _RangeObserver(gm)
+            observer.run(x)
+            ranges = observer.ranges
     params = list(model.parameters())
-    return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops).rewrite()
+    return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops, ranges,
+                      attention_bits).rewrite()
 
 
 def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:
