@@ -18,6 +18,7 @@ from hawq.sensitivity import (
     NystromSketch,
     TraceEstimate,
     batches_fingerprint,
+    control_variate_samples,
     hessian_traces,
     label_free_loss,
     load_traces,
@@ -151,6 +152,18 @@ def test_nystrom_sketch_exact_for_low_rank_psd() -> None:
     assert math.isclose(sketch.quadratic(v), float(v @ H @ v), rel_tol=1e-5)
 
 
+def test_control_variate_beta_is_predictable_and_adapts() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = 5.0 + torch.randn(400, generator=g, dtype=torch.float64)
+    good = control_variate_samples(q, q - 5.0 + 2.0, trace=2.0)  # c tracks q exactly: zero variance
+    assert torch.allclose(good, torch.full_like(q, 5.0))
+    noise = 3.0 * torch.randn(400, generator=g, dtype=torch.float64)  # c unrelated to q: beta -> 0
+    bad = control_variate_samples(q, noise, trace=0.0)
+    assert float(bad[100:].var()) < 1.5 * float(q[100:].var()) < float((q - noise)[100:].var())
+    # sample j uses only samples < j: appending more samples never changes the earlier ones
+    assert torch.equal(control_variate_samples(q[:50], noise[:50], 0.0), bad[:50])
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn_eval"])
 def test_nystrom_traces_unbiased_and_never_worse(kind: str) -> None:
     model = make_mlp() if kind == "mlp" else make_cnn().eval()
@@ -163,7 +176,8 @@ def test_nystrom_traces_unbiased_and_never_worse(kind: str) -> None:
                          [f"{n}.weight" for n in layers])
     for name, ex in zip(layers, exact):
         assert cv[name].n == plain[name].n == 160  # the 8 sketch probes count in n
-        assert abs(cv[name].mean - ex) <= 3 * cv[name].std_err, (name, cv[name], ex)
+        # (+ rounding: a sketch of nearly the block's dimension leaves a zero-variance residual)
+        assert abs(cv[name].mean - ex) <= 3 * cv[name].std_err + 1e-10 * abs(ex), (name, cv[name], ex)
         assert abs(plain[name].mean - ex) <= 3 * plain[name].std_err, (name, plain[name], ex)
         # same number of Hessian-vector products: never clearly worse (the leave-one-out check keeps
         # plain probes where the sketch would not pay, and beta adapts) ...

@@ -215,23 +215,31 @@ def control_variate_samples(q: Tensor, c: Tensor, trace: float, warmup: int = 3)
     return out
 
 
+SKETCH_PROBES_PER_MIN = 3  # a plain layer may build its sketch from up to 3 * min_probes probes
+
+
 def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float,
                max_probes: int, min_probes: int, seed: int, progress: bool,
                variance_reduction: str = "none") -> tuple[list[Tensor], list[int], list[str]]:
     """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j).
 
-    With ``variance_reduction="nystrom"`` a layer whose first ``min_probes`` plain probes predict more
-    than ``2 * min_probes`` probes in all, and whose leave-one-out check predicts at least a halved
-    variance, turns those probes' products into a Nyström sketch of its block and restarts on fresh
-    probes ``(seed, name, "nystrom", j)`` with the sketch as control variate; the estimate uses only
-    the fresh probes (so it stays unbiased), while ``n`` counts every product spent. Returns the
-    samples of each layer's final estimator, the products spent and the estimator used.
+    With ``variance_reduction="nystrom"`` a plain layer keeps the products of its probes (at most
+    ``3 * min_probes``); once the plain probes still predicted to be needed outnumber ``min_probes``
+    and a leave-one-out check predicts at least a halved variance, it turns those products into a
+    Nyström sketch of its block and restarts on fresh probes ``(seed, name, "nystrom", j)`` with the
+    sketch as control variate. The estimate uses only the fresh probes (so it stays unbiased), while
+    ``n`` counts every product spent. Returns the samples of each layer's final estimator, the
+    products spent and the estimator used.
     """
     samples = [torch.zeros(0, dtype=torch.float64) for _ in weights]
     spent = [0] * len(weights)
     sketches: dict[int, NystromSketch] = {}
     cv_q: dict[int, Tensor] = {}  # g^T H g of the control-variate probes
     cv_c: dict[int, Tensor] = {}  # g^T Ĥ g of the same probes
+    products: dict[int, list[Tensor]] = {}  # H s_j of a plain layer's probes so far (its sketch-to-be)
+    attempt_at: dict[int, int] = {}  # probe count at which a layer next tries its sketch
+    given_up: set[int] = set()
+    sketch_cap = SKETCH_PROBES_PER_MIN * min_probes
     chunks = {i: min_probes for i in range(len(weights))}
     total = len(weights) * max_probes
     bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
@@ -247,8 +255,11 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
         for i, c in chunks.items():
             make, start = (cv_probe, cv_q[i].shape[0]) if i in sketches else (plain_probe, samples[i].shape[0])
             requests[i] = (functools.partial(make, i=i, start=start), c)
-        first_round = [i for i in chunks if spent[i] == 0] if variance_reduction == "nystrom" else []
-        got = op.block_quadratic_forms(requests, return_hvps=first_round)
+        # plain layers still deciding keep their products (the sketch), up to sketch_cap probes
+        deciding = [i for i in chunks if i not in sketches and spent[i] < sketch_cap and i not in given_up]
+        got = op.block_quadratic_forms(requests, return_hvps=deciding if variance_reduction == "nystrom" else [])
+        for i, hv in op.last_hvps.items():
+            products.setdefault(i, []).append(hv.cpu())
         for i, q in got.items():
             q = q.cpu()
             spent[i] += q.shape[0]
@@ -269,15 +280,23 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
             if spent[i] >= max_probes or std / math.sqrt(n) <= float(targets[i]):
                 continue
             predicted = _probes_needed(std, float(targets[i]))
-            if i in op.last_hvps and predicted > 2 * min_probes and max_probes - spent[i] >= min_probes:
-                probes = torch.stack([requests[i][0](j) for j in range(n)])
-                sketch = NystromSketch(probes.cpu(), op.last_hvps[i].cpu())
+            if (i in products and n >= attempt_at.get(i, min_probes) and predicted - n > min_probes
+                    and max_probes - spent[i] >= min_probes):
+                # plain probes still to go outnumber a control-variate restart: try the sketch of all
+                # probes so far (every min_probes more; a bigger sketch captures more of the block)
+                attempt_at[i] = n + min_probes
+                probes = torch.stack([plain_probe(j, i, 0) for j in range(n)])
+                sketch = NystromSketch(probes.cpu(), torch.cat(products[i]))
                 if float(sketch.leave_one_out_samples().var()) < 0.5 * std * std:
                     sketches[i] = sketch
+                    del products[i]
                     cv_q[i] = cv_c[i] = torch.zeros(0, dtype=torch.float64)
                     samples[i] = torch.zeros(0, dtype=torch.float64)
                     nxt[i] = min_probes
                     continue
+            if i in products and (spent[i] >= sketch_cap or attempt_at.get(i, 0) > sketch_cap):
+                del products[i]  # undecided at the cap: stay plain and free the memory
+                given_up.add(i)
             # a kept graph makes rounds free: check after every probe and never overshoot
             budget = max_probes - spent[i]
             nxt[i] = 1 if op.graph_is_kept else int(max(1, min(predicted - n, n, budget)))
