@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_integer import _Block  # the BERT-shaped block the float-island test uses
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -97,22 +98,6 @@ def test_int_layernorm_matches_float_layernorm() -> None:
 
 
 # --- a BERT-style block ----------------------------------------------------------------------------
-class _Block(nn.Module):
-    """Single-head attention + GELU MLP with post-LayerNorm residuals (BERT layer shape)."""
-
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.drop = nn.Dropout(0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        att = torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1) / math.sqrt(16), dim=-1)
-        x = self.ln1(x + self.drop(self.o(att @ self.v(x))))
-        return self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
-
-
 class _Classifier(nn.Module):
     def __init__(self, d: int = 16, classes: int = 5) -> None:
         super().__init__()
