@@ -28,6 +28,7 @@ lint:
 	$(PY) -m ruff check hawq tests scripts
 
 bench:
+	$(PY) -m pip install -q -e ".[bench]"  # PyHessian, the sensitivity baseline
 	$(PY) scripts/bench_sensitivity.py
 	$(PY) scripts/bench_search.py
 	$(PY) scripts/bench_integer.py
