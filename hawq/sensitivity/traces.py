@@ -278,6 +278,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
             n = samples[i].shape[0]
             std = float(samples[i].std(unbiased=True))
             if spent[i] >= max_probes or std / math.sqrt(n) <= float(targets[i]):
+                products.pop(i, None)  # done: its sketch-to-be is not needed any more
                 continue
             predicted = _probes_needed(std, float(targets[i]))
             if (i in products and n >= attempt_at.get(i, min_probes) and predicted - n > min_probes
