@@ -413,8 +413,6 @@ class HessianOperator:
 
     def _reduce_mean(self, local_sum: Tensor | None, like: Tensor) -> Tensor:
         total = local_sum if local_sum is not None else torch.zeros_like(like)
-        if total.dtype != like.dtype:
-            total = total.to(like.dtype)
         if self.distributed:
             buf = total.to(self.reduce_device)
             dist.all_reduce(buf)

@@ -100,10 +100,10 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     "finite_difference". ``probes_per_pass > 1`` answers that many per-layer probes in one vmapped
     double backward (``is_grads_batched``); the numbers then differ from 1 only by rounding.
 
-    ``variance_reduction`` (per-layer probing only): "nystrom" (default) lets a layer that the first
-    ``min_probes`` probes show to be slow to converge switch to Nyström++ (a rank-``min_probes``
-    Nyström sketch of its block, built from those probes' products, as control variate on fresh
-    probes; see :class:`NystromSketch`); "none" is plain Hutchinson. Both are unbiased; ``n`` counts
+    ``variance_reduction`` (per-layer probing only): "nystrom" (default) lets a layer whose plain
+    probes show it slow to converge switch to Nyström++ (a Nyström sketch of its block, built from
+    the products of up to ``3 * min_probes`` of those probes, as control variate on fresh probes;
+    see :class:`NystromSketch`); "none" is plain Hutchinson. Both are unbiased; ``n`` counts
     every Hessian-vector product spent on the layer, ``std_err`` is that of the final estimator.
     """
     del meta  # the caller's record; nothing here depends on it
@@ -122,8 +122,8 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     with HessianOperator(model, loss_fn, batches, names, weights, method=method,
                          probes_per_pass=probes_per_pass) as op:
         if probing == "per_layer":
-            samples, spent, _ = _per_layer(op, names, weights, tol, max_probes, min_probes, seed, progress,
-                                           variance_reduction)
+            samples, spent = _per_layer(op, names, weights, tol, max_probes, min_probes, seed, progress,
+                                        variance_reduction)
         else:
             samples = _joint(op, names, weights, tol, max_probes, min_probes, seed, progress)
             spent = [s.shape[0] for s in samples]
@@ -140,10 +140,10 @@ def _probes_needed(std: float, target: float) -> float:
     return math.ceil(ratio * ratio) if ratio < 1e150 else math.inf
 
 
-def _next_chunk(std: float, target: float, n: int, max_probes: int) -> int:
-    # probes still needed if the sample variance holds, at most doubling n per round
+def _next_chunk(std: float, target: float, n: int, budget: int) -> int:
+    # probes still needed if the sample variance holds, at most doubling n per round and within budget
     need = _probes_needed(std, target) - n
-    return int(max(1, min(need, n, max_probes - n)))
+    return int(max(1, min(need, n, budget)))
 
 
 class NystromSketch:
@@ -220,7 +220,7 @@ SKETCH_PROBES_PER_MIN = 3  # a plain layer may build its sketch from up to 3 * m
 
 def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float,
                max_probes: int, min_probes: int, seed: int, progress: bool,
-               variance_reduction: str = "none") -> tuple[list[Tensor], list[int], list[str]]:
+               variance_reduction: str = "none") -> tuple[list[Tensor], list[int]]:
     """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j).
 
     With ``variance_reduction="nystrom"`` a plain layer keeps the products of its probes (at most
@@ -228,8 +228,8 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     and a leave-one-out check predicts at least a halved variance, it turns those products into a
     Nyström sketch of its block and restarts on fresh probes ``(seed, name, "nystrom", j)`` with the
     sketch as control variate. The estimate uses only the fresh probes (so it stays unbiased), while
-    ``n`` counts every product spent. Returns the samples of each layer's final estimator, the
-    products spent and the estimator used.
+    ``n`` counts every product spent. Returns the samples of each layer's final estimator and the
+    products spent.
     """
     samples = [torch.zeros(0, dtype=torch.float64) for _ in weights]
     spent = [0] * len(weights)
@@ -238,8 +238,12 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     cv_c: dict[int, Tensor] = {}  # g^T Ĥ g of the same probes
     products: dict[int, list[Tensor]] = {}  # H s_j of a plain layer's probes so far (its sketch-to-be)
     attempt_at: dict[int, int] = {}  # probe count at which a layer next tries its sketch
-    given_up: set[int] = set()
     sketch_cap = SKETCH_PROBES_PER_MIN * min_probes
+
+    def deciding(i: int) -> bool:
+        """A plain layer that may still switch: it keeps its products for the sketch."""
+        return (variance_reduction == "nystrom" and i not in sketches and spent[i] < sketch_cap
+                and attempt_at.get(i, min_probes) <= sketch_cap)
     chunks = {i: min_probes for i in range(len(weights))}
     total = len(weights) * max_probes
     bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
@@ -255,9 +259,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
         for i, c in chunks.items():
             make, start = (cv_probe, cv_q[i].shape[0]) if i in sketches else (plain_probe, samples[i].shape[0])
             requests[i] = (functools.partial(make, i=i, start=start), c)
-        # plain layers still deciding keep their products (the sketch), up to sketch_cap probes
-        deciding = [i for i in chunks if i not in sketches and spent[i] < sketch_cap and i not in given_up]
-        got = op.block_quadratic_forms(requests, return_hvps=deciding if variance_reduction == "nystrom" else [])
+        got = op.block_quadratic_forms(requests, return_hvps=[i for i in chunks if deciding(i)])
         for i, hv in op.last_hvps.items():
             products.setdefault(i, []).append(hv.cpu())
         for i, q in got.items():
@@ -295,18 +297,16 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
                     samples[i] = torch.zeros(0, dtype=torch.float64)
                     nxt[i] = min_probes
                     continue
-            if i in products and (spent[i] >= sketch_cap or attempt_at.get(i, 0) > sketch_cap):
-                del products[i]  # undecided at the cap: stay plain and free the memory
-                given_up.add(i)
+            if not deciding(i):
+                products.pop(i, None)  # past the cap: stay plain and free the memory
             # a kept graph makes rounds free: check after every probe and never overshoot
-            budget = max_probes - spent[i]
-            nxt[i] = 1 if op.graph_is_kept else int(max(1, min(predicted - n, n, budget)))
+            nxt[i] = 1 if op.graph_is_kept else _next_chunk(std, float(targets[i]), n, max_probes - spent[i])
         op.last_hvps = {}
         chunks = nxt
         if progress:
             bar.set_postfix(active=len(chunks))
     bar.close()
-    return samples, spent, ["nystrom++" if i in sketches else "hutchinson" for i in range(len(weights))]
+    return samples, spent
 
 
 def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float, max_probes: int,
@@ -328,7 +328,7 @@ def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], t
             break
         ratio = errs / targets.clamp_min(1e-300)
         worst = int(ratio.argmax())
-        chunk = _next_chunk(float(errs[worst]) * math.sqrt(n), float(targets[worst]), n, max_probes)
+        chunk = _next_chunk(float(errs[worst]) * math.sqrt(n), float(targets[worst]), n, max_probes - n)
     bar.close()
     return [samples[:, i] for i in range(len(weights))]
 
