@@ -547,8 +547,7 @@ def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
         # no collectives here: the other processes may be anywhere (torchrun stops them when this
         # one exits non-zero)
         if run.main:
-            error = str(e) if isinstance(e, HawqError) else f"{type(e).__name__}: {e}"
-            write_json(run_dir / "status.json", {"status": "failed", "error": error})
+            write_json(run_dir / "status.json", {"status": "failed", "error": D.describe_error(e)})
         raise
     if run.main:
         write_json(run_dir / "status.json", {"status": "complete"})
@@ -625,6 +624,7 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     ecfg = run.cfg.export
+    example = run.task.model_inputs(run.batches("test", 1, 8)[0]) if ecfg.onnx or ecfg.onnx_integer else ()
     if ecfg.safetensors:
         summary = save_quantized(qmodel, bits, run.run_dir / "model.safetensors", run.results["model_info"],
                                  quant_config=run.cfg.quant, integer=ecfg.integer)
@@ -632,7 +632,6 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
     if ecfg.onnx:
         from hawq.export import compare_onnx
 
-        example = run.task.model_inputs(run.batches("test", 1, 8)[0])
         path = run.run_dir / "model.onnx"
         try:
             export_onnx(qmodel, example if len(example) > 1 else example[0], path, opset=ecfg.onnx_opset,
@@ -644,16 +643,15 @@ def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
             out["onnx"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("onnx export skipped: %s", e)
     if ecfg.onnx_integer:
-        out["onnx_integer"] = _export_onnx_integer(run, qmodel)
+        out["onnx_integer"] = _export_onnx_integer(run, qmodel, example)
     return out
 
 
-def _export_onnx_integer(run: Run, qmodel: nn.Module) -> dict[str, Any]:
+def _export_onnx_integer(run: Run, qmodel: nn.Module, example: tuple[Any, ...]) -> dict[str, Any]:
     """``model_int.onnx``: the integer-only model (ConvInteger/MatMulInteger + dyadic rescales)."""
     from hawq.export import compare_onnx_integer, export_onnx_integer
     from hawq.quant import to_integer
 
-    example = run.task.model_inputs(run.batches("test", 1, 8)[0])
     if len(example) != 1:
         return {"skipped": "the integer ONNX export takes models with a single tensor input"}
     try:

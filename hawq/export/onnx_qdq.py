@@ -42,6 +42,7 @@ from onnx import TensorProto, numpy_helper
 from torch import Tensor, nn
 
 from hawq import HawqError
+from hawq.bitmap import atomic_write_bytes
 from hawq.export.quantized_file import quantized_layers
 
 INT4_MAX_BITS = 4
@@ -361,14 +362,8 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike, inputs: Tensor | tup
     ``within_one_step`` (fraction of outputs), ``lsb`` (:func:`accumulator_lsb`) with
     ``within_one_lsb``, and ``argmax_agreement`` for 2-D logits.
     """
-    inputs = _as_tuple(inputs)
-    session = _ort_session(str(path), threads)
-    got = torch.from_numpy(session.run(None, _feeds(session, inputs))[0])
     model = model.eval()
-    with torch.no_grad():
-        ref = model(*inputs)
-    if got.shape != ref.shape:
-        raise HawqError(f"compare_onnx: ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}")
+    got, ref = _onnx_and_torch_outputs(model, path, _as_tuple(inputs), threads, "compare_onnx")
     diff = (got - ref).abs()
     step, lsb = output_step(ref), accumulator_lsb(model)
     out = {"max_abs_diff": float(diff.max()), "step": step, "max_diff_in_steps": float(diff.max()) / step,
@@ -377,6 +372,18 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike, inputs: Tensor | tup
     if ref.dim() == 2:
         out["argmax_agreement"] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
     return out
+
+
+def _onnx_and_torch_outputs(model: nn.Module, path: str | os.PathLike, inputs: tuple[Tensor, ...], threads: int,
+                            who: str) -> tuple[Tensor, Tensor]:
+    """The ONNX file's first output and ``model``'s on ``inputs``, checked to have the same shape."""
+    session = _ort_session(str(path), threads)
+    got = torch.from_numpy(session.run(None, _feeds(session, inputs))[0])
+    with torch.no_grad():
+        ref = model(*inputs)
+    if got.shape != ref.shape:
+        raise HawqError(f"{who}: ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}")
+    return got, ref
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,14 +598,7 @@ def _as_integer_model(model: nn.Module, example_input: Tensor) -> fx.GraphModule
 
 
 def _save_atomic(proto: onnx.ModelProto, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save_model(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, proto.SerializeToString())  # the project's temp + fsync + rename writer
     return path
 
 
@@ -617,12 +617,7 @@ def compare_onnx_integer(int_model: nn.Module, path: str | os.PathLike, inputs: 
     deq = int_model.get_submodule(graph_out.target) if getattr(graph_out, "op", "") == "call_module" else None
     if not isinstance(deq, Dequantize):
         raise HawqError("compare_onnx_integer: the model's output is not a dequantized integer tensor")
-    session = _ort_session(str(path), threads)
-    got = torch.from_numpy(session.run(None, _feeds(session, (inputs,)))[0])
-    with torch.no_grad():
-        ref = int_model(inputs)
-    if got.shape != ref.shape:
-        raise HawqError(f"compare_onnx_integer: ONNX output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}")
+    got, ref = _onnx_and_torch_outputs(int_model, path, (inputs,), threads, "compare_onnx_integer")
     diff = (got.double() - ref.double()).abs()
     out = {"max_abs_diff": float(diff.max()), "max_diff_in_steps": float((diff / deq.scale).max()),
            "exact_fraction": float((got == ref).float().mean())}
