@@ -228,6 +228,12 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that the types alone do not catch."""
     if cfg.sensitivity.bn_mode not in ("eval", "train"):
         raise HawqError(f"sensitivity.bn_mode must be 'eval' or 'train', got '{cfg.sensitivity.bn_mode}'")
+    if cfg.sensitivity.variance_reduction not in ("nystrom", "none"):
+        raise HawqError("sensitivity.variance_reduction must be 'nystrom' or 'none', "
+                        f"got '{cfg.sensitivity.variance_reduction}'")
+    if cfg.sensitivity.hvp_method not in ("auto", "autograd", "finite_difference"):
+        raise HawqError("sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference', "
+                        f"got '{cfg.sensitivity.hvp_method}'")
     if cfg.sensitivity.normalize not in ("per_param", "none"):
         raise HawqError(f"sensitivity.normalize must be 'per_param' or 'none', got '{cfg.sensitivity.normalize}'")
     for key in ("batches", "batch_size", "max_probes", "min_probes", "spectrum_batches"):

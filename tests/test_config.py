@@ -33,6 +33,8 @@ def test_int_is_accepted_for_float_field():
     ("novalue", "expects key=value"),
     ("search.budget.size_mb=-1", "search.budget.size_mb must be positive"),
     ("run.stages=[sensitivity,serch]", "did you mean 'search'"),
+    ("sensitivity.variance_reduction=hutch", "sensitivity.variance_reduction must be 'nystrom' or 'none'"),
+    ("sensitivity.hvp_method=jvp", "sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference'"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(HawqError, match=message.replace("(", r"\(").replace("[", r"\[")):
