@@ -228,6 +228,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that the types alone do not catch."""
     if cfg.sensitivity.bn_mode not in ("eval", "train"):
         raise HawqError(f"sensitivity.bn_mode must be 'eval' or 'train', got '{cfg.sensitivity.bn_mode}'")
+    if cfg.sensitivity.estimator not in ("auto", "hutchinson"):
+        raise HawqError(f"sensitivity.estimator must be 'auto' or 'hutchinson', got '{cfg.sensitivity.estimator}'")
     if cfg.sensitivity.variance_reduction not in ("nystrom", "none"):
         raise HawqError("sensitivity.variance_reduction must be 'nystrom' or 'none', "
                         f"got '{cfg.sensitivity.variance_reduction}'")

@@ -320,7 +320,9 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
         # Hessian is the Gauss-Newton matrix of the output distance
         loss_fn = label_free_loss(run.task, model)
     else:
-        loss_fn = run.task.loss
+        from hawq.sensitivity import task_loss
+
+        loss_fn = task_loss(run.task)  # outputs and a loss on them: exact Gauss-Newton traces where they apply
     kwargs = {**scfg.hutchinson_kwargs(), "seed": run.cfg.run.seed + scfg.seed}
     t0 = time.perf_counter()
     traces = hessian_traces(model, loss_fn, batches, layers=run.layers, progress=run.progress, **kwargs)
@@ -328,7 +330,10 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
     meta = {"key": key, "bn_mode": scfg.bn_mode, "label_free": scfg.label_free, "normalize": scfg.normalize,
             "batches": len(all_batches), "batch_size": scfg.batch_size, "seed": kwargs["seed"],
             "tol": scfg.tol, "min_probes": scfg.min_probes, "max_probes": scfg.max_probes,
-            "variance_reduction": scfg.variance_reduction, "hvps": sum(t.n for t in traces.values()),
+            "variance_reduction": scfg.variance_reduction, "estimator": scfg.estimator,
+            "exact_layers": sorted(n for n, t in traces.items() if t.estimator == "gauss_newton"),
+            "hvps": sum(t.n for t in traces.values() if t.estimator == "hutchinson"),
+            "backward_passes": max((t.n for t in traces.values() if t.estimator == "gauss_newton"), default=0),
             "seconds": round(elapsed, 3), "device": str(run.device), "processes": world}
     spectrum_batches = D.shard(all_batches[: scfg.spectrum_batches])
     spectrum, density = _spectrum(run, model, loss_fn, [run.task.to_device(b, run.device) for b in spectrum_batches],

@@ -162,12 +162,17 @@ def markdown_report(report: dict[str, Any]) -> str:
     ]
     sens = report.get("sensitivity") or {}
     if sens:
+        exact = sens.get("exact_layers") or []
         parts += ["## Sensitivity", "",
-                  f"- Hutchinson traces: {sens.get('batches')} batch(es) of {sens.get('batch_size')}, "
-                  f"tol {sens.get('tol')}, at most {sens.get('max_probes')} probes per layer "
-                  f"({sens.get('hvps', '?')} Hessian-vector products in all, variance reduction "
-                  f"{sens.get('variance_reduction', 'none')}), BN in {sens.get('bn_mode')} mode, "
-                  f"{sens.get('seconds')} s on {sens.get('device')}"]
+                  f"- Hessian traces: {sens.get('batches')} batch(es) of {sens.get('batch_size')}, "
+                  f"BN in {sens.get('bn_mode')} mode, {sens.get('seconds')} s on {sens.get('device')}"]
+        if exact:
+            parts.append(f"- exact (Gauss-Newton identity, the network is piecewise linear in the layer): "
+                         f"{len(exact)} layer(s), {sens.get('backward_passes')} backward pass(es) in all")
+        if sens.get("hvps", 0) or not exact:
+            parts.append(f"- Hutchinson: tol {sens.get('tol')}, at most {sens.get('max_probes')} probes per layer "
+                         f"({sens.get('hvps', '?')} Hessian-vector products in all, variance reduction "
+                         f"{sens.get('variance_reduction', 'none')})")
         if sens.get("top_eigenvalues"):
             parts.append(f"- top Hessian eigenvalues: {', '.join(_fmt(v, 4) for v in sens['top_eigenvalues'])}")
         if sens.get("density_trace_estimate") is not None:

@@ -8,6 +8,11 @@ uses hawq's stopping rule (std_err <= max(tol * |trace|, tol * 1e-3 * max trace)
 seeds, model, batch and BatchNorm mode. If PyHessian cannot be imported, the same algorithm is run
 with plain ``torch.autograd.grad`` (the script says which).
 
+hawq runs its default: exact traces from the Gauss-Newton identity for every layer through which the
+network is piecewise linear (all of them in these ReLU / eval-BatchNorm ResNets: one backward pass
+per output direction), Hutchinson with Nyström++ for any other layer. Ablations (first two cases):
+hawq restricted to Hutchinson (``estimator="hutchinson"``), with and without Nyström++.
+
 Also measured: the cost of one HVP under the implementation choices hawq considered, and how many
 probes hawq's opt-in joint probing (one full HVP per probe for all layers) would need.
 
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hawq.layers import quantizable_layers
-from hawq.sensitivity import TraceEstimate, hessian_traces, probe_seed, rademacher_like
+from hawq.sensitivity import OutputLoss, TraceEstimate, hessian_traces, probe_seed, rademacher_like
 
 try:
     from pyhessian import hessian as PyHessian
@@ -43,6 +48,10 @@ except ImportError:  # faithful re-implementation of the same per-layer algorith
 
 def ce(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
+
+
+# the same loss split into outputs and a loss on them: what lets hawq use exact Gauss-Newton traces
+CE_OUTPUTS = OutputLoss(lambda model, batch: model(batch[0]), lambda out, batch: F.cross_entropy(out, batch[1]))
 
 
 def dataloader_hv_product(model: nn.Module, batches: list, params: list, v: list) -> list:
@@ -153,7 +162,7 @@ def hvp_variants(model: nn.Module, batch, layers: list[str]) -> dict[str, float]
 
 
 def run_case(title: str, model: nn.Module, batches: list, tol: float, max_probes: int, min_probes: int,
-             seed: int, joint_probes: int = 0, repeats: int = 1, ablation: bool = False,
+             seed: int, joint_probes: int = 0, repeats: int = 1, ablation: tuple[str, ...] = (),
              costs: bool = True) -> float:
     model.eval()  # BatchNorm running statistics (HAWQ measures the trained, deployed network)
     layers = quantizable_layers(model)
@@ -170,9 +179,9 @@ def run_case(title: str, model: nn.Module, batches: list, tol: float, max_probes
               f"{cost['HVP: forward-over-reverse (torch.func jvp of grad), no reuse'] / g:.2f} "
               "(forward-over-reverse)")
 
-    def run_ours(variance_reduction: str = "nystrom"):
-        return hessian_traces(model, ce, batches, tol=tol, max_probes=max_probes, min_probes=min_probes,
-                              seed=seed, progress=False, variance_reduction=variance_reduction)
+    def run_ours(estimator: str = "auto", variance_reduction: str = "nystrom"):
+        return hessian_traces(model, CE_OUTPUTS, batches, tol=tol, max_probes=max_probes, min_probes=min_probes,
+                              seed=seed, progress=False, variance_reduction=variance_reduction, estimator=estimator)
 
     # alternate the two (A B A B ...) and keep each one's fastest run: other jobs on a shared
     # machine only ever add time; CPU time of this process is reported too (immune to that load)
@@ -193,18 +202,28 @@ def run_case(title: str, model: nn.Module, batches: list, tol: float, max_probes
     c_ours, c_base = min(cpu["hawq"]), min(cpu["base"])
 
     hvps_base = sum(t.n for t in base.values())
-    hvps_ours = sum(t.n for t in ours.values())
     capped = sum(t.n >= max_probes for t in base.values())
-    if ablation:  # what the shared graph alone buys, without the Nyström control variate
+    plain = None
+    for variance_reduction in ablation:  # hawq with Hutchinson only: what each lever buys
         c0 = time.process_time()
-        plain = run_ours("none")
-        c_plain = time.process_time() - c0
-        print(f"  hawq without variance reduction (shared graph only): CPU {c_plain:7.2f} s, "
-              f"{sum(t.n for t in plain.values())} single-layer HVPs -> baseline / this = {c_base / c_plain:.2f}x")
-    print(f"  hawq (per-layer probes on one shared graph, Nyström++ for slow layers): wall {t_ours:7.2f} s, "
-          f"CPU {c_ours:7.2f} s, "
-          f"{hvps_ours} single-layer HVPs "
-          f"({min(t.n for t in ours.values())}..{max(t.n for t in ours.values())} probes per layer)")
+        got = run_ours("hutchinson", variance_reduction)
+        c_abl = time.process_time() - c0
+        what = {"nystrom": "Hutchinson + Nyström++ on one shared graph",
+                "none": "plain Hutchinson on one shared graph"}[variance_reduction]
+        print(f"  ablation, hawq with {what}: CPU {c_abl:7.2f} s, {sum(t.n for t in got.values())} single-layer "
+              f"HVPs -> baseline / this = {c_base / c_abl:.2f}x")
+        if variance_reduction == "none":
+            plain = got
+    exact = [t for t in ours.values() if t.estimator == "gauss_newton"]
+    hutch = [t for t in ours.values() if t.estimator == "hutchinson"]
+    parts = []
+    if exact:
+        parts.append(f"{len(exact)} layer(s) exact from {max(t.n for t in exact)} backward passes")
+    if hutch:
+        parts.append(f"{len(hutch)} layer(s) by Hutchinson, {sum(t.n for t in hutch)} single-layer HVPs "
+                     f"({min(t.n for t in hutch)}..{max(t.n for t in hutch)} per layer)")
+    print(f"  hawq (default: exact Gauss-Newton traces where certified, Nyström++ Hutchinson elsewhere): "
+          f"wall {t_ours:7.2f} s, CPU {c_ours:7.2f} s; {'; '.join(parts)}")
     print(f"  baseline ({BASELINE}): wall {t_base:7.2f} s, CPU {c_base:7.2f} s, {hvps_base} single-layer HVPs "
           f"({min(t.n for t in base.values())}..{max(t.n for t in base.values())} probes per layer)")
     if capped:
@@ -231,7 +250,7 @@ def run_case(title: str, model: nn.Module, batches: list, tol: float, max_probes
                                seed=seed, probing="joint", progress=False)
         t_joint = time.perf_counter() - t0
         need = max(joint[n].std_err ** 2 * joint_probes / max(tol * abs(ours[n].mean), floor) ** 2 for n in layers)
-        ref = plain if ablation else base  # plain per-layer Hutchinson: every sample is one probe
+        ref = plain if plain is not None else base  # plain per-layer Hutchinson: every sample is one probe
         var_ratio = max((joint[n].std_err ** 2 * joint[n].n) / (ref[n].std_err ** 2 * ref[n].n) for n in layers)
         print(f"  joint probing (opt-in, one full HVP per probe): {joint_probes} probes in {t_joint:.1f} s; "
               f"per-probe variance up to {var_ratio:.0f}x plain per-layer probes'; would need ~{need:.0f} probes "
@@ -354,7 +373,7 @@ def main() -> None:
     model, how = trained_fashion()
     ratios.append(run_case(f"hawq.models.fashion ResNet ({how}), Fashion-MNIST test batch of 64", model, [batch],
                            tol, max_probes, min_probes, args.seed, joint_probes=8, repeats=repeats,
-                           ablation=True))
+                           ablation=("nystrom", "none")))
     extra = []
     if not args.quick:
         r18 = trained_resnet18(args.seed)
@@ -363,15 +382,16 @@ def main() -> None:
             x32, y32 = fashion32("test")
             idx = torch.randperm(len(x32), generator=torch.Generator().manual_seed(args.seed))[:64]
             ratios.append(run_case(f"torchvision ResNet-18 ({how}), Fashion-MNIST 3x32x32 test batch of 64", model,
-                                   [(x32[idx], y32[idx])], tol, max_probes, min_probes, args.seed, repeats=repeats))
+                                   [(x32[idx], y32[idx])], tol, max_probes, min_probes, args.seed, repeats=repeats,
+                                   ablation=("nystrom",)))
         four = fashion_batches(4, 64, args.seed)
         model, how = trained_fashion()
         ratios.append(run_case(f"hawq.models.fashion ResNet ({how}), 4 Fashion-MNIST batches of 64 "
                                "(the pipeline's default data mode; baseline: PyHessian dataloader mode)",
                                model, four, tol, max_probes, min_probes, args.seed, repeats=repeats, costs=False))
-        # Reported, not in the mean: an untrained network on random inputs and labels has no dominant
-        # curvature directions, so the control variate rarely pays; and a loose tolerance, where plain
-        # probes already stop at min_probes.
+        # Reported, not in the mean: an untrained network on random inputs and labels and a loose
+        # tolerance (the hard cases for Hutchinson + Nyström++: plain probes stop early there), and a
+        # network that is not piecewise linear (SiLU), where hawq falls back to Hutchinson + Nyström++.
         torch.manual_seed(args.seed)
         g = torch.Generator().manual_seed(args.seed + 1)
         batch = (torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
@@ -384,6 +404,15 @@ def main() -> None:
         extra.append((f"Fashion ResNet, 1 batch, tol={loose}", run_case(
             f"same Fashion ResNet, 1 batch, at the demo config's looser tol={loose} (not in the mean)",
             model, [fashion_batch(64) or batch], loose, max_probes, min_probes, args.seed, costs=False)))
+        model, how = trained_fashion()
+        for parent in list(model.modules()):  # SiLU is smooth: the second-order term stays, no exact traces
+            for child_name, child in parent.named_children():
+                if isinstance(child, nn.ReLU):
+                    setattr(parent, child_name, nn.SiLU())
+        extra.append(("Fashion ResNet with SiLU for ReLU (Hutchinson fallback)", run_case(
+            f"same Fashion ResNet ({how}) with every ReLU replaced by SiLU, 1 batch: not piecewise linear, so "
+            "hawq falls back to Hutchinson + Nyström++ (not in the mean)",
+            model, [fashion_batch(64) or batch], tol, max_probes, min_probes, args.seed, costs=False)))
     geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print(f"\nper model at tol={tol} (CPU time): {', '.join(f'{r:.2f}x' for r in ratios)} "
           f"(geometric mean {geo:.2f}x)")

@@ -33,6 +33,7 @@ def test_int_is_accepted_for_float_field():
     ("novalue", "expects key=value"),
     ("search.budget.size_mb=-1", "search.budget.size_mb must be positive"),
     ("run.stages=[sensitivity,serch]", "did you mean 'search'"),
+    ("sensitivity.estimator=exact", "sensitivity.estimator must be 'auto' or 'hutchinson'"),
     ("sensitivity.variance_reduction=hutch", "sensitivity.variance_reduction must be 'nystrom' or 'none'"),
     ("sensitivity.hvp_method=jvp", "sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference'"),
 ])

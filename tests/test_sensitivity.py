@@ -16,6 +16,7 @@ from torch.func import functional_call
 from hawq import HawqError
 from hawq.sensitivity import (
     NystromSketch,
+    OutputLoss,
     TraceEstimate,
     batches_fingerprint,
     control_variate_samples,
@@ -42,6 +43,9 @@ def _one_thread():
 
 def ce_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
+
+
+CE_OUTPUTS = OutputLoss(lambda m, b: m(b[0]), lambda o, b: F.cross_entropy(o, b[1]))  # exact traces where possible
 
 
 def make_mlp(act: nn.Module | None = None) -> nn.Module:
@@ -331,8 +335,10 @@ def test_label_free_hessian_is_gauss_newton() -> None:
     J = J.reshape(-1, w.numel())
     gn_trace = float((J.detach() ** 2).sum()) / x.shape[0]
     traces = hessian_traces(model, loss_fn, batches, layers=["2"], tol=0.0, max_probes=200, min_probes=200,
-                            progress=False)
+                            progress=False, estimator="hutchinson")
     assert abs(traces["2"].mean - gn_trace) <= 3 * traces["2"].std_err
+    exact = hessian_traces(model, loss_fn, batches, layers=["2"], progress=False)["2"]  # zero residual: exact
+    assert exact.estimator == "gauss_newton" and exact.mean == pytest.approx(gn_trace, rel=1e-12)
     assert loss_fn(model, batches[0]).item() == 0.0
 
 
@@ -406,8 +412,11 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         # room to switch to the Nyström control variate: its sketch is built from all-reduced products
         cv = hessian_traces(make_mlp(), ce_loss, mine, tol=0.0, max_probes=40, min_probes=8, progress=False)
         top = top_eigenvalues(make_mlp(), ce_loss, mine, max_iter=30, tol=1e-9, progress=False)
+        # exact Gauss-Newton traces for the last layer (nothing nonlinear after it), Hutchinson for the rest
+        gn = hessian_traces(make_mlp(), CE_OUTPUTS, mine, tol=0.0, max_probes=12, min_probes=12, progress=False)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"traces": {k: [t.mean, t.std_err] for k, t in traces.items()}, "top": top.values,
+                       "gn": {k: [t.mean, t.std_err, t.estimator] for k, t in gn.items()},
                        "cv": {k: [t.mean, t.std_err] for k, t in cv.items()}}, f)
     finally:
         dist.destroy_process_group()
@@ -424,6 +433,8 @@ def test_distributed_equals_single_process(tmp_path) -> None:
                            variance_reduction="none")
     assert any(cv[n].std_err < 0.5 * plain[n].std_err for n in cv)  # some layer did switch
     top = top_eigenvalues(make_mlp(), ce_loss, batches, max_iter=30, tol=1e-9, progress=False)
+    gn = hessian_traces(make_mlp(), CE_OUTPUTS, batches, tol=0.0, max_probes=12, min_probes=12, progress=False)
+    assert [t.estimator for t in gn.values()] == ["hutchinson", "hutchinson", "gauss_newton"]
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name, t in single.items():
@@ -432,6 +443,9 @@ def test_distributed_equals_single_process(tmp_path) -> None:
             assert got["cv"][name][0] == pytest.approx(cv[name].mean, rel=1e-7)
             assert got["cv"][name][1] == pytest.approx(cv[name].std_err, rel=1e-6)
         assert got["top"][0] == pytest.approx(top.values[0], rel=1e-10)
+        for name, t in gn.items():
+            assert got["gn"][name] == [pytest.approx(t.mean, rel=1e-10), pytest.approx(t.std_err, rel=1e-8),
+                                       t.estimator]
 
 
 def test_batched_probes_and_config_kwargs() -> None:

@@ -1,8 +1,9 @@
 """Hessian sensitivity: per-layer traces (Hutchinson), top eigenvalues and spectral density."""
 
 from hawq.sensitivity.config import SensitivityConfig
+from hawq.sensitivity.gauss_newton import certify_piecewise_linear, gauss_newton_traces
 from hawq.sensitivity.hvp import DoubleBackwardUnsupported, HessianOperator, resolve_layers
-from hawq.sensitivity.losses import label_free_loss
+from hawq.sensitivity.losses import OutputLoss, label_free_loss, task_loss
 from hawq.sensitivity.spectrum import (
     SpectralDensity,
     TopEigen,
@@ -28,12 +29,15 @@ __all__ = [
     "DoubleBackwardUnsupported",
     "HessianOperator",
     "NystromSketch",
+    "OutputLoss",
     "SensitivityConfig",
     "SpectralDensity",
     "TopEigen",
     "TraceEstimate",
     "batches_fingerprint",
+    "certify_piecewise_linear",
     "control_variate_samples",
+    "gauss_newton_traces",
     "hessian_traces",
     "label_free_loss",
     "load_traces",
@@ -44,6 +48,7 @@ __all__ = [
     "resolve_layers",
     "save_traces",
     "spectral_density",
+    "task_loss",
     "top_eigenvalues",
     "traces_cache_key",
 ]

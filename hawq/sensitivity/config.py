@@ -17,6 +17,8 @@ class SensitivityConfig:
     normalize: str = "per_param"  # "per_param" (trace / numel, HAWQ-V2/V3) or "none"
     label_free: bool = False  # loss = ||f(x) - f_fp32(x)||^2 / 2 instead of the task loss
     seed: int = 0  # Rademacher probes; same seed + same inputs -> identical traces
+    estimator: str = "auto"  # "auto" (exact Gauss-Newton traces where the network is piecewise linear in a
+    # layer, Hutchinson elsewhere) or "hutchinson" (every layer)
     variance_reduction: str = "nystrom"  # "nystrom" (Nyström++ control variate for slow layers) or "none"
     hvp_method: str = "auto"  # "auto" (double backward, finite differences if unsupported), "autograd",
     # or "finite_difference"
@@ -28,4 +30,5 @@ class SensitivityConfig:
     def hutchinson_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`hawq.sensitivity.hessian_traces` taken from this config."""
         return {"tol": self.tol, "max_probes": self.max_probes, "min_probes": self.min_probes,
-                "seed": self.seed, "method": self.hvp_method, "variance_reduction": self.variance_reduction}
+                "seed": self.seed, "method": self.hvp_method, "variance_reduction": self.variance_reduction,
+                "estimator": self.estimator}

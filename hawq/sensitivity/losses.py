@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hawq.models.tasks import Task
-from hawq.sensitivity.hvp import LossFn
 
 
-def label_free_loss(task: Task, reference_model: nn.Module) -> LossFn:
+def label_free_loss(task: Task, reference_model: nn.Module) -> OutputLoss:
     """``loss_fn(model, batch) = task.output_distance(f(model, batch), f(reference, batch))``.
 
     At ``model == reference_model`` the residual is zero, so the Hessian of this loss is exactly the
@@ -20,13 +21,12 @@ def label_free_loss(task: Task, reference_model: nn.Module) -> LossFn:
     The reference outputs are computed without a graph, so they are constants for the Hessian.
     """
 
-    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+    def distance(outputs: Any, batch: Any) -> Tensor:
         with torch.no_grad():
             reference = task.forward(reference_model, batch)
-        reference = _detach(reference)
-        return task.output_distance(task.forward(model, batch), reference)
+        return task.output_distance(outputs, _detach(reference))
 
-    return loss_fn
+    return OutputLoss(task.forward, distance)
 
 
 def _detach(obj: Any) -> Any:
@@ -37,3 +37,23 @@ def _detach(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_detach(v) for v in obj)
     return obj
+
+
+@dataclass(frozen=True)
+class OutputLoss:
+    """A loss of the model outputs: ``loss_fn(model, batch) = loss(forward(model, batch), batch)``.
+
+    Callable like any ``loss_fn``; the split into model outputs and a loss on them is what lets
+    :func:`hawq.sensitivity.hessian_traces` compute exact Gauss-Newton traces (docs/sensitivity.md).
+    """
+
+    forward: Callable[[nn.Module, Any], Any]
+    loss: Callable[[Any, Any], Tensor]
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.loss(self.forward(model, batch), batch)
+
+
+def task_loss(task: Task) -> OutputLoss:
+    """The task's training loss, split into ``task.forward`` and ``task.loss_from_outputs``."""
+    return OutputLoss(task.forward, task.loss_from_outputs)

@@ -30,19 +30,23 @@ from tqdm.auto import tqdm
 
 from hawq import HawqError
 from hawq.bitmap import atomic_write_text
+from hawq.sensitivity.gauss_newton import gauss_newton_traces
 from hawq.sensitivity.hvp import HessianOperator, LossFn, resolve_layers
+from hawq.sensitivity.losses import OutputLoss
 
 TRACES_FORMAT_VERSION = 1
+ESTIMATORS = ("hutchinson", "gauss_newton")  # TraceEstimate.estimator
 
 
 @dataclass
 class TraceEstimate:
-    """Hutchinson estimate of the trace of one layer's Hessian block."""
+    """Estimate of the trace of one layer's Hessian block."""
 
     mean: float  # estimated trace
-    std_err: float  # standard error of ``mean`` (sample std over probes / sqrt(n))
-    n: int  # probes used
+    std_err: float  # standard error of ``mean`` (sample std over probes / sqrt(n)); 0 when exact
+    n: int  # Hessian-vector products (hutchinson) or backward passes (gauss_newton) spent
     numel: int  # number of weights in the layer (per-parameter trace = mean / numel)
+    estimator: str = "hutchinson"  # or "gauss_newton": exact, the block equals its Gauss-Newton block
 
 
 def probe_seed(seed: int, *key: object) -> int:
@@ -63,9 +67,10 @@ def rademacher_like(weights: Sequence[Tensor], seed: int) -> list[Tensor]:
     return out
 
 
-def _stopping_targets(means: Tensor, tol: float) -> Tensor:
-    # relative tolerance per layer, with an absolute floor so near-zero traces cannot stall the loop
-    floor = tol * 1e-3 * float(means.abs().max()) if means.numel() else 0.0
+def _stopping_targets(means: Tensor, tol: float, known_max: float = 0.0) -> Tensor:
+    # relative tolerance per layer, with an absolute floor so near-zero traces cannot stall the loop;
+    # known_max: the largest |trace| of layers computed exactly (the floor is relative to all layers)
+    floor = tol * 1e-3 * max(float(means.abs().max()) if means.numel() else 0.0, known_max)
     return torch.clamp(tol * means.abs(), min=floor)
 
 
@@ -82,8 +87,9 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    min_probes: int = 8, seed: int = 0, progress: bool = True,
                    meta: dict | None = None, method: str = "auto",
                    probing: str = "per_layer", probes_per_pass: int = 1,
-                   variance_reduction: str = "nystrom") -> dict[str, TraceEstimate]:
-    """Hutchinson estimate of ``tr(H_ll)`` for each layer's ``.weight`` block of the Hessian.
+                   variance_reduction: str = "nystrom", estimator: str = "auto") -> dict[str, TraceEstimate]:
+    """``tr(H_ll)`` for each layer's ``.weight`` block of the Hessian: exact where the network allows,
+    Hutchinson's estimate elsewhere.
 
     ``H`` is the Hessian of ``mean over batches of loss_fn(model, batch)``; probes are seeded
     Rademacher vectors. A layer stops once ``std_err <= max(tol * |trace|, tol * 1e-3 * max_l |trace_l|)``
@@ -105,6 +111,14 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     the products of up to ``3 * min_probes`` of those probes, as control variate on fresh probes;
     see :class:`NystromSketch`); "none" is plain Hutchinson. Both are unbiased; ``n`` counts
     every Hessian-vector product spent on the layer, ``std_err`` is that of the final estimator.
+
+    ``estimator="auto"`` (default): when ``loss_fn`` is an :class:`~hawq.sensitivity.OutputLoss`, the
+    loss Hessian in the outputs is block diagonal over samples and has at most
+    ``min_probes * len(layers)`` entries per sample, every layer through which the outputs are
+    piecewise linear (ReLU networks with eval-mode BatchNorm) gets its exact trace from one backward
+    pass per output direction (:mod:`hawq.sensitivity.gauss_newton`; ``std_err`` 0,
+    ``estimator="gauss_newton"``); the other layers get Hutchinson's estimate. "hutchinson": every
+    layer by Hutchinson's estimator.
     """
     del meta  # the caller's record; nothing here depends on it
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 2:
@@ -117,21 +131,36 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"probing must be 'per_layer' or 'joint', got {probing!r}")
     if variance_reduction not in ("nystrom", "none"):
         raise HawqError(f"variance_reduction must be 'nystrom' or 'none', got {variance_reduction!r}")
+    if estimator not in ("auto", "hutchinson"):
+        raise HawqError(f"estimator must be 'auto' or 'hutchinson', got {estimator!r}")
     batches = list(batches)
-    names, weights = resolve_layers(model, layers)
+    all_names, all_weights = resolve_layers(model, layers)
+    out: dict[str, TraceEstimate] = {}
+    if estimator == "auto" and isinstance(loss_fn, OutputLoss):
+        # exact traces cost one backward per output direction: only where that is below the least any
+        # Hutchinson run costs (min_probes products per layer)
+        exact, _ = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights,
+                                       max_directions=min_probes * len(all_names), seed=seed, progress=progress)
+        for name, w in zip(all_names, all_weights):
+            if name in exact:
+                out[name] = TraceEstimate(exact[name][0], 0.0, exact[name][1], w.numel(), "gauss_newton")
+    names = [n for n in all_names if n not in out]
+    weights = [w for n, w in zip(all_names, all_weights) if n not in out]
+    if not names:
+        return out
+    known_max = max((abs(t.mean) for t in out.values()), default=0.0)
     with HessianOperator(model, loss_fn, batches, names, weights, method=method,
                          probes_per_pass=probes_per_pass) as op:
         if probing == "per_layer":
             samples, spent = _per_layer(op, names, weights, tol, max_probes, min_probes, seed, progress,
-                                        variance_reduction)
+                                        variance_reduction, known_max)
         else:
-            samples = _joint(op, names, weights, tol, max_probes, min_probes, seed, progress)
+            samples = _joint(op, names, weights, tol, max_probes, min_probes, seed, progress, known_max)
             spent = [s.shape[0] for s in samples]
-    out = {}
     for name, s, n, w in zip(names, samples, spent, weights):
         mean, err = _summary(s[:, None])
         out[name] = TraceEstimate(float(mean[0]), float(err[0]), int(n), w.numel())
-    return out
+    return {name: out[name] for name in all_names}
 
 
 def _probes_needed(std: float, target: float) -> float:
@@ -220,7 +249,7 @@ SKETCH_PROBES_PER_MIN = 3  # a plain layer may build its sketch from up to 3 * m
 
 def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float,
                max_probes: int, min_probes: int, seed: int, progress: bool,
-               variance_reduction: str = "none") -> tuple[list[Tensor], list[int]]:
+               variance_reduction: str = "none", known_max: float = 0.0) -> tuple[list[Tensor], list[int]]:
     """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j).
 
     With ``variance_reduction="nystrom"`` a plain layer keeps the products of its probes (at most
@@ -274,7 +303,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
                 samples[i] = torch.cat([samples[i], q])
         bar.update(sum(chunks.values()))
         means = torch.stack([s.mean() for s in samples])
-        targets = _stopping_targets(means, tol)
+        targets = _stopping_targets(means, tol, known_max)
         nxt = {}
         for i in chunks:
             n = samples[i].shape[0]
@@ -310,7 +339,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
 
 
 def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float, max_probes: int,
-           min_probes: int, seed: int, progress: bool) -> list[Tensor]:
+           min_probes: int, seed: int, progress: bool, known_max: float = 0.0) -> list[Tensor]:
     """One probe on all layers, one full HVP per probe; probe j depends only on (seed, j)."""
     samples = torch.zeros(0, len(weights), dtype=torch.float64)
     bar = tqdm(total=max_probes, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
@@ -323,7 +352,7 @@ def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], t
         bar.update(chunk)
         n = samples.shape[0]
         means, errs = _summary(samples)
-        targets = _stopping_targets(means, tol)
+        targets = _stopping_targets(means, tol, known_max)
         if n >= max_probes or bool((errs <= targets).all()):
             break
         ratio = errs / targets.clamp_min(1e-300)
@@ -335,7 +364,7 @@ def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], t
 
 # ---------------------------------------------------------------------- traces.json
 def save_traces(path: str | os.PathLike, traces: Mapping[str, TraceEstimate], meta: dict) -> None:
-    """Write ``{"layers": {name: {mean, std_err, n, numel}}, "meta": {...}}`` atomically."""
+    """Write ``{"layers": {name: {mean, std_err, n, numel, estimator}}, "meta": {...}}`` atomically."""
     data = {"layers": {name: asdict(t) for name, t in traces.items()},
             "meta": {"format_version": TRACES_FORMAT_VERSION, **dict(meta)}}
     try:
@@ -357,13 +386,17 @@ def load_traces(path: str | os.PathLike) -> tuple[dict[str, TraceEstimate], dict
         raise HawqError(f"traces file {path}: expected an object with 'layers'")
     out: dict[str, TraceEstimate] = {}
     for name, rec in data["layers"].items():
-        if not isinstance(rec, dict) or set(rec) != {"mean", "std_err", "n", "numel"}:
-            raise HawqError(f"traces file {path}: layer '{name}' must have exactly mean, std_err, n, numel")
+        fields = {"mean", "std_err", "n", "numel"}
+        if not isinstance(rec, dict) or not fields <= set(rec) <= fields | {"estimator"}:
+            raise HawqError(f"traces file {path}: layer '{name}' must have exactly mean, std_err, n, numel "
+                            "(and optionally estimator)")
         try:
-            t = TraceEstimate(float(rec["mean"]), float(rec["std_err"]), int(rec["n"]), int(rec["numel"]))
+            t = TraceEstimate(float(rec["mean"]), float(rec["std_err"]), int(rec["n"]), int(rec["numel"]),
+                              str(rec.get("estimator", "hutchinson")))
         except (TypeError, ValueError):
             raise HawqError(f"traces file {path}: layer '{name}' has a non-numeric field") from None
-        if not math.isfinite(t.mean) or t.n < 1 or t.numel < 1:
+        if (not math.isfinite(t.mean) or t.numel < 1 or t.estimator not in ESTIMATORS
+                or t.n < (1 if t.estimator == "hutchinson" else 0)):
             raise HawqError(f"traces file {path}: layer '{name}' has an invalid estimate {rec}")
         out[name] = t
     meta = data.get("meta", {})
