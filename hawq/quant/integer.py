@@ -55,6 +55,9 @@ from hawq.quant.fx_rewrite import (
     working_copy,
 )
 from hawq.quant.ibert import (
+    EXP_CLAMP,
+    INNER_BITS,
+    INNER_MARGIN,
     ExpConstants,
     GeluConstants,
     IntGELU,
@@ -64,6 +67,11 @@ from hawq.quant.ibert import (
     IntScale,
     IntSoftmax,
     LayerNormConstants,
+    MaskInput,
+    QuantGELU,
+    QuantLayerNorm,
+    QuantSoftmax,
+    StaticGrid,
 )
 from hawq.quant.modules import QuantAct, QuantConv2d
 from hawq.quant.quantizers import quantize_to_int
@@ -73,8 +81,6 @@ FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer te
 BACKENDS = ("reference", "fast")
 SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
 TRANSFORMER_MODES = (None, "ibert")
-INNER_BITS = 16  # grids of the inputs of GELU and LayerNorm, and of a float input feeding integer ops
-INNER_MARGIN = 2.0  # those 16-bit grids cover twice the calibrated range (one bit of headroom)
 
 
 # --- dyadic arithmetic (pure functions) ----------------------------------------------------------
@@ -341,11 +347,12 @@ class _Meta:
     """Conversion-time facts about one integer tensor: its scale and whether dims after C are 1."""
 
     def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None,
-                 grid: tuple[int, int] | None = None) -> None:
+                 grid: tuple[int, int] | None = None, fixed: bool = False) -> None:
         self.scale = scale  # None: the float model input
         self.spatial_one = spatial_one
         self.bound = bound  # a static bound on |v| (same broadcast shape as scale): proves no overflow
         self.grid = grid  # (qmin, qmax) when v holds codes of a per-tensor grid (matmul operands)
+        self.fixed = fixed  # the grid is the fake-quant model's (a StaticGrid / QuantSoftmax): keep it as is
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -445,7 +452,7 @@ class _Converter(GraphRewriter):
         meta = self.info[arg]
         if meta.grid is not None:  # signed codes fit in ``bits`` bits, or unsigned ones (softmax) in ``bits``
             qmin, qmax = meta.grid
-            if qmax <= (2**bits - 1 if qmin == 0 else 2 ** (bits - 1) - 1):
+            if meta.fixed or qmax <= (2**bits - 1 if qmin == 0 else 2 ** (bits - 1) - 1):
                 return self.env[arg], meta
         key = (arg, bits)
         if key not in self._grids:
@@ -463,6 +470,21 @@ class _Converter(GraphRewriter):
             bound = torch.tensor(float(qmax), dtype=torch.float64)
             self._grids[key] = (value, _Meta(scale, bound=bound, grid=(-qmax, qmax)))
         return self._grids[key]
+
+    def _act_grid(self, arg: fx.Node, act: QuantAct, name: str) -> tuple[fx.Node, _Meta]:
+        """``arg`` requantized to the calibrated grid of a fake-quant module's quantizer (integer == fake-quant)."""
+        if not act.calibrated:
+            raise HawqError(f"to_integer: the grid of '{name}' is not calibrated; run calibrate() first")
+        meta = self.info[arg]
+        scale = torch.tensor(float(act.scale), dtype=torch.float64)
+        qmin, qmax = act.qmin, act.qmax
+        if meta.scale is None:
+            module: nn.Module = QuantizeInput(scale, qmin, qmax)
+        else:
+            module = IntRequant(meta.scale, scale, qmin, qmax)
+        value = self.emit(f"requant_{name}", module, (self.env[arg],))
+        return value, _Meta(scale, bound=torch.tensor(float(max(-qmin, qmax)), dtype=torch.float64),
+                            grid=(qmin, qmax), fixed=True)
 
     def _shape(self, node: fx.Node) -> torch.Size | None:
         tm = getattr(node, "meta", {}).get("tensor_meta")
@@ -498,7 +520,13 @@ class _Converter(GraphRewriter):
 
     def _ibert_module(self, node: fx.Node, name: str, mod: nn.Module) -> bool:
         arg = node.args[0]
-        if isinstance(mod, nn.GELU) and mod.approximate == "none":
+        if isinstance(mod, QuantAct):  # a StaticGrid of the I-BERT-aware fake-quant model
+            self.bind(node, *self._act_grid(arg, mod, name))
+        elif isinstance(mod, QuantGELU):
+            self._gelu(node, name, arg, mod.input_quant)
+        elif isinstance(mod, QuantSoftmax):
+            self._softmax(node, name, arg, -1, mod.out_bits)
+        elif isinstance(mod, nn.GELU) and mod.approximate == "none":
             self._gelu(node, name, arg)
         elif isinstance(mod, nn.Softmax):
             self._softmax(node, name, arg, mod.dim)
@@ -508,8 +536,11 @@ class _Converter(GraphRewriter):
             return False
         return True
 
-    def _gelu(self, node: fx.Node, name: str, arg: fx.Node) -> None:
-        v, meta = self._grid(arg, INNER_BITS, INNER_MARGIN)
+    def _gelu(self, node: fx.Node, name: str, arg: fx.Node, act: QuantAct | None = None) -> None:
+        if act is not None:
+            v, meta = self._act_grid(arg, act, name)
+        else:
+            v, meta = self._grid(arg, INNER_BITS, INNER_MARGIN)
         consts = GeluConstants(float(meta.scale))
         bound = float(meta.bound) * (2 * consts.q_one + 1)
         if bound > INT32_MAX:
@@ -518,18 +549,23 @@ class _Converter(GraphRewriter):
                    _Meta(torch.tensor(consts.out_scale, dtype=torch.float64),
                          bound=torch.tensor(bound, dtype=torch.float64)))
 
-    def _softmax(self, node: fx.Node, name: str, arg: fx.Node, dim: Any) -> None:
+    def _softmax(self, node: fx.Node, name: str, arg: fx.Node, dim: Any, out_bits: int | None = None,
+                 mask: fx.Node | None = None) -> None:
+        """``out_bits`` given: a fake-quant QuantSoftmax (its output grid kept exactly); ``mask``: its padding mask."""
         shape = self._shape(arg)
         if dim not in (-1, None if shape is None else len(shape) - 1):
             raise self.unsupported(node, ": integer softmax runs over the last dim only")
         v, meta = self._operand(arg)
         consts = ExpConstants()
-        exp_grid = IntRequant(meta.scale, torch.tensor(consts.scale, dtype=torch.float64), -(2**40), 2**40)
-        x = self.emit(f"requant_{name}", exp_grid, (v,))
-        out_max = 2**self.attention_bits - 1
-        self._emit(node, name, IntSoftmax(consts, out_max), (x,),
+        exp_grid = IntRequant(meta.scale, torch.tensor(consts.scale, dtype=torch.float64), -EXP_CLAMP, EXP_CLAMP)
+        args: tuple[fx.Node, ...] = (self.emit(f"requant_{name}", exp_grid, (v,)),)
+        if mask is not None:
+            args += (self.emit(f"keep_{name}", MaskInput(), (self.env[mask],)),)
+        out_max = 2 ** (self.attention_bits if out_bits is None else out_bits) - 1
+        self._emit(node, name, IntSoftmax(consts, out_max), args,
                    _Meta(torch.tensor(1.0 / out_max, dtype=torch.float64),
-                         bound=torch.tensor(float(out_max), dtype=torch.float64), grid=(0, out_max)))
+                         bound=torch.tensor(float(out_max), dtype=torch.float64), grid=(0, out_max),
+                         fixed=out_bits is not None))
 
     def _matmul(self, node: fx.Node, a: fx.Node, b: fx.Node) -> None:
         bits = self.attention_bits
@@ -556,7 +592,7 @@ class _Converter(GraphRewriter):
         factor = 1.0 / b if divide else float(b)
         if factor < 0:
             v = self.emit(f"{node.name}_neg", IntScale(), (v,))
-        self.bind(node, v, _Meta(meta.scale * abs(factor), bound=meta.bound, grid=meta.grid))
+        self.bind(node, v, _Meta(meta.scale * abs(factor), bound=meta.bound, grid=meta.grid, fixed=meta.fixed))
         return True
 
     def _mean(self, node: fx.Node) -> bool:
@@ -592,7 +628,10 @@ class _Converter(GraphRewriter):
         d = ln.normalized_shape[0]
         weight = ln.weight if ln.weight is not None else torch.ones(d, dtype=torch.float64)
         bias = ln.bias if ln.bias is not None else torch.zeros(d, dtype=torch.float64)
-        v, meta = self._grid(arg, INNER_BITS, INNER_MARGIN)
+        if isinstance(ln, QuantLayerNorm):
+            v, meta = self._act_grid(arg, ln.input_quant, name)
+        else:
+            v, meta = self._grid(arg, INNER_BITS, INNER_MARGIN)
         consts = LayerNormConstants(float(meta.scale), weight, bias, ln.eps, name)
         self._emit(node, name, IntLayerNorm(consts), (v,), _Meta(consts.out_scale, bound=consts.bound))
 
@@ -644,6 +683,13 @@ class _Converter(GraphRewriter):
         self.graph.output(fx.node.map_arg(node.args[0], out))
 
     def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
+        if self.ibert and isinstance(mod, QuantSoftmax) and len(node.args) == 2 and not node.kwargs:
+            scores, mask = node.args
+            if self.info[mask].scale is not None or self.info[scores].scale is None:
+                raise self.unsupported(node, ": the attention mask must be a float model input added to "
+                                       "integer scores", module=mod)
+            self._softmax(node, name, scores, -1, mod.out_bits, mask)
+            return
         if self.ibert and len(node.args) == 1 and self._all_int(node, lift=True) \
                 and self._ibert_module(node, name, mod):
             return
@@ -774,7 +820,7 @@ class _RangeObserver(fx.Interpreter):
 
 
 @torch.no_grad()
-def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops: bool = False,
+def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | None = None, float_ops: bool = False,
                transformer: str | None = None, attention_bits: int = 8) -> fx.GraphModule:
     """Convert a calibrated fake-quant model into an integer-only ``fx.GraphModule`` (a new model).
 
@@ -795,11 +841,21 @@ def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops:
     activations, ``/`` or ``*`` by a constant, mean, and shape ops. Grids the fake-quant model
     does not have -- matmul operands (``attention_bits``, per tensor; the softmax output is
     unsigned ``attention_bits``), GELU/LayerNorm inputs and a float input used by a residual add
-    (16 bits) -- are static, set from the max |value| seen on ``example_input`` (required).
+    (16 bits) -- are static, set from the max |value| seen on ``example_input`` (required; a
+    tuple for a model with several inputs, e.g. ``(hidden, attention_mask)``).
+
+    An I-BERT-aware fake-quant model (:func:`hawq.quant.quantize_transformer_ops`) already has
+    those grids and kernels (``StaticGrid``, ``QuantGELU``, ``QuantSoftmax``, ``QuantLayerNorm``):
+    their calibrated grids and output codes are used as they are, so the integer model computes
+    the fake-quant model's values (up to rare one-code differences where a dyadic requantization
+    and a float rounding fall on opposite sides of a rounding boundary). Its ``QuantSoftmax`` may
+    take an additive padding mask, a model input, which is turned into integer keep flags.
     """
     for name, mod in model.named_modules():
         if isinstance(mod, QUANT_LAYERS):
             check_input_quant(mod, name, _WHAT)
+        elif isinstance(mod, StaticGrid) and not mod.calibrated:
+            raise HawqError(f"to_integer: the grid '{name}' is not calibrated; run calibrate() first")
     if transformer not in TRANSFORMER_MODES:
         raise HawqError(f"to_integer: transformer must be None or 'ibert', got {transformer!r}")
     if isinstance(attention_bits, bool) or not isinstance(attention_bits, int) or not 2 <= attention_bits <= 8:
@@ -812,11 +868,12 @@ def to_integer(model: nn.Module, example_input: Tensor | None = None, float_ops:
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
-        x = example_input.to("cpu", torch.float64) if example_input.is_floating_point() else example_input.cpu()
-        ShapeProp(gm).propagate(x)
+        inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+        xs = [x.to("cpu", torch.float64) if x.is_floating_point() else x.cpu() for x in inputs]
+        ShapeProp(gm).propagate(*xs)
         if transformer == "ibert":
             observer = _RangeObserver(gm)
-            observer.run(x)
+            observer.run(*xs)
             ranges = observer.ranges
     params = list(model.parameters())
     return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops, ranges,

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from hawq import HawqError
 from hawq.bitmap import BitMap, LayerBits
 from hawq.quant.config import QuantConfig
+from hawq.quant.ibert import (
+    IBERT_MODULES,
+    INNER_BITS,
+    INNER_MARGIN,
+    QuantGELU,
+    QuantLayerNorm,
+    QuantSoftmax,
+    StaticGrid,
+)
 from hawq.quant.modules import (
     QUANT_MODULES,
     FoldedBatchNorm2d,
@@ -24,12 +35,14 @@ from hawq.quant.modules import (
 )
 from hawq.quant.quantizers import FLOAT_BITS
 
+TRANSFORMER_MODES = (None, "ibert")
+
 
 class QuantTracer(fx.Tracer):
     """fx tracer that keeps hawq's quantized modules (and QuantAct) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (*QUANT_MODULES, QuantAct, FoldedBatchNorm2d)):
+        if isinstance(m, (*QUANT_MODULES, QuantAct, FoldedBatchNorm2d, *IBERT_MODULES)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -78,7 +91,8 @@ def _check_layer(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
-def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None,
+                   transformer: str | None = None, attention_bits: int = 8) -> nn.Module:
     """Swap, in place, every layer named in ``bits`` for its fake-quantized twin; return ``model``.
 
     Names are preserved (``model.get_submodule(name)`` is the quantized module) and parameters
@@ -86,7 +100,12 @@ def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = Non
     bits are >= 32. With ``cfg.fold_bn`` a Conv2d followed by a BatchNorm2d becomes a
     :class:`QuantBnConv2d` and the BN a :class:`FoldedBatchNorm2d` (found by torch.fx tracing).
     Activation quantizers start uncalibrated: run :func:`calibrate` before evaluating.
+
+    ``transformer="ibert"`` then also runs :func:`quantize_transformer_ops` and returns its result,
+    a *new* ``fx.GraphModule`` (sharing the parameters): use the returned model.
     """
+    if transformer not in TRANSFORMER_MODES:
+        raise HawqError(f"quantize_model: transformer must be None or 'ibert', got {transformer!r}")
     cfg = cfg or QuantConfig()
     if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or cfg.group_size < 1):
         raise HawqError(f"QuantConfig.group_size must be a positive integer or None, got {cfg.group_size!r}")
@@ -111,12 +130,173 @@ def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = Non
         else:
             q = QuantEmbedding.from_float(module, lb.weight, lb.activation, cfg)
         _set_submodule(model, name, q)
+    if transformer == "ibert":
+        return quantize_transformer_ops(model, cfg, attention_bits)
     return model
 
 
 def quantize_(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) -> nn.Module:
     """torchao-style alias of :func:`quantize_model` (in place)."""
     return quantize_model(model, bits, cfg)
+
+
+# --- transformer="ibert": fake-quant transformer ops that compute what the integer kernels compute ---
+_SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
+_SHAPE_FUNCS = (torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten)
+_MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm)
+_SOFTMAX_FUNCS = (torch.softmax, F.softmax)
+_INPUT_GRID_FUNCS = (operator.add, torch.add, operator.iadd, operator.mul, torch.mul, operator.truediv, torch.div,
+                     torch.mean)
+_INPUT_GRID_METHODS = ("add", "mul", "div", "mean")
+
+
+def _is_call(node: fx.Node, funcs: tuple, methods: tuple) -> bool:
+    return ((node.op == "call_function" and node.target in funcs)
+            or (node.op == "call_method" and node.target in methods))
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name = base.replace(".", "_")
+    while hasattr(gm, name):
+        name += "_"
+    return name
+
+
+def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None,
+                             attention_bits: int = 8) -> fx.GraphModule:
+    """I-BERT-aware fake-quant: a traced copy of ``model`` whose transformer ops compute what integer inference does.
+
+    Replaced (so that ``to_integer(result, example_input, transformer="ibert")`` computes the same
+    values; docs/quant.md, "Integer-only transformers"):
+
+    * ``nn.LayerNorm`` -> :class:`~hawq.quant.ibert.QuantLayerNorm` (same name and parameters);
+    * GELU (``F.gelu`` / ``nn.GELU``, exact erf form) -> :class:`~hawq.quant.ibert.QuantGELU`;
+    * softmax over ``dim=-1`` -> :class:`~hawq.quant.ibert.QuantSoftmax` (``attention_bits`` output codes);
+      ``softmax(scores + mask)`` with ``mask`` a model input becomes ``QuantSoftmax(scores, mask)``: an
+      additive padding mask (entries 0 or <= -1e4), whose masked entries get probability code 0;
+    * each operand of a matmul of two activations gets a :class:`~hawq.quant.ibert.StaticGrid`
+      (signed ``attention_bits``, per tensor) ahead of its chain of shape ops -- except a softmax output,
+      which already is on its grid;
+    * a float model input used by an add, a constant ``*`` / ``/`` or a mean gets a 16-bit StaticGrid.
+
+    Returns a new ``fx.GraphModule`` sharing the parameters (and the quantized layers) of ``model``;
+    the new grids start uncalibrated: run :func:`calibrate` on the result. Quantize the layers first
+    (:func:`quantize_model`, or in one call ``quantize_model(..., transformer="ibert")``).
+    """
+    if isinstance(attention_bits, bool) or not isinstance(attention_bits, int) or not 2 <= attention_bits <= 8:
+        raise HawqError(f"quantize_transformer_ops: attention_bits must be an integer in 2..8, got {attention_bits!r}")
+    cfg = cfg or QuantConfig()
+    gm = trace(model, "quantize_transformer_ops")
+    graph = gm.graph
+    params = list(model.parameters())
+    device = params[0].device if params else None
+    modules = dict(gm.named_modules())
+
+    def add_module(base: str, module: nn.Module) -> str:
+        name = _free_name(gm, base)
+        gm.add_submodule(name, module.to(device).train(model.training))
+        return name
+
+    def check_softmax_dim(node: fx.Node, dim: Any) -> None:
+        if dim != -1:
+            raise HawqError(f"quantize_transformer_ops: softmax '{node.name}' must run over dim=-1 "
+                            f"(integer softmax is over the last dim), got dim={dim!r}")
+
+    softmaxes: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(mod, nn.LayerNorm) and not isinstance(mod, QuantLayerNorm):
+            if len(mod.normalized_shape) != 1:
+                raise HawqError(f"quantize_transformer_ops: LayerNorm '{node.target}' must normalise the last "
+                                "dim only")
+            _set_submodule(gm, node.target, QuantLayerNorm.from_float(mod, cfg))
+        elif isinstance(mod, nn.GELU):
+            if mod.approximate != "none":
+                raise HawqError(f"quantize_transformer_ops: GELU '{node.target}' uses approximate="
+                                f"'{mod.approximate}'; i-GELU approximates the exact (erf) GELU")
+            _set_submodule(gm, node.target, QuantGELU(cfg).to(device))
+        elif isinstance(mod, nn.Softmax):
+            check_softmax_dim(node, mod.dim)
+            _set_submodule(gm, node.target, QuantSoftmax(attention_bits))
+            softmaxes.add(_fold_attention_mask(graph, node))
+        elif isinstance(mod, QuantSoftmax):
+            softmaxes.add(node)
+        elif _is_call(node, (F.gelu,), ("gelu",)):
+            if node.kwargs.get("approximate", "none") != "none" or len(node.args) != 1:
+                raise HawqError(f"quantize_transformer_ops: GELU '{node.name}' must be the exact (erf) form")
+            _replace_with_module(graph, node, add_module(node.name, QuantGELU(cfg)))
+        elif _is_call(node, _SOFTMAX_FUNCS, ("softmax",)):
+            if node.kwargs.get("dtype") is not None or len(node.args) > 2:
+                raise HawqError(f"quantize_transformer_ops: softmax '{node.name}' with a dtype is not supported")
+            check_softmax_dim(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
+            new = _replace_with_module(graph, node, add_module(node.name, QuantSoftmax(attention_bits)))
+            softmaxes.add(_fold_attention_mask(graph, new))
+
+    def passthrough(node: fx.Node) -> bool:  # shape ops and eval-identity modules between producer and matmul
+        mod = modules.get(node.target) if node.op == "call_module" else None
+        return (_is_call(node, _SHAPE_FUNCS, _SHAPE_METHODS) or isinstance(mod, (nn.Dropout, nn.Identity))) \
+            and bool(node.args) and isinstance(node.args[0], fx.Node)
+
+    for node in list(graph.nodes):
+        if not _is_call(node, _MATMUL_FUNCS, ("matmul", "bmm")) or len(node.args) != 2:
+            continue
+        if not all(isinstance(a, fx.Node) for a in node.args):
+            continue  # a matmul with a constant is not an activation x activation product
+        for i, operand in enumerate(node.args):
+            origin = operand
+            while passthrough(origin):
+                origin = origin.args[0]
+            if origin in softmaxes:
+                continue  # probabilities are already codes on the softmax output grid
+            # The grid goes before the whole chain of shape ops (integer shape ops need a per-tensor grid).
+            consumer, cur = node, operand
+            while passthrough(cur) and len(cur.users) == 1:
+                consumer, cur = cur, cur.args[0]
+            with graph.inserting_after(cur):
+                grid = graph.call_module(add_module(f"{node.name}_grid{i}", StaticGrid(attention_bits, 1.0, cfg)),
+                                         (cur,))
+            consumer.replace_input_with(cur, grid)
+
+    for node in list(graph.nodes):
+        if node.op != "placeholder":
+            continue
+        users = [u for u in node.users if _is_call(u, _INPUT_GRID_FUNCS, _INPUT_GRID_METHODS)]
+        if users:
+            with graph.inserting_after(node):
+                grid = graph.call_module(add_module(f"{node.name}_grid", StaticGrid(INNER_BITS, INNER_MARGIN, cfg)),
+                                         (node,))
+            for u in users:
+                u.replace_input_with(node, grid)
+    graph.lint()
+    gm.recompile()
+    return gm.train(model.training)  # a new GraphModule starts in training mode
+
+
+def _replace_with_module(graph: fx.Graph, node: fx.Node, target: str) -> fx.Node:
+    with graph.inserting_before(node):
+        new = graph.call_module(target, (node.args[0],))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _fold_attention_mask(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """``softmax(scores + mask)`` with ``mask`` a model input -> ``QuantSoftmax(scores, mask)`` (a padding mask)."""
+    arg = node.args[0]
+    if not (isinstance(arg, fx.Node) and _is_call(arg, (operator.add, torch.add), ("add",)) and len(arg.args) == 2
+            and not arg.kwargs and len(arg.users) == 1):
+        return node
+    a, b = arg.args
+    for scores, mask in ((a, b), (b, a)):
+        if isinstance(mask, fx.Node) and mask.op == "placeholder" and isinstance(scores, fx.Node):
+            node.args = (scores, mask)
+            graph.erase_node(arg)
+            break
+    return node
+
+
+def _ibert_softmaxes(model: nn.Module) -> list[QuantSoftmax]:
+    return [m for m in model.modules() if isinstance(m, QuantSoftmax)]
 
 
 def quant_acts(model: nn.Module) -> list[tuple[str, QuantAct]]:
@@ -131,12 +311,16 @@ def set_act_calibration(model: nn.Module, on: bool) -> None:
     """
     for _, act in quant_acts(model):
         act.set_mode("calibrating" if on else "frozen")
+    for sm in _ibert_softmaxes(model):
+        sm.set_mode("calibrating" if on else "frozen")
 
 
 def set_act_quant(model: nn.Module, enabled: bool) -> None:
     """Switch activation fake-quant ``"off"`` (float activations) or back to ``"frozen"``."""
     for _, act in quant_acts(model):
         act.set_mode("frozen" if enabled else "off")
+    for sm in _ibert_softmaxes(model):
+        sm.set_mode("frozen" if enabled else "off")
 
 
 def reset_act_ranges(model: nn.Module) -> None:
@@ -174,6 +358,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Mo
     finally:
         for _, act in acts:
             act.set_mode("tracking" if track_in_training else "frozen")
+        for sm in _ibert_softmaxes(model):
+            sm.set_mode("frozen")
         model.train(was_training)
     if n == 0:
         raise HawqError("calibrate: no batches were given")
