@@ -128,13 +128,25 @@ def test_per_sample_norms_match_per_sample_gradients(chunk: int, monkeypatch) ->
                       (nn.Linear(5, 4).double(), torch.randn(3, 6, 5, dtype=torch.float64))):
         out = module(x)
         grad_out = torch.randn_like(out)
-        want = []
-        for i in range(x.shape[0]):
-            (gw,) = torch.autograd.grad(module(x[i:i + 1]), module.weight, grad_out[i:i + 1])
-            want.append(float(gw.square().sum()))
-        got = per_sample_sq_norms(module, x, grad_out)
-        assert got.tolist() == pytest.approx(want, rel=1e-10), type(module).__name__
+        check_per_sample_norms(module, x, grad_out)
 
+
+def check_per_sample_norms(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """per_sample_sq_norms against one autograd weight gradient per sample."""
+    want = []
+    for i in range(x.shape[0]):
+        (gw,) = torch.autograd.grad(module(x[i:i + 1]), module.weight, grad_out[i:i + 1])
+        want.append(float(gw.square().sum()))
+    got = per_sample_sq_norms(module, x, grad_out)
+    assert got.tolist() == pytest.approx(want, rel=1e-10), type(module).__name__
+
+
+def test_embedding_per_sample_norms_count_repeated_ids_and_skip_padding() -> None:
+    torch.manual_seed(9)
+    ids = torch.tensor([[1, 2, 1, 0, 0], [3, 3, 3, 4, 0], [5, 6, 7, 8, 9]])
+    for padding_idx in (None, 0):
+        module = nn.Embedding(10, 4, padding_idx=padding_idx).double()
+        check_per_sample_norms(module, ids, torch.randn(3, 5, 4, dtype=torch.float64))
 
 def test_certificate_names_the_op_that_breaks_it() -> None:
     torch.manual_seed(5)
@@ -207,6 +219,17 @@ def test_label_free_loss_is_exact_at_its_reference_point() -> None:
     got = hessian_traces(model, loss_fn, batches, progress=False)
     # residual zero: tr(H_00) = ||J_0||_F^2 / batch even through the tanh
     want = dense_block_traces(model, loss_fn, batches, ["0", "2"])
+    for name in ("0", "2"):
+        assert got[name].estimator == "gauss_newton"
+        assert got[name].mean == pytest.approx(want[name], rel=1e-9)
+    # a token model: embedding table, tanh, mean over tokens (all exact at the reference point)
+    tokens = nn.Sequential(nn.Embedding(7, 4, padding_idx=0), nn.Tanh(), nn.Linear(4, 3)).double()
+    task = ClassificationTask()
+    task.forward = lambda m, b: m(b[0]).mean(1)
+    ids = torch.tensor([[1, 2, 2, 0], [3, 4, 5, 6], [6, 6, 1, 0]])
+    token_loss = label_free_loss(task, tokens)
+    got = hessian_traces(tokens, token_loss, [(ids, None)], progress=False)
+    want = dense_block_traces(tokens, token_loss, [(ids, None)], ["0", "2"])
     for name in ("0", "2"):
         assert got[name].estimator == "gauss_newton"
         assert got[name].mean == pytest.approx(want[name], rel=1e-9)

@@ -6,6 +6,7 @@ Marked slow: each run pays the pipeline's fixed costs (reports, plots), about 5-
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -40,7 +41,10 @@ def _run(tmp_path, overrides: list[str], stages: str = "[sensitivity,search,quan
     report = run_pipeline(cfg)
     run_dir = tmp_path / "runs" / "e2e"
     traces = json.loads((run_dir / "traces.json").read_text())["layers"]
-    assert traces and all(t["n"] >= 1 for t in traces.values())
+    # Hutchinson spends >= 1 probe; exact traces spend one backward per non-zero direction of the loss
+    # Hessian in the outputs (none when a random-init network saturates its softmax: the trace is 0)
+    assert traces and all(t["n"] >= 1 or t["estimator"] == "gauss_newton" for t in traces.values())
+    assert all(math.isfinite(t["mean"]) for t in traces.values())
     assert (run_dir / "bits.yaml").is_file()
     return report
 

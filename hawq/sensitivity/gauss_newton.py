@@ -54,6 +54,7 @@ LINEAR_OPS = frozenset({
     "RepeatBackward0", "ConstantPadNdBackward0", "SumBackward0", "SumBackward1", "MeanBackward0",
     "MeanBackward1", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "UpsampleNearest2DBackward0",
     "UpsampleBilinear2DBackward0", "FlattenBackward0", "NarrowBackward0", "ChunkBackward0",
+    "EmbeddingBackward0",  # a row lookup: linear in the table (the indices are constants)
 })
 # Piecewise-linear ops: their second derivative is zero almost everywhere.
 PIECEWISE_LINEAR_OPS = frozenset({
@@ -66,7 +67,7 @@ BILINEAR_OPS = {
     "ConvolutionBackward0": (0, 1), "AddmmBackward0": (1, 2), "MmBackward0": (0, 1), "BmmBackward0": (0, 1),
     "MulBackward0": (0, 1), "MvBackward0": (0, 1), "DotBackward0": (0, 1), "BaddbmmBackward0": (1, 2),
 }
-SUPPORTED_MODULES = (nn.Conv2d, nn.Linear)
+SUPPORTED_MODULES = (nn.Conv2d, nn.Linear, nn.Embedding)
 DIRECTION_RTOL = 1e-6  # output directions whose eigenvalues are all below this (relative) carry nothing
 _CHUNK_ELEMENTS = 1 << 25  # cap on intermediate tensors of the per-sample norms (128 MiB in float32)
 
@@ -164,10 +165,14 @@ def output_hessian(outputs: Tensor, loss_of_outputs: Any, seed: int = 0) -> tupl
 
 
 def per_sample_sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
-    """``||dL_i / dW||^2`` for each sample ``i`` of a Conv2d/Linear layer, from its input ``x`` and the
+    """``||dL_i / dW||^2`` for each sample ``i`` of a Conv2d/Linear/Embedding layer, from its input ``x`` and the
     gradient of its output (float64, shape ``(B,)``). Samples are taken in chunks that keep the
     unfolded input and the per-sample products below ``_CHUNK_ELEMENTS`` each."""
     b = x.shape[0]
+    if isinstance(module, nn.Embedding):
+        step = max(1, _CHUNK_ELEMENTS // max(1, x[0].numel() ** 2))
+        return torch.cat([_embedding_sq_norms(module, x[s:s + step], grad_out[s:s + step])
+                          for s in range(0, b, step)])
     if isinstance(module, nn.Linear):
         positions, k = x[0].numel() // x.shape[-1], x.shape[-1]
     else:
@@ -182,6 +187,19 @@ def per_sample_sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tenso
     step = max(1, _CHUNK_ELEMENTS // per_sample)
     return torch.cat([_sq_norms(module, x[s:s + step], grad_out[s:s + step], groups, direct)
                       for s in range(0, b, step)])
+
+
+def _embedding_sq_norms(module: nn.Embedding, idx: Tensor, grad_out: Tensor) -> Tensor:
+    """Sample i's table gradient has row r = sum of g_t over its positions t with idx_t = r, so its
+    squared norm is sum_{t,t'} [idx_t = idx_t'] g_t . g_t' (a Gram matrix of positions, masked)."""
+    b = idx.shape[0]
+    ids = idx.reshape(b, -1)
+    gs = grad_out.reshape(b, ids.shape[1], -1).double()
+    same = ids[:, :, None] == ids[:, None, :]
+    if module.padding_idx is not None:  # the padding row gets no gradient
+        keep = ids != module.padding_idx
+        same = same & keep[:, :, None] & keep[:, None, :]
+    return (torch.bmm(gs, gs.transpose(1, 2)) * same).sum((1, 2))
 
 
 def _sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, groups: int, direct: bool) -> Tensor:
@@ -208,9 +226,12 @@ def _sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, groups: int, direc
 
 
 def _module_supported(module: nn.Module) -> str | None:
-    if not isinstance(module, SUPPORTED_MODULES) or type(module).forward not in (nn.Conv2d.forward,
-                                                                                 nn.Linear.forward):
+    if not isinstance(module, SUPPORTED_MODULES) or type(module).forward not in (
+            nn.Conv2d.forward, nn.Linear.forward, nn.Embedding.forward):
         return f"per-sample norms of {type(module).__name__} are not implemented"
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse
+                                             or module.scale_grad_by_freq):
+        return "Embedding with max_norm, sparse or frequency-scaled gradients is not implemented"
     if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or module.padding == "same"):
         return "Conv2d padding other than zeros / explicit is not implemented"
     return None
