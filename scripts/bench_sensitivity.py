@@ -239,8 +239,23 @@ def run_case(title: str, model: nn.Module, batches: list, tol: float, max_probes
         a, b = ours[name], base[name]
         print(f"  {name:<28s} {a.mean:12.4g} {a.std_err:9.2g} {b.mean:12.4g} {b.std_err:9.2g}")
     print(f"  largest disagreement: {worst:.2f} standard errors (layer {worst_name}; std error of the "
-          "difference = sqrt(se_hawq^2 + se_base^2); same probes, so a layer with the same probe count "
-          "differs by rounding only)")
+          "difference = sqrt(se_hawq^2 + se_base^2); se_hawq = 0 where exact)")
+    # The baseline's standard errors are themselves estimates from as few as min_probes heavy-tailed
+    # samples, so an exact trace can sit more than 3 of them away. Settle each such layer with an
+    # independent long Hutchinson run (other probe seeds, tol 0.01).
+    flagged = [n for n in layers if ours[n].estimator == "gauss_newton"
+               and abs(ours[n].mean - base[n].mean) > 3 * base[n].std_err]
+    if flagged:
+        c0 = time.process_time()
+        ref = hessian_traces(model, CE_OUTPUTS, batches, layers=flagged, tol=0.01, max_probes=20000, min_probes=16,
+                             seed=seed + 1, estimator="hutchinson", progress=False)
+        for n in flagged:
+            r = ref[n]
+            print(f"  check {n}: exact {ours[n].mean:.4g}, baseline {base[n].mean:.4g} +- {base[n].std_err:.2g} "
+                  f"({base[n].n} probes); long Hutchinson run: {r.mean:.4g} +- {r.std_err:.2g} ({r.n} HVPs) -> "
+                  f"exact is {abs(ours[n].mean - r.mean) / r.std_err:.2f} standard errors from it, the baseline "
+                  f"{abs(base[n].mean - r.mean) / math.hypot(r.std_err, base[n].std_err):.2f}")
+        print(f"  (check runs: {time.process_time() - c0:.0f} s CPU, not part of either timing)")
     ratio = c_base / c_ours
     print(f"  baseline / hawq: {t_base / t_ours:.2f}x wall time, {ratio:.2f}x CPU time "
           f"(best of {repeats} alternating runs each)", flush=True)

@@ -88,7 +88,8 @@ def test_exact_traces_equal_dense_hessian_on_a_relu_cnn() -> None:
     want = dense_block_traces(model, CE, batches, ["c1", "c2", "c3", "fc"])
     for name, t in got.items():
         assert t.estimator == "gauss_newton" and t.std_err == 0.0
-        assert t.n == 2 * 4  # 5 classes: 4 non-zero directions of the softmax Hessian, per batch
+        # per batch: 5 classes give 4 non-zero directions of the softmax Hessian, plus the per-sample check
+        assert t.n == 2 * (4 + 1)
         assert t.mean == pytest.approx(want[name], rel=1e-10), name
     assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
     again = hessian_traces(model, CE, batches, progress=False)
@@ -236,6 +237,32 @@ def test_label_free_loss_is_exact_at_its_reference_point() -> None:
     other = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()  # away from the reference
     away = hessian_traces(other, loss_fn, batches, tol=0.3, progress=False)
     assert away["0"].estimator == "hutchinson" and away["2"].estimator == "gauss_newton"
+
+
+class PositionTokens(nn.Module):
+    """Token + position embeddings, as BERT: the position ids are broadcast over the batch (shape (1, T))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1])[None]
+        return self.head(torch.relu(self.tok(ids) + self.pos(positions))).mean(1)
+
+
+def test_layers_whose_dim_0_is_not_the_sample_fall_back() -> None:
+    torch.manual_seed(10)
+    model = PositionTokens().double()
+    ids = torch.tensor([[1, 2, 3, 4, 5], [5, 6, 7, 8, 8], [2, 2, 1, 0, 3]])
+    batch = (ids, torch.tensor([0, 2, 1]))
+    got = hessian_traces(model, CE, [batch], tol=0.02, max_probes=3000, progress=False)
+    want = dense_block_traces(model, CE, [batch], ["tok", "pos", "head"])
+    assert got["pos"].estimator == "hutchinson"  # one row of position ids serves every sample
+    assert abs(got["pos"].mean - want["pos"]) <= 3 * got["pos"].std_err
+    for name in ("tok", "head"):
+        assert got[name].estimator == "gauss_newton"
+        assert got[name].mean == pytest.approx(want[name], rel=1e-10)
 
 
 def test_non_finite_outputs_name_the_batch() -> None:

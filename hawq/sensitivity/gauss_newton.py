@@ -341,6 +341,26 @@ def _one_batch(model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names
         return 0
     if not bool(torch.isfinite(hess).all()):
         raise HawqError(f"hessian traces: non-finite loss Hessian on batch {bi}")
+    passes = 0
+    b = outputs.shape[0]
+    if b > 1:
+        # The per-sample split needs dim 0 of each layer's input and output to index the samples: a
+        # gradient from sample j alone must stay in slice j. A broadcast input (position ids of shape
+        # (1, T)), a sequence-first layout or train-mode batch statistics break it; test on one sample.
+        gen = torch.Generator(device=outputs.device).manual_seed(seed + bi)
+        j = int(torch.randint(b, (1,), generator=gen, device=outputs.device))
+        probe = torch.zeros_like(outputs)
+        probe[j] = torch.randn(outputs.shape[1:], generator=gen, device=outputs.device, dtype=outputs.dtype)
+        grads = torch.autograd.grad(outputs, [seen[n][0][1] for n in live], grad_outputs=probe, retain_graph=True,
+                                    allow_unused=True)
+        passes += 1
+        for n, g in zip(live, grads):
+            x = seen[n][0][0]
+            if g is not None and (g.shape[0] != b or x.shape[0] != b or bool(g[:j].any()) or bool(g[j + 1:].any())):
+                reasons[n] = "dim 0 of its input does not index the samples"
+        live = [n for n in live if n not in reasons]
+        if not live:
+            return passes
     evals, evecs = torch.linalg.eigh(hess.double())
     top = float(evals.abs().max()) if evals.numel() else 0.0
     keep = [k for k in range(evals.shape[1]) if float(evals[:, k].abs().max()) > DIRECTION_RTOL * top]
@@ -356,4 +376,4 @@ def _one_batch(model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names
             sums[index[n]] += float((evals[:, k] * norms).sum())
     if not math.isfinite(float(sums.sum())):
         raise HawqError(f"hessian traces: non-finite per-sample gradients on batch {bi}")
-    return len(keep)
+    return passes + len(keep)

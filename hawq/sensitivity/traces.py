@@ -137,10 +137,10 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     all_names, all_weights = resolve_layers(model, layers)
     out: dict[str, TraceEstimate] = {}
     if estimator == "auto" and isinstance(loss_fn, OutputLoss):
-        # exact traces cost one backward per output direction: only where that is below the least any
-        # Hutchinson run costs (min_probes products per layer)
+        # exact traces cost about one gradient per output direction; a Hutchinson run costs at least
+        # min_probes HVPs per layer, one HVP about 2.2 gradients (scripts/bench_sensitivity.py)
         exact, _ = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights,
-                                       max_directions=min_probes * len(all_names), seed=seed, progress=progress)
+                                       max_directions=2 * min_probes * len(all_names), seed=seed, progress=progress)
         for name, w in zip(all_names, all_weights):
             if name in exact:
                 out[name] = TraceEstimate(exact[name][0], 0.0, exact[name][1], w.numel(), "gauss_newton")
