@@ -18,8 +18,8 @@ eigen-decompositions ``H_i = sum_k lambda_ik u_ik u_ik^T``,
     tr(H_ll) = sum_i sum_k lambda_ik ||d(u_ik . f_i) / dW_l||^2,
 
 so one backward pass per output direction ``k``, read out *per sample* for every layer at once,
-gives every certified layer's trace exactly: 9 backward passes for a 10-class classifier instead of
-hundreds of Hessian-vector products per layer. The per-sample weight-gradient norms come from each
+gives every certified layer's trace exactly: 9 backward passes for a 10-class classifier (plus one
+that checks the per-sample split) instead of hundreds of Hessian-vector products per layer. The per-sample weight-gradient norms come from each
 layer's input and output gradient (Linear: ``g_i^T x_i``; Conv2d: ``g_i U_i^T`` with ``U_i`` the
 unfolded input), never from materialising all per-sample gradients at once.
 

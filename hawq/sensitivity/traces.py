@@ -114,7 +114,7 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
 
     ``estimator="auto"`` (default): when ``loss_fn`` is an :class:`~hawq.sensitivity.OutputLoss`, the
     loss Hessian in the outputs is block diagonal over samples and has at most
-    ``min_probes * len(layers)`` entries per sample, every layer through which the outputs are
+    ``2 * min_probes * len(layers)`` entries per sample, every layer through which the outputs are
     piecewise linear (ReLU networks with eval-mode BatchNorm) gets its exact trace from one backward
     pass per output direction (:mod:`hawq.sensitivity.gauss_newton`; ``std_err`` 0,
     ``estimator="gauss_newton"``); the other layers get Hutchinson's estimate. "hutchinson": every
