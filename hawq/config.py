@@ -230,6 +230,9 @@ def validate(cfg: Config) -> None:
         raise HawqError(f"sensitivity.bn_mode must be 'eval' or 'train', got '{cfg.sensitivity.bn_mode}'")
     if cfg.sensitivity.estimator not in ("auto", "hutchinson"):
         raise HawqError(f"sensitivity.estimator must be 'auto' or 'hutchinson', got '{cfg.sensitivity.estimator}'")
+    directions = cfg.sensitivity.exact_directions
+    if directions is not None and (isinstance(directions, bool) or not isinstance(directions, int) or directions < 1):
+        raise HawqError(f"sensitivity.exact_directions must be null or an integer >= 1, got {directions!r}")
     if cfg.sensitivity.variance_reduction not in ("nystrom", "none"):
         raise HawqError("sensitivity.variance_reduction must be 'nystrom' or 'none', "
                         f"got '{cfg.sensitivity.variance_reduction}'")

@@ -34,6 +34,7 @@ def test_int_is_accepted_for_float_field():
     ("search.budget.size_mb=-1", "search.budget.size_mb must be positive"),
     ("run.stages=[sensitivity,serch]", "did you mean 'search'"),
     ("sensitivity.estimator=exact", "sensitivity.estimator must be 'auto' or 'hutchinson'"),
+    ("sensitivity.exact_directions=0", "sensitivity.exact_directions must be null or an integer >= 1"),
     ("sensitivity.variance_reduction=hutch", "sensitivity.variance_reduction must be 'nystrom' or 'none'"),
     ("sensitivity.hvp_method=jvp", "sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference'"),
 ])

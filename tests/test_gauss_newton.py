@@ -208,6 +208,11 @@ def test_train_mode_bn_and_coupled_losses_are_not_exact() -> None:
     wide = OutputLoss(lambda m, b: m(b[0]).repeat(1, 20), lambda o, b: 0.5 * (o ** 2).sum())
     got = hessian_traces(model, wide, batches, layers=["fc"], tol=0.3, progress=False)
     assert got["fc"].estimator == "hutchinson"
+    got = hessian_traces(model, wide, batches, layers=["fc"], exact_directions=100, progress=False)
+    assert got["fc"].estimator == "gauss_newton"  # the cap raised: 100 outputs (and directions) per sample
+    assert got["fc"].mean == pytest.approx(dense_block_traces(model, wide, batches, ["fc"])["fc"], rel=1e-10)
+    with pytest.raises(HawqError, match="exact_directions"):
+        hessian_traces(model, wide, batches, exact_directions=0, progress=False)
 
 
 def test_label_free_loss_is_exact_at_its_reference_point() -> None:

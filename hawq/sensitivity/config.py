@@ -19,6 +19,8 @@ class SensitivityConfig:
     seed: int = 0  # Rademacher probes; same seed + same inputs -> identical traces
     estimator: str = "auto"  # "auto" (exact Gauss-Newton traces where the network is piecewise linear in a
     # layer, Hutchinson elsewhere) or "hutchinson" (every layer)
+    exact_directions: int | None = None  # most output directions (backward passes per batch) an exact trace
+    # may spend; None: 2 * min_probes * layers. Raise it for 1000-class heads on a GPU.
     variance_reduction: str = "nystrom"  # "nystrom" (Nyström++ control variate for slow layers) or "none"
     hvp_method: str = "auto"  # "auto" (double backward, finite differences if unsupported), "autograd",
     # or "finite_difference"
@@ -31,4 +33,4 @@ class SensitivityConfig:
         """Keyword arguments of :func:`hawq.sensitivity.hessian_traces` taken from this config."""
         return {"tol": self.tol, "max_probes": self.max_probes, "min_probes": self.min_probes,
                 "seed": self.seed, "method": self.hvp_method, "variance_reduction": self.variance_reduction,
-                "estimator": self.estimator}
+                "estimator": self.estimator, "exact_directions": self.exact_directions}

@@ -19,9 +19,10 @@ eigen-decompositions ``H_i = sum_k lambda_ik u_ik u_ik^T``,
 
 so one backward pass per output direction ``k``, read out *per sample* for every layer at once,
 gives every certified layer's trace exactly: 9 backward passes for a 10-class classifier (plus one
-that checks the per-sample split) instead of hundreds of Hessian-vector products per layer. The per-sample weight-gradient norms come from each
-layer's input and output gradient (Linear: ``g_i^T x_i``; Conv2d: ``g_i U_i^T`` with ``U_i`` the
-unfolded input), never from materialising all per-sample gradients at once.
+that checks the per-sample split) instead of hundreds of Hessian-vector products per layer. The
+per-sample weight-gradient norms come from each layer's input and output gradient (Linear:
+``g_i^T x_i``; Conv2d: ``g_i U_i^T`` with ``U_i`` the unfolded input; Embedding: a masked Gram
+matrix of positions), never from materialising all per-sample gradients at once.
 
 Whether a layer is certified is read off the autograd graph of each batch (:func:`certify_piecewise_linear`),
 conservatively: an op not known to be (piecewise) linear, a product of two tensors that both depend on

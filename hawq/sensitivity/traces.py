@@ -87,7 +87,8 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    min_probes: int = 8, seed: int = 0, progress: bool = True,
                    meta: dict | None = None, method: str = "auto",
                    probing: str = "per_layer", probes_per_pass: int = 1,
-                   variance_reduction: str = "nystrom", estimator: str = "auto") -> dict[str, TraceEstimate]:
+                   variance_reduction: str = "nystrom", estimator: str = "auto",
+                   exact_directions: int | None = None) -> dict[str, TraceEstimate]:
     """``tr(H_ll)`` for each layer's ``.weight`` block of the Hessian: exact where the network allows,
     Hutchinson's estimate elsewhere.
 
@@ -113,8 +114,8 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     every Hessian-vector product spent on the layer, ``std_err`` is that of the final estimator.
 
     ``estimator="auto"`` (default): when ``loss_fn`` is an :class:`~hawq.sensitivity.OutputLoss`, the
-    loss Hessian in the outputs is block diagonal over samples and has at most
-    ``2 * min_probes * len(layers)`` entries per sample, every layer through which the outputs are
+    loss Hessian in the outputs is block diagonal over samples and has at most ``exact_directions``
+    entries per sample (default ``2 * min_probes * len(layers)``), every layer through which the outputs are
     piecewise linear (ReLU networks with eval-mode BatchNorm) gets its exact trace from one backward
     pass per output direction (:mod:`hawq.sensitivity.gauss_newton`; ``std_err`` 0,
     ``estimator="gauss_newton"``); the other layers get Hutchinson's estimate. "hutchinson": every
@@ -133,14 +134,18 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"variance_reduction must be 'nystrom' or 'none', got {variance_reduction!r}")
     if estimator not in ("auto", "hutchinson"):
         raise HawqError(f"estimator must be 'auto' or 'hutchinson', got {estimator!r}")
+    if exact_directions is not None and (isinstance(exact_directions, bool) or not isinstance(exact_directions, int)
+                                         or exact_directions < 1):
+        raise HawqError(f"exact_directions must be None or an integer >= 1, got {exact_directions!r}")
     batches = list(batches)
     all_names, all_weights = resolve_layers(model, layers)
     out: dict[str, TraceEstimate] = {}
     if estimator == "auto" and isinstance(loss_fn, OutputLoss):
         # exact traces cost about one gradient per output direction; a Hutchinson run costs at least
         # min_probes HVPs per layer, one HVP about 2.2 gradients (scripts/bench_sensitivity.py)
-        exact, _ = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights,
-                                       max_directions=2 * min_probes * len(all_names), seed=seed, progress=progress)
+        cap = exact_directions if exact_directions is not None else 2 * min_probes * len(all_names)
+        exact, _ = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights, max_directions=cap,
+                                       seed=seed, progress=progress)
         for name, w in zip(all_names, all_weights):
             if name in exact:
                 out[name] = TraceEstimate(exact[name][0], 0.0, exact[name][1], w.numel(), "gauss_newton")
