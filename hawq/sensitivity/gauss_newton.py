@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hawq import HawqError
+from hawq.sensitivity.hvp import _distributed, reduce_device, restore_buffers, snapshot_buffers
 from hawq.sensitivity.losses import OutputLoss
 
 # Ops that are linear in each input (sums of linear maps): any number of inputs may depend on W_l.
@@ -73,9 +74,10 @@ DIRECTION_RTOL = 1e-6  # output directions whose eigenvalues are all below this 
 _CHUNK_ELEMENTS = 1 << 25  # cap on intermediate tensors of the per-sample norms (128 MiB in float32)
 
 
-def certify_piecewise_linear(outputs: Tensor, weights: Sequence[Tensor]) -> list[str | None]:
+def certify_piecewise_linear(outputs: Tensor, weights: Sequence[Tensor], check_ops: bool = True) -> list[str | None]:
     """For each weight: None if ``outputs`` is piecewise linear in that weight alone (read off the
-    autograd graph), else the reason (the op that breaks it)."""
+    autograd graph), else the reason (the op that breaks it). ``check_ops=False`` checks only that
+    each weight is used exactly once (enough where the loss gradient in the outputs vanishes)."""
     index = {id(w): i for i, w in enumerate(weights)}
     reasons: list[str | None] = [None] * len(weights)
     uses = [0] * len(weights)
@@ -109,7 +111,7 @@ def certify_piecewise_linear(outputs: Tensor, weights: Sequence[Tensor]) -> list
         for m in inputs:
             mask |= m
         deps[id(node)] = mask
-        if not mask:
+        if not mask or not check_ops:
             continue
         name = node.name()
         if name in LINEAR_OPS or name in PIECEWISE_LINEAR_OPS:
@@ -175,12 +177,10 @@ def per_sample_sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tenso
         return torch.cat([_embedding_sq_norms(module, x[s:s + step], grad_out[s:s + step])
                           for s in range(0, b, step)])
     if isinstance(module, nn.Linear):
-        positions, k = x[0].numel() // x.shape[-1], x.shape[-1]
+        positions, k, c, groups = x[0].numel() // x.shape[-1], x.shape[-1], grad_out.shape[-1], 1
     else:
-        positions, k = grad_out[0, 0].numel(), module.in_channels * math.prod(module.kernel_size)
-    c, groups = grad_out.shape[1] if isinstance(module, nn.Conv2d) else grad_out.shape[-1], 1
-    if isinstance(module, nn.Conv2d):
-        groups = module.groups
+        positions, c, groups = grad_out[0, 0].numel(), grad_out.shape[1], module.groups
+        k = module.in_channels * math.prod(module.kernel_size)
     kg, cg = k // groups, c // groups
     # one sample's gradient (C x K) against Gram matrices of its positions (T x T), whichever is smaller
     direct = positions == 1 or kg * cg <= positions * (kg + cg)
@@ -257,7 +257,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
             reasons[name] = why
     sums = torch.zeros(len(names), dtype=torch.float64)
     passes = 0
-    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    saved = snapshot_buffers(model)
     bar = tqdm(total=len(batches), desc="gauss-newton traces", unit="batch", disable=not progress, leave=False)
     try:
         for bi, batch in enumerate(batches):
@@ -268,13 +268,11 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
             bar.update(1)
     finally:
         bar.close()
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(saved[k])
+        restore_buffers(saved)
     count = torch.tensor([float(len(batches))], dtype=torch.float64)
     bad = torch.tensor([1.0 if n in reasons else 0.0 for n in names], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = weights[0].device if dist.get_backend() == "nccl" else torch.device("cpu")
+    if _distributed():
+        device = reduce_device(weights)
         packed = torch.cat([sums, count, bad, torch.tensor([float(passes)], dtype=torch.float64)]).to(device)
         flags = bad.to(device)
         dist.all_reduce(packed)
@@ -327,11 +325,9 @@ def _one_batch(model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names
     if isinstance(hess, str):
         return leave_all(hess)
     hess, residual_free = hess
-    for n, why in zip(names, certify_piecewise_linear(outputs, weights)):
-        # a zero loss gradient in the outputs (a label-free loss at its reference point) removes the
-        # second-order term whatever the ops are; the per-sample norms still need a weight used once
-        if residual_free and why and "not piecewise linear" in why:
-            continue
+    # a zero loss gradient in the outputs (a label-free loss at its reference point) removes the
+    # second-order term whatever the ops are; the per-sample norms still need a weight used once
+    for n, why in zip(names, certify_piecewise_linear(outputs, weights, check_ops=not residual_free)):
         if why and n not in reasons:
             reasons[n] = why
     for n, calls in seen.items():

@@ -75,6 +75,23 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def reduce_device(weights: Sequence[Tensor]) -> torch.device:
+    """Where all-reduced tensors live: the weights' device under nccl, else the CPU (gloo)."""
+    backend = dist.get_backend() if _distributed() else "gloo"
+    return weights[0].device if backend == "nccl" else torch.device("cpu")
+
+
+def snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Each buffer with a copy: a train-mode forward updates BatchNorm statistics, measuring must not."""
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def restore_buffers(snapshot: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for b, saved in snapshot:
+            b.copy_(saved)
+
+
 def _custom_nodes(root: Any) -> list[Any]:
     """Custom ``autograd.Function`` nodes reachable from ``root`` in the autograd graph."""
     found, seen, stack = [], set(), [root]
@@ -322,14 +339,13 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> HessianOperator:
-        self._buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self._buffers = snapshot_buffers(self.model)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._cached = None
+        restore_buffers(self._buffers)
         with torch.no_grad():
-            for b, saved in self._buffers:
-                b.copy_(saved)
             for w, w0 in zip(self.weights, self.weights_at_start):
                 w.copy_(w0)
         self._buffers = []
@@ -344,8 +360,7 @@ class HessianOperator:
     # ------------------------------------------------------------------ checks
     @property
     def reduce_device(self) -> torch.device:
-        backend = dist.get_backend() if self.distributed else "gloo"
-        return self.weights[0].device if backend == "nccl" else torch.device("cpu")
+        return reduce_device(self.weights)
 
     def check_loss(self, loss: Any, index: int) -> None:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
