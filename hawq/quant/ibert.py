@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from hawq import HawqError
 from hawq.quant.config import QuantConfig
-from hawq.quant.modules import QUANTIZING_MODES, QuantAct, _share_params
+from hawq.quant.modules import ACT_MODES, QUANTIZING_MODES, QuantAct, _share_params
 
 ERF_A, ERF_B = -0.2888, -1.769  # I-BERT's erf polynomial (fit on [0, -b])
 EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344  # I-BERT's exp polynomial on (-ln2, 0]
@@ -41,6 +41,9 @@ INNER_BITS = 16  # grids of the inputs of GELU and LayerNorm, and of a float inp
 INNER_MARGIN = 2.0  # those 16-bit grids cover twice the calibrated range (one bit of headroom)
 EXP_CLAMP = 2**40  # the softmax input on the ln2 / 2^K grid: int_exp saturates far below this
 MASK_MAX = -1e4  # an additive attention mask entry at or below this masks (HF: -10000 or finfo.min)
+TRANSFORMER_MODES = (None, "ibert")  # quantize_model / to_integer ``transformer=``
+# tensor methods that only move entries (integer tensors pass through them; grids go before them)
+SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
 
 
 def _check(v: Tensor, limit: int, where: str) -> Tensor:
@@ -352,8 +355,8 @@ class QuantSoftmax(nn.Module):
         self.mode = "frozen"
 
     def set_mode(self, mode: str) -> None:
-        if mode not in ("calibrating", "tracking", "frozen", "off"):
-            raise HawqError(f"QuantSoftmax: mode must be calibrating, tracking, frozen or off, got '{mode}'")
+        if mode not in ACT_MODES:
+            raise HawqError(f"QuantSoftmax: mode must be one of {', '.join(ACT_MODES)}, got '{mode}'")
         self.mode = mode
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:

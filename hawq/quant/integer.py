@@ -58,6 +58,8 @@ from hawq.quant.ibert import (
     EXP_CLAMP,
     INNER_BITS,
     INNER_MARGIN,
+    SHAPE_METHODS,
+    TRANSFORMER_MODES,
     ExpConstants,
     GeluConstants,
     IntGELU,
@@ -79,8 +81,6 @@ from hawq.quant.quantizers import quantize_to_int
 INT32_MAX = 2**31 - 1
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
 BACKENDS = ("reference", "fast")
-SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
-TRANSFORMER_MODES = (None, "ibert")
 
 
 # --- dyadic arithmetic (pure functions) ----------------------------------------------------------

@@ -19,6 +19,8 @@ from hawq.quant.ibert import (
     IBERT_MODULES,
     INNER_BITS,
     INNER_MARGIN,
+    SHAPE_METHODS,
+    TRANSFORMER_MODES,
     QuantGELU,
     QuantLayerNorm,
     QuantSoftmax,
@@ -34,8 +36,6 @@ from hawq.quant.modules import (
     QuantLinear,
 )
 from hawq.quant.quantizers import FLOAT_BITS
-
-TRANSFORMER_MODES = (None, "ibert")
 
 
 class QuantTracer(fx.Tracer):
@@ -141,7 +141,6 @@ def quantize_(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) ->
 
 
 # --- transformer="ibert": fake-quant transformer ops that compute what the integer kernels compute ---
-_SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
 _SHAPE_FUNCS = (torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten)
 _MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm)
 _SOFTMAX_FUNCS = (torch.softmax, F.softmax)
@@ -234,7 +233,7 @@ def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None,
 
     def passthrough(node: fx.Node) -> bool:  # shape ops and eval-identity modules between producer and matmul
         mod = modules.get(node.target) if node.op == "call_module" else None
-        return (_is_call(node, _SHAPE_FUNCS, _SHAPE_METHODS) or isinstance(mod, (nn.Dropout, nn.Identity))) \
+        return (_is_call(node, _SHAPE_FUNCS, SHAPE_METHODS) or isinstance(mod, (nn.Dropout, nn.Identity))) \
             and bool(node.args) and isinstance(node.args[0], fx.Node)
 
     for node in list(graph.nodes):
