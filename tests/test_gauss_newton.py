@@ -272,6 +272,8 @@ def test_layers_whose_dim_0_is_not_the_sample_fall_back() -> None:
 
 def test_non_finite_outputs_name_the_batch() -> None:
     model, batches = relu_cnn(), image_batches(n=2)
+    with pytest.raises(HawqError, match="no batches"):  # not a NaN trace from an empty mean
+        hessian_traces(model, CE, [], progress=False)
     bad = [batches[0], (batches[1][0] * float("nan"), batches[1][1])]
     with pytest.raises(HawqError, match="batch 1"):
         hessian_traces(model, CE, bad, progress=False)

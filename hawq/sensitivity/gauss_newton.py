@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hawq import HawqError
-from hawq.sensitivity.hvp import _distributed, reduce_device, restore_buffers, snapshot_buffers
+from hawq.sensitivity.hvp import NO_BATCHES, _distributed, reduce_device, restore_buffers, snapshot_buffers
 from hawq.sensitivity.losses import OutputLoss
 
 # Ops that are linear in each input (sums of linear maps): any number of inputs may depend on W_l.
@@ -282,6 +282,8 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
         for name, f in zip(names, flags.tolist()):
             if f and name not in reasons:
                 reasons[name] = "not certified on another rank"
+    if not count[0]:
+        raise HawqError(NO_BATCHES)
     exact = {n: (float(sums[i] / count[0]), passes) for i, n in enumerate(names) if n not in reasons}
     return exact, reasons
 

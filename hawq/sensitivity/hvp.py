@@ -71,6 +71,9 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> tuple[list
     return names, weights
 
 
+NO_BATCHES = "no batches: the Hessian needs at least one batch of data"
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -325,7 +328,7 @@ class HessianOperator:
         else:
             self.global_batches = local
         if self.global_batches == 0:
-            raise HawqError("no batches: the Hessian needs at least one batch of data")
+            raise HawqError(NO_BATCHES)
         self.method = "finite_difference" if method == "finite_difference" else "autograd"
         self.allow_fallback = method == "auto"
         self.needs_double_backward_check = True
