@@ -27,24 +27,29 @@ MIN_BITS, MAX_BITS = 2, 16
 FLOAT_BITS = 32  # a layer "at 32 bits" is left in floating point
 
 
+def check_bits(value: object, where: str) -> int:
+    """``value`` as a bit width: an integer in MIN_BITS..MAX_BITS, or FLOAT_BITS (float)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HawqError(f"{where}: bits must be an integer, got {value!r}")
+    if value != FLOAT_BITS and not MIN_BITS <= value <= MAX_BITS:
+        raise HawqError(f"{where}: bits must be in {MIN_BITS}..{MAX_BITS} (or 32 for float), got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class LayerBits:
     weight: int
     activation: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight, "LayerBits.weight")
+        check_bits(self.activation, "LayerBits.activation")
 
     def as_dict(self) -> dict[str, int]:
         return {"weight": self.weight, "activation": self.activation}
 
 
 BitMap = dict[str, LayerBits]
-
-
-def _check_bits(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise HawqError(f"{where}: bits must be an integer, got {value!r}")
-    if value != FLOAT_BITS and not MIN_BITS <= value <= MAX_BITS:
-        raise HawqError(f"{where}: bits must be in {MIN_BITS}..{MAX_BITS} (or 32 for float), got {value}")
-    return value
 
 
 def uniform_bitmap(layers: Iterable[str], weight: int, activation: int = 8) -> BitMap:
@@ -75,9 +80,23 @@ def bitmap_from_dict(data: Mapping, valid_layers: Iterable[str] | None = None) -
             raise HawqError(f"bit map: layer '{name}' has unknown key '{sorted(extra)[0]}'")
         w = spec.get("weight", defaults.get("weight", 8))
         a = spec.get("activation", defaults.get("activation", 8))
-        out[name] = LayerBits(_check_bits(w, f"bit map '{name}'.weight"),
-                              _check_bits(a, f"bit map '{name}'.activation"))
+        out[name] = LayerBits(check_bits(w, f"bit map '{name}'.weight"),
+                              check_bits(a, f"bit map '{name}'.activation"))
     return out
+
+
+def as_bitmap(bits: Mapping, where: str) -> BitMap:
+    """A bit map given as LayerBits values or plain ``{layer: {weight: 4, activation: 8}}`` dicts."""
+    if not isinstance(bits, Mapping):
+        raise HawqError(f"{where}: bits must be a bit map {{layer: LayerBits or {{weight, activation}}}}, "
+                        f"got {type(bits).__name__} {bits!r}"[:300])
+    if all(isinstance(b, LayerBits) for b in bits.values()):
+        return dict(bits)
+    plain = {n: b.as_dict() if isinstance(b, LayerBits) else b for n, b in bits.items()}
+    try:
+        return bitmap_from_dict({"layers": plain})
+    except HawqError as e:
+        raise HawqError(f"{where}: {e}") from None
 
 
 def bitmap_to_dict(bits: BitMap) -> dict:

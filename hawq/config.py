@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -64,6 +67,10 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+# YAML 1.2 core schema floats that YAML 1.1 leaves as strings (no dot: 1e-3, 5E4)
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (after YAML parsing) and convert where lossless."""
     origin = typing.get_origin(tp)
@@ -115,7 +122,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise HawqError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 as a float
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise HawqError(f"config key '{key}': expected a finite number, got {value!r}")
             return float(value)
         raise HawqError(f"config key '{key}': expected a number, got {value!r}")
     if tp is str:
@@ -209,7 +220,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise HawqError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise HawqError(f"config {p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -224,8 +237,66 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+# Ranges of single keys, checked before any model is built: (key, what it must be, test of the value).
+_RANGES: list[tuple[str, str, Callable[[Any], bool]]] = [
+    ("run.threads", "an integer >= 1 or null", lambda v: v is None or v >= 1),
+    ("data.batch_size", "an integer >= 1", lambda v: v >= 1),
+    ("data.eval_batch_size", "an integer >= 1", lambda v: v >= 1),
+    ("data.train_subset", "an integer >= 1 or null (all examples)", lambda v: v is None or v >= 1),
+    ("data.test_subset", "an integer >= 1 or null (all examples)", lambda v: v is None or v >= 1),
+    ("data.num_workers", "an integer >= 0", lambda v: v >= 0),
+    ("data.max_length", "an integer >= 1", lambda v: v >= 1),
+    ("model.pretrain_epochs", ">= 0", lambda v: v >= 0),
+    ("model.pretrain_lr", "> 0", lambda v: v > 0),
+    ("quant.group_size", "an integer >= 1 or null (per-channel)", lambda v: v is None or v >= 1),
+    ("quant.act_calibration", "'minmax', 'ema' or 'percentile'", lambda v: v in ("minmax", "ema", "percentile")),
+    ("quant.act_percentile", "in (0, 100]", lambda v: 0 < v <= 100),
+    ("quant.ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("quant.calib_batches", "an integer >= 1", lambda v: v >= 1),
+    ("search.time_limit_s", "> 0", lambda v: v > 0),
+    ("search.pareto_points", "an integer >= 0", lambda v: v >= 0),
+    ("train.epochs", ">= 0", lambda v: v >= 0),
+]
+
+
+def _value_at(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder inside ``run.out_dir``: never a path, never the folder itself."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise HawqError(f"run.name must be one folder name inside run.out_dir (no '/', not '.' or '..'), "
+                        f"got {name!r}")
+
+
+def run_folder(cfg: Config) -> Path:
+    """``run.out_dir / run.name``, with ``~`` in ``run.out_dir`` expanded."""
+    return Path(cfg.run.out_dir).expanduser() / cfg.run.name
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that the types alone do not catch."""
+    for key, expected, ok in _RANGES:
+        value = _value_at(cfg, key)
+        if not ok(value):
+            raise HawqError(f"{key} must be {expected}, got {value!r}")
+    check_run_name(cfg.run.name)
+    stages = set(cfg.run.stages)
+    from hawq.train.loop import validate_config  # the trainer's own checks, now rather than mid-run
+
+    if cfg.train.epochs > 0 and "finetune" in stages:
+        validate_config(cfg.train)
+    m = cfg.model
+    if m.checkpoint is None and m.weights is None and m.pretrain_epochs > 0:  # the pipeline's pretraining
+        validate_config(dataclasses.replace(cfg.train, epochs=m.pretrain_epochs, lr=m.pretrain_lr))
+    if "export" in stages and (cfg.export.onnx or cfg.export.onnx_integer):
+        from hawq.export.config import check_opset
+
+        check_opset(cfg.export.onnx_opset, "export.onnx_opset")
     if cfg.sensitivity.bn_mode not in ("eval", "train"):
         raise HawqError(f"sensitivity.bn_mode must be 'eval' or 'train', got '{cfg.sensitivity.bn_mode}'")
     if cfg.sensitivity.estimator not in ("auto", "hutchinson"):
@@ -244,8 +315,6 @@ def validate(cfg: Config) -> None:
     for key in ("batches", "batch_size", "max_probes", "min_probes", "spectrum_batches"):
         if getattr(cfg.sensitivity, key) < 1:
             raise HawqError(f"sensitivity.{key} must be >= 1")
-    if cfg.train.epochs < 0:
-        raise HawqError("train.epochs must be >= 0")
     if cfg.train.optimizer not in ("sgd", "adamw"):
         raise HawqError(f"train.optimizer must be 'sgd' or 'adamw', got '{cfg.train.optimizer}'")
     valid_stages = ["sensitivity", "search", "quantize", "finetune", "export"]

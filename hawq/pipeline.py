@@ -19,7 +19,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +43,7 @@ from hawq.bitmap import (
     load_bitmap,
     save_bitmap,
 )
-from hawq.config import Config, config_to_dict, save_config
+from hawq.config import Config, config_to_dict, run_folder, save_config
 from hawq.data import DataBundle, build_data
 from hawq.models import ModelSpec, Task, get_model_spec, get_task
 from hawq.train import distributed as D
@@ -296,7 +299,11 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
 
     def cached() -> tuple[dict[str, Any], dict[str, Any]] | None:
         if run.cfg.run.resume and path.exists():
-            traces, meta = load_traces(path)
+            try:
+                traces, meta = load_traces(path)
+            except HawqError as e:
+                raise HawqError(f"{e}; delete {path} (or run with --no-resume) to start the sensitivity "
+                                "stage over") from None
             if meta.get("key") == key:
                 log.info("sensitivity: reusing %s", path)
                 return traces, meta
@@ -327,7 +334,9 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
     t0 = time.perf_counter()
     traces = hessian_traces(model, loss_fn, batches, layers=run.layers, progress=run.progress, **kwargs)
     elapsed = time.perf_counter() - t0
-    meta = {"key": key, "bn_mode": scfg.bn_mode, "label_free": scfg.label_free, "normalize": scfg.normalize,
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    meta = {"key": key, "bn_mode": scfg.bn_mode if has_bn else None, "label_free": scfg.label_free,
+            "normalize": scfg.normalize,
             "batches": len(all_batches), "batch_size": scfg.batch_size, "seed": kwargs["seed"],
             "tol": scfg.tol, "min_probes": scfg.min_probes, "max_probes": scfg.max_probes,
             "variance_reduction": scfg.variance_reduction, "estimator": scfg.estimator,
@@ -360,7 +369,20 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
 
     D.run_on_main(save)
     run.results["sensitivity_meta"] = meta
+    check_informative(traces, run.main)
     return traces
+
+
+def check_informative(traces: dict[str, Any], warn: bool = True) -> None:
+    """Sensitivity that carries no information makes the bit map arbitrary: stop on non-finite
+    traces (the search cannot rank them), warn in one line when every trace is zero."""
+    bad = sorted(n for n, t in traces.items() if not math.isfinite(t.mean))
+    if bad:
+        raise HawqError(f"sensitivity: the Hessian trace of '{bad[0]}' ({len(bad)} of {len(traces)} layers) is "
+                        "not finite: the FP32 model's loss is not finite on this data (was it trained?)")
+    if warn and traces and all(t.mean == 0 for t in traces.values()):
+        log.warning("sensitivity: every Hessian trace is 0 (a flat or saturated loss: was the FP32 model "
+                    "trained?); the bit map carries no sensitivity information")
 
 
 def _spectrum(run: Run, model: nn.Module, loss_fn: Any, batches: list[Any], seed: int) -> tuple[dict[str, Any], Any]:
@@ -542,8 +564,9 @@ def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    # Build everything that can fail on bad input before the run folder exists.
+    run_dir = run_folder(cfg)
+    # Check everything that can fail on bad input before the run folder exists.
+    D.run_on_main(check_run_folder, run_dir)
     run = D.run_everywhere(build_model_and_data, cfg, run_dir, config_dir)
     D.run_on_main(_open_run_folder, cfg, run_dir)
     try:
@@ -560,8 +583,26 @@ def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
     return report
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """The run folder is (or can become) a folder hawq can write in; probed without leaving a trace."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise HawqError(f"run.out_dir: {existing} is a file, not a folder (run folder {run_dir})")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(dir=existing, prefix=".hawq-probe-"))
+    except OSError as e:
+        raise HawqError(f"run.out_dir: cannot write in {existing} ({e.strerror or e}); pick another "
+                        "run.out_dir") from None
+
+
 def _open_run_folder(cfg: Config, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    previous = read_json(run_dir / "status.json")
+    if previous and previous.get("status") == "running":
+        log.warning("run folder %s: the previous run was interrupted (status.json still said 'running'); %s",
+                    run_dir, "finished stages are reused" if cfg.run.resume else "starting over")
+    for orphan in run_dir.glob("*.tmp"):  # left by a write that a kill -9 cut short
+        orphan.unlink(missing_ok=True)
     stale = run_dir / "report.json"
     if stale.exists():
         stale.unlink()  # this folder is an unfinished run until the new report lands
@@ -586,7 +627,10 @@ def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
     run.task.bind_reference(run.fp32)
     fp32_metrics = timed("eval_fp32", on_main, run.evaluate, run.fp32, "eval fp32")
     report: dict[str, Any] = {"fp32": fp32_metrics, "fp32_top1": run.primary(fp32_metrics),
-                              "processes": D.get_world_size()}
+                              "fp32_weights": fp32_source(cfg), "processes": D.get_world_size()}
+    if report["fp32_weights"] == "untrained" and run.main:
+        log.warning("model: no checkpoint, no weights and model.pretrain_epochs is 0: the FP32 model has "
+                    "random weights, so its sensitivities and bit map mean nothing")
 
     traces = timed("sensitivity", stage_sensitivity, run) if "sensitivity" in stages else None
     if "search" not in stages or traces is None:
@@ -611,12 +655,35 @@ def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
         history = timed("finetune", stage_finetune, run, qmodel, bits)
         if history:  # the loop evaluated the final model on the test split after its last epoch
             after = {k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")}
+            check_not_at_chance(run, before, after)
         report["history"] = history
     report.update(quant_after_finetune=after, quant_top1_after_finetune=run.primary(after))
 
     if "export" in stages:
         report["export"] = timed("export", on_main, stage_export, run, qmodel, bits)
     return _finish(run, report, traces, bits, t_start)
+
+
+def fp32_source(cfg: Config) -> str:
+    """Where the FP32 weights come from: checkpoint, weights (torchvision), pretrained or untrained."""
+    m = cfg.model
+    if m.checkpoint is not None:
+        return "checkpoint"
+    if m.weights is not None:
+        return "weights"
+    return "pretrained" if m.pretrain_epochs > 0 else "untrained"
+
+
+def check_not_at_chance(run: Run, before: dict[str, float], after: dict[str, float]) -> None:
+    """Finetuning that takes a model from clearly above chance down to chance top-1 has diverged."""
+    classes = run.data.num_classes
+    if run.task.primary_metric != "top1" or not classes or classes < 2:
+        return
+    chance = 100.0 / classes
+    top1_before, top1_after = run.primary(before), run.primary(after)
+    if top1_before >= 2 * chance and top1_after <= 1.5 * chance:
+        raise HawqError(f"finetuning diverged: top-1 fell from {top1_before:.1f}% to {top1_after:.1f}% (chance is "
+                        f"{chance:.1f}%); lower train.lr (now {run.cfg.train.lr:g})")
 
 
 def _evaluate_quantized(run: Run, bits: BitMap, desc: str) -> dict[str, float]:

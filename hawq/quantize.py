@@ -32,8 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_transformers() -> None:
+    """--quiet also silences transformers' weight-loading report (it logs on its own handler)."""
+    import os
+
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is first imported
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # hawq's own messages at INFO; libraries (onnx, transformers) only when they warn
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("hawq").setLevel(logging.INFO)
@@ -42,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(list_models()))
         return 0
+    if args.config is None:  # a full default run into ./runs/demo is never what a bare command meant
+        parser.print_usage(sys.stderr)
+        print("hawq: error: --config is required (e.g. --config configs/fashion_resnet.yaml)", file=sys.stderr)
+        return 2
+    if args.quiet:
+        _quiet_transformers()
     import os
 
     import torch
@@ -51,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # before the process group exists, every process finds the same config errors: rank 0 prints them
     rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
     try:
-        from hawq.config import load_config
+        from hawq.config import load_config, run_folder
         from hawq.pipeline import run_pipeline
         from hawq.report import summary_table
 
@@ -87,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(summary_table(report))
         procs = f" ({world} processes)" if world > 1 else ""
-        print(f"\nrun folder: {Path(cfg.run.out_dir) / cfg.run.name}{procs}")
+        print(f"\nrun folder: {run_folder(cfg)}{procs}")
     return 0
 
 

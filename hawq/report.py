@@ -155,6 +155,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"Model `{report.get('model')}` ({report.get('task')}), metric `{report.get('primary_metric')}`.",
         "",
+        *(["**The FP32 model was never trained** (no checkpoint, no weights, `model.pretrain_epochs: 0`): its "
+           "sensitivities and bit map carry no information.", ""] if report.get("fp32_weights") == "untrained"
+          else []),
         "```",
         summary_table(report),
         "```",
@@ -165,7 +168,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         exact = sens.get("exact_layers") or []
         parts += ["## Sensitivity", "",
                   f"- Hessian traces: {sens.get('batches')} batch(es) of {sens.get('batch_size')}, "
-                  f"BN in {sens.get('bn_mode')} mode, {sens.get('seconds')} s on {sens.get('device')}"]
+                  + (f"BN in {sens['bn_mode']} mode, " if sens.get("bn_mode") else "")
+                  + f"{sens.get('seconds')} s on {sens.get('device')}"]
         if exact:
             parts.append(f"- exact (Gauss-Newton identity, the network is piecewise linear in the layer): "
                          f"{len(exact)} layer(s), {sens.get('backward_passes')} backward pass(es) in all")

@@ -16,6 +16,7 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+NUM_CLASSES = 10
 # Per-pixel statistics of the Fashion-MNIST training set.
 MEAN, STD = 0.2860, 0.3530
 
@@ -60,6 +61,9 @@ def load_fashion_mnist(root: str | Path, split: str = "train") -> TensorDataset:
     labels = read_idx(_find(root, lbl_stem))
     if len(images) != len(labels):
         raise HawqError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise HawqError(f"Fashion-MNIST {split}: label {int(labels.max())} is outside 0..{NUM_CLASSES - 1} "
+                        f"({_find(root, lbl_stem)})")
     x = torch.from_numpy(images.astype(np.float32) / 255.0).sub_(MEAN).div_(STD).unsqueeze(1)
     y = torch.from_numpy(labels.astype(np.int64))
     return TensorDataset(x, y)

@@ -43,10 +43,10 @@ from torch import Tensor, nn
 
 from hawq import HawqError
 from hawq.bitmap import atomic_write_bytes
+from hawq.export.config import check_opset
 from hawq.export.quantized_file import quantized_layers
 
 INT4_MAX_BITS = 4
-MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 INT4_OPSET = 21  # INT4 tensors and blocked (per-group) quantization
 _ACT_CONTAINERS = {  # (signed, max bits) -> (torch dtype of the zero point, low, high)
     (True, 8): (torch.int8, -128, 127), (False, 8): (torch.uint8, 0, 255),
@@ -291,8 +291,7 @@ def export_onnx(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], pa
     result, else as INT8 (the choice is recorded in the model's metadata ``hawq.weight_int4``).
     ``dynamic_batch`` makes the first input dim symbolic. The file is written atomically.
     """
-    if opset < MIN_OPSET:
-        raise HawqError(f"export_onnx: opset must be >= {MIN_OPSET} (per-channel QDQ), got {opset}")
+    check_opset(opset, "export_onnx: opset")
     inputs = _as_tuple(example_input)
     twin = qdq_twin(model)
     if any(getattr(m, "group_size", 0) for m in twin.modules() if isinstance(m, _QDQLayer)) and opset < INT4_OPSET:
@@ -528,8 +527,7 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
     INT64 (``Mod`` then an exact ``Div``). Float islands (``to_integer(float_ops=True)``) and
     windowed average pooling have no rule and raise a HawqError.
     """
-    if opset < MIN_OPSET:
-        raise HawqError(f"export_onnx_integer: opset must be >= {MIN_OPSET}, got {opset}")
+    check_opset(opset, "export_onnx_integer: opset")
     if getattr(int_model, "float_nodes", None):
         raise HawqError(f"export_onnx_integer: the model has float operators ({int_model.float_nodes[0]}, ...); "
                         "only integer-only models export")

@@ -35,7 +35,7 @@ from torch import nn
 
 import hawq
 from hawq import HawqError
-from hawq.bitmap import FLOAT_BITS, BitMap, atomic_write_bytes, bitmap_from_dict, bitmap_to_dict
+from hawq.bitmap import FLOAT_BITS, BitMap, as_bitmap, atomic_write_bytes, bitmap_from_dict, bitmap_to_dict
 from hawq.export.packing import pack_codes, packed_dtype, packed_nbytes, packing_layout, unpack_codes
 
 FORMAT_NAME = "hawq.quantized"
@@ -147,6 +147,22 @@ def _quant_config_dict(quant_config: Any) -> dict:
 # save
 
 
+def sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its ``__metadata__`` keys sorted.
+
+    safetensors writes the metadata from a hash map, in an order that changes from process to
+    process; sorted, two identical saves are byte-identical. Tensor offsets are relative to the
+    end of the header, so only the header (re-padded to 8 bytes, as safetensors does) changes.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
 def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, model_info: dict,
                    quant_config: Any = None, integer: bool | None = None,
                    example_input: torch.Tensor | None = None) -> dict:
@@ -166,6 +182,10 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
     ``None`` stores them when the model converts and records why not otherwise; ``True`` requires
     it. ``example_input`` (one batch) is passed to ``to_integer``; its shape is recorded.
     """
+    path = Path(path)
+    if path.is_dir():
+        raise HawqError(f"save_quantized: {path} is a folder; give a file path such as {path / 'model.safetensors'}")
+    bits = as_bitmap(bits, "save_quantized")
     if not isinstance(model_info, Mapping):
         raise HawqError("model_info must be a dict like {'name': ..., 'kwargs': {...}}")
     kwargs = model_info.get("kwargs", {})
@@ -247,8 +267,7 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
         "bn_folded": "true" if bn_folded else "false",
         "integer": _json_meta(integer_info, "integer"),
     }
-    data = safetensors_save(tensors, metadata=metadata)
-    path = Path(path)
+    data = sorted_metadata(safetensors_save(tensors, metadata=metadata))
     atomic_write_bytes(path, data)
     (header_len,) = struct.unpack("<Q", data[:8])
     return {

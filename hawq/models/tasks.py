@@ -79,6 +79,31 @@ class Task:
         raise NotImplementedError
 
 
+IGNORE_INDEX = -100  # F.cross_entropy's default: a label that is skipped, not out of range
+
+
+def check_pair(batch: Any) -> None:
+    """A classification batch is ``(inputs, labels)``: a bare tensor would be split along its batch dim."""
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        from hawq import HawqError
+
+        raise HawqError(f"a classification batch is an (inputs, labels) pair, got {type(batch).__name__}"
+                        + (f" of shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else ""))
+
+
+def check_labels(labels: Any, num_classes: int) -> None:
+    """Integer labels are in ``0..num_classes-1`` (cross-entropy indexes with them; on a GPU a bad one
+    is a device-side assert, not an error message)."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
+        return  # soft (probability) targets, or not labels at all: cross-entropy says what it needs
+    outside = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= num_classes)
+    if labels.numel() and bool(outside.any()):
+        from hawq import HawqError
+
+        bad = labels[outside][0].item()
+        raise HawqError(f"label {bad} is outside the model's {num_classes} classes (0..{num_classes - 1})")
+
+
 class ClassificationTask(Task):
     """Batches are ``(images, labels)``; metrics are top-1/top-5 accuracy in percent and mean loss."""
 
@@ -86,11 +111,14 @@ class ClassificationTask(Task):
     primary_metric = "top1"
 
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        check_pair(batch)
         out = model(batch[0])
         # torchvision Inception-V3 returns (logits, aux_logits) in training mode
         return out.logits if hasattr(out, "logits") else out
 
     def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        check_pair(batch)
+        check_labels(batch[1], outputs.shape[-1])
         return F.cross_entropy(outputs, batch[1])
 
     @torch.no_grad()

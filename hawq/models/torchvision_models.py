@@ -141,7 +141,7 @@ class AuxClassificationTask(ClassificationTask):
         return out
 
     def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
-        loss = F.cross_entropy(outputs, batch[1])
+        loss = super().loss_from_outputs(outputs, batch)  # checks the labels too
         aux = getattr(outputs, "aux_logits", None)
         if aux is not None:
             loss = loss + self.aux_weight * F.cross_entropy(aux, batch[1])

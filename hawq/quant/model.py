@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hawq import HawqError
-from hawq.bitmap import BitMap, LayerBits
+from hawq.bitmap import BitMap, LayerBits, as_bitmap
 from hawq.quant.config import QuantConfig
 from hawq.quant.ibert import (
     IBERT_MODULES,
@@ -110,7 +110,7 @@ def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = Non
     if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or cfg.group_size < 1):
         raise HawqError(f"QuantConfig.group_size must be a positive integer or None, got {cfg.group_size!r}")
     todo: dict[str, tuple[nn.Module, LayerBits]] = {}
-    for name, lb in bits.items():
+    for name, lb in as_bitmap(bits, "quantize_model").items():
         module = _check_layer(model, name)
         if lb.weight >= FLOAT_BITS and lb.activation >= FLOAT_BITS:
             continue

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hawq import HawqError
-from hawq.bitmap import FLOAT_BITS, BitMap
+from hawq.bitmap import FLOAT_BITS, BitMap, as_bitmap, check_bits
 from hawq.layers import quantizable_layers
 
 MB = 2**20  # bytes
@@ -141,16 +141,18 @@ def num_scales(weight_shape: tuple | torch.Size, kind: str, per_channel: bool = 
 def _resolve_bits(model: nn.Module, bits: int | BitMap, layers: Iterable[str] | None,
                   where: str) -> dict[str, tuple[int, int]]:
     """Layer -> (weight bits, activation bits) for the layers that are quantized (not float)."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, dict)):
-        raise HawqError(f"{where}: bits must be an int or a bit map, got {type(bits).__name__}")
-    if isinstance(bits, int):
+    modules = dict(model.named_modules())
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        check_bits(bits, where)
         if bits == FLOAT_BITS:
             return {}
         names = quantizable_layers(model) if layers is None else list(layers)
+        for name in names:
+            if name not in modules:
+                raise HawqError(f"{where}: unknown layer '{name}' in layers")
         return {n: (bits, bits) for n in names}
-    modules = dict(model.named_modules())
     out = {}
-    for name, lb in bits.items():
+    for name, lb in as_bitmap(bits, where).items():
         if name not in modules:
             raise HawqError(f"{where}: unknown layer '{name}' in bit map")
         out[name] = (lb.weight, lb.activation)
@@ -192,6 +194,19 @@ def _example_forward(model: nn.Module, input_shape: tuple) -> Callable[[nn.Modul
     return lambda m: m(torch.zeros((1, *input_shape), dtype=dtype, device=device))
 
 
+def _trace_costs(model: nn.Module, input_shape: tuple) -> dict[str, LayerCost]:
+    """layer_costs at one example of ``input_shape`` (no batch dimension); a shape the model rejects is a HawqError."""
+    try:
+        return layer_costs(model, _example_forward(model, input_shape))
+    except HawqError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the model's own error, whatever its type, means a bad shape
+        hint = f"; did you mean input_shape={input_shape[1:]}?" if len(input_shape) > 1 and input_shape[0] == 1 else ""
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise HawqError(f"bops_g: input_shape is one example's shape without the batch dimension, e.g. (3, 224, 224); "
+                        f"the model rejects a batch of shape (1, *{input_shape}) ({first}){hint}") from None
+
+
 def bops_g(model: nn.Module, bits: int | BitMap, input_shape: tuple | None = None,
            costs: dict[str, LayerCost] | None = None) -> float:
     """Bit operations in G (1e9) for one example: sum of ``MACs * w_bits * a_bits`` over the layers.
@@ -199,12 +214,14 @@ def bops_g(model: nn.Module, bits: int | BitMap, input_shape: tuple | None = Non
     The layers are ``costs``' keys (or all quantizable layers traced at ``input_shape``). With
     uniform ``bits`` b every layer is ``W b A b``; with a bit map, absent layers count 32 x 32.
     """
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        check_bits(bits, "bops_g")
+    else:
+        bits = as_bitmap(bits, "bops_g")
     if costs is None:
         if input_shape is None:
             raise HawqError("bops_g: pass costs= (from layer_costs) or input_shape=")
-        costs = layer_costs(model, _example_forward(model, tuple(input_shape)))
-    if isinstance(bits, bool) or not isinstance(bits, (int, dict)):
-        raise HawqError(f"bops_g: bits must be an int or a bit map, got {type(bits).__name__}")
+        costs = _trace_costs(model, tuple(input_shape))
     if isinstance(bits, dict):
         unknown = [n for n in bits if n not in costs]
         if unknown:

@@ -122,6 +122,11 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     layer by Hutchinson's estimator.
     """
     del meta  # the caller's record; nothing here depends on it
+    if method not in ("auto", "autograd", "finite_difference"):
+        raise HawqError(f"method must be 'auto', 'autograd' or 'finite_difference', got {method!r}")
+    if isinstance(batches, Tensor):
+        raise HawqError("batches must be a list of batches (each what loss_fn takes, e.g. an (inputs, labels) "
+                        "pair), got a bare tensor")
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 2:
         raise HawqError(f"max_probes must be an integer >= 2, got {max_probes!r}")
     if isinstance(min_probes, bool) or not isinstance(min_probes, int) or not 2 <= min_probes <= max_probes:

@@ -144,6 +144,16 @@ def _tmp_path(directory: Path, name: str) -> str:
     return tmp
 
 
+def remove_orphan_temp_files(ckpt_dir: str | os.PathLike, tag: str) -> list[Path]:
+    """Delete the temp files of ``tag`` that a killed write left behind (no writer is running now)."""
+    removed = []
+    for name in (f"{tag}_last.safetensors", f"{tag}_last.json"):
+        for orphan in Path(ckpt_dir).glob(f".{name}.*.tmp"):
+            orphan.unlink(missing_ok=True)
+            removed.append(orphan)
+    return removed
+
+
 def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # clone(): safetensors refuses tensors that share storage (tied weights, views)
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -219,7 +229,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike,
         step = int(meta["step"])
     except (ValueError, KeyError, TypeError) as e:
         raise HawqError(f"checkpoint {paths['json']} is unreadable ({e}); "
-                        f"delete {paths['json'].parent}") from None
+                        f"delete {paths['json'].parent} to start {tag} over") from None
     if meta.get("format") != FORMAT_VERSION:
         raise HawqError(f"checkpoint {paths['json']} has format {meta.get('format')}, "
                         f"expected {FORMAT_VERSION}")
@@ -227,7 +237,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike,
         if candidate.exists() and _tensor_file_step(candidate) == step:
             return load_file(str(candidate)), meta
     raise HawqError(f"checkpoint {paths['json']} (step {step}) has no matching tensor file; "
-                    f"delete {paths['json'].parent} to start over")
+                    f"delete {paths['json'].parent} to start {tag} over")
 
 
 def split_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

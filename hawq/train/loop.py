@@ -37,6 +37,7 @@ from hawq.train.checkpoint import (
     flatten_optimizer_state,
     get_rng_states,
     load_checkpoint,
+    remove_orphan_temp_files,
     save_checkpoint,
     set_rng_states,
     split_prefix,
@@ -48,17 +49,25 @@ from hawq.train.metrics import write_history
 
 # config fields that do not change the result, so a run may resume after changing them
 _HASH_EXEMPT = {"checkpoint_every_steps", "num_workers"}
+# A loss this many times its value at the first step (or at 1, when that was smaller) has diverged:
+# ordinary training moves it by less than 10x either way, a step size far too large by many decades.
+DIVERGENCE_FACTOR = 1000.0
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    if not (isinstance(cfg.epochs, (int, float)) and cfg.epochs > 0):
-        raise HawqError(f"train.epochs must be > 0, got {cfg.epochs!r}")
+    if not (isinstance(cfg.epochs, (int, float)) and 0 < cfg.epochs < math.inf):
+        raise HawqError(f"train.epochs must be a finite number > 0, got {cfg.epochs!r}")
     if cfg.optimizer not in ("sgd", "adamw"):
         raise HawqError(f"train.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     if cfg.schedule not in ("cosine", "constant"):
         raise HawqError(f"train.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
-    if not cfg.lr > 0:
-        raise HawqError(f"train.lr must be > 0, got {cfg.lr!r}")
+    if not 0 < cfg.lr < math.inf:
+        raise HawqError(f"train.lr must be a finite number > 0, got {cfg.lr!r}")
+    for name in ("momentum", "weight_decay", "min_lr"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise HawqError(f"train.{name} must be a finite number >= 0, got {getattr(cfg, name)!r}")
+    if not all(0 <= b < 1 for b in cfg.adam_betas):
+        raise HawqError(f"train.adam_betas must both be in [0, 1), got {list(cfg.adam_betas)}")
     if cfg.batch_size < 1:
         raise HawqError(f"train.batch_size must be >= 1, got {cfg.batch_size}")
     if cfg.warmup_steps < 0:
@@ -143,6 +152,7 @@ class _Position:
     batch_in_epoch: int = 0  # batches of that epoch already consumed
     loss_sum: float = 0.0  # of the epoch in progress, for the history row
     loss_n: int = 0
+    start_loss: float | None = None  # at the first step of the run: the divergence reference
 
 
 def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: TrainConfig, *,
@@ -212,18 +222,24 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
     history: list[dict] = []
     last_good: Path | None = None
 
+    if main and ckpt_dir is not None:
+        remove_orphan_temp_files(ckpt_dir, tag)
     loaded = load_checkpoint(ckpt_dir, tag) if ckpt_dir is not None else None
     if loaded is not None:
         tensors, meta = loaded
         json_path = checkpoint_paths(ckpt_dir, tag)["json"]
+        start_over = f"delete {ckpt_dir} to start {tag} over"
+        missing = [k for k in ("config_hash", "optimizer", "rng", "position", "history") if k not in meta]
+        if missing:
+            raise HawqError(f"checkpoint {json_path} is unreadable (no '{missing[0]}'); {start_over}")
         if meta.get("config_hash") != chash:
             raise HawqError(f"checkpoint {json_path} was written with a different training setup (config "
-                            f"hash {meta.get('config_hash')} != {chash}); delete {ckpt_dir} or change run.name")
+                            f"hash {meta.get('config_hash')} != {chash}); {start_over} or change run.name")
         try:
             model.load_state_dict(split_prefix(tensors, MODEL_PREFIX), strict=True)
         except RuntimeError as e:
             raise HawqError(f"checkpoint {json_path} does not fit this model "
-                            f"({str(e).splitlines()[0]}); delete {ckpt_dir} or change run.name") from None
+                            f"({str(e).splitlines()[0]}); {start_over} or change run.name") from None
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
         if scaler.is_enabled() and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
@@ -246,6 +262,11 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
         nonlocal last_good
         if ckpt_dir is None:
             return
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never keep (or name as good) a checkpoint a resume would hit the same NaN from
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+            raise HawqError(f"training diverged: '{bad[0]}' ({len(bad)} tensors) is not finite at step {pos.step} "
+                            f"(epoch {pos.epoch + 1}); lower train.lr (now {cfg.lr:g}); {where}")
         rng_all = D.all_gather_object(get_rng_states())
         error = None
         if main:
@@ -326,11 +347,14 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
                     loss = (1.0 - alpha) * loss + alpha * task.distill_loss(outputs, teacher_out, temperature)
             reported = D.all_reduce_mean(loss.detach().float().clone())
             loss_value = reported.item()
-            if not math.isfinite(loss_value):
+            if pos.start_loss is None:
+                pos.start_loss = loss_value
+            if not math.isfinite(loss_value) or loss_value > DIVERGENCE_FACTOR * max(pos.start_loss, 1.0):
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written yet"
-                kind = "NaN" if math.isnan(loss_value) else "inf"
-                raise HawqError(f"loss is {kind} at step {pos.step + 1} "
-                                f"(epoch {epoch + 1}); {where}")
+                kind = f"{loss_value:.3g}, over {DIVERGENCE_FACTOR:g}x its first value {pos.start_loss:.3g}," \
+                    if math.isfinite(loss_value) else "NaN" if math.isnan(loss_value) else "inf"
+                raise HawqError(f"training diverged: loss is {kind} at step {pos.step + 1} (epoch {epoch + 1}); "
+                                f"lower train.lr (now {cfg.lr:g}); {where}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
@@ -356,7 +380,7 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
             metrics = D.broadcast_object(metrics)
             row.update(metrics or {})
         history.append(row)
-        pos = _Position(step=pos.step, epoch=epoch + 1)
+        pos = _Position(step=pos.step, epoch=epoch + 1, start_loss=pos.start_loss)
         checkpoint()
         if main and run_dir is not None:
             write_history(run_dir / "metrics.json", tag, history)
