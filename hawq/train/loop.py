@@ -234,12 +234,12 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
             raise HawqError(f"checkpoint {json_path} is unreadable (no '{missing[0]}'); {start_over}")
         if meta.get("config_hash") != chash:
             raise HawqError(f"checkpoint {json_path} was written with a different training setup (config "
-                            f"hash {meta.get('config_hash')} != {chash}); {start_over} or change run.name")
+                            f"hash {meta.get('config_hash')} != {chash}); delete {ckpt_dir} or change run.name")
         try:
             model.load_state_dict(split_prefix(tensors, MODEL_PREFIX), strict=True)
         except RuntimeError as e:
             raise HawqError(f"checkpoint {json_path} does not fit this model "
-                            f"({str(e).splitlines()[0]}); {start_over} or change run.name") from None
+                            f"({str(e).splitlines()[0]}); delete {ckpt_dir} or change run.name") from None
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
         if scaler.is_enabled() and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
@@ -266,7 +266,7 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
         if bad:  # never keep (or name as good) a checkpoint a resume would hit the same NaN from
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
             raise HawqError(f"training diverged: '{bad[0]}' ({len(bad)} tensors) is not finite at step {pos.step} "
-                            f"(epoch {pos.epoch + 1}); lower train.lr (now {cfg.lr:g}); {where}")
+                            f"(epoch {pos.epoch + 1}); {where}; lower train.lr (now {cfg.lr:g})")
         rng_all = D.all_gather_object(get_rng_states())
         error = None
         if main:
@@ -354,7 +354,7 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
                 kind = f"{loss_value:.3g}, over {DIVERGENCE_FACTOR:g}x its first value {pos.start_loss:.3g}," \
                     if math.isfinite(loss_value) else "NaN" if math.isnan(loss_value) else "inf"
                 raise HawqError(f"training diverged: loss is {kind} at step {pos.step + 1} (epoch {epoch + 1}); "
-                                f"lower train.lr (now {cfg.lr:g}); {where}")
+                                f"{where}; lower train.lr (now {cfg.lr:g})")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
