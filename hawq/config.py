@@ -246,6 +246,8 @@ _RANGES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("data.test_subset", "an integer >= 1 or null (all examples)", lambda v: v is None or v >= 1),
     ("data.num_workers", "an integer >= 0", lambda v: v >= 0),
     ("data.max_length", "an integer >= 1", lambda v: v >= 1),
+    ("data.image_size", "an integer >= 1 or null", lambda v: v is None or v >= 1),
+    ("model.num_classes", "an integer >= 1 or null (the data set's)", lambda v: v is None or v >= 1),
     ("model.pretrain_epochs", ">= 0", lambda v: v >= 0),
     ("model.pretrain_lr", "> 0", lambda v: v > 0),
     ("quant.group_size", "an integer >= 1 or null (per-channel)", lambda v: v is None or v >= 1),
@@ -254,6 +256,10 @@ _RANGES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("quant.ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
     ("quant.calib_batches", "an integer >= 1", lambda v: v >= 1),
     ("search.time_limit_s", "> 0", lambda v: v > 0),
+    ("sensitivity.tol", ">= 0", lambda v: v >= 0),
+    ("sensitivity.min_probes", "an integer >= 2", lambda v: v >= 2),
+    ("sensitivity.density_iter", "an integer >= 0", lambda v: v >= 0),
+    ("sensitivity.top_eigen", "an integer >= 0", lambda v: v >= 0),
     ("search.pareto_points", "an integer >= 0", lambda v: v >= 0),
     ("train.epochs", ">= 0", lambda v: v >= 0),
 ]
@@ -285,6 +291,9 @@ def validate(cfg: Config) -> None:
         if not ok(value):
             raise HawqError(f"{key} must be {expected}, got {value!r}")
     check_run_name(cfg.run.name)
+    if cfg.sensitivity.max_probes < cfg.sensitivity.min_probes:
+        raise HawqError(f"sensitivity.max_probes ({cfg.sensitivity.max_probes}) must be >= sensitivity.min_probes "
+                        f"({cfg.sensitivity.min_probes})")
     stages = set(cfg.run.stages)
     from hawq.train.loop import validate_config  # the trainer's own checks, now rather than mid-run
 
@@ -312,7 +321,7 @@ def validate(cfg: Config) -> None:
                         f"got '{cfg.sensitivity.hvp_method}'")
     if cfg.sensitivity.normalize not in ("per_param", "none"):
         raise HawqError(f"sensitivity.normalize must be 'per_param' or 'none', got '{cfg.sensitivity.normalize}'")
-    for key in ("batches", "batch_size", "max_probes", "min_probes", "spectrum_batches"):
+    for key in ("batches", "batch_size", "spectrum_batches"):  # probes: _RANGES and max >= min above
         if getattr(cfg.sensitivity, key) < 1:
             raise HawqError(f"sensitivity.{key} must be >= 1")
     if cfg.train.optimizer not in ("sgd", "adamw"):
@@ -326,6 +335,10 @@ def validate(cfg: Config) -> None:
     for name, value in vars(cfg.search.budget).items():
         if value is not None and value <= 0:
             raise HawqError(f"search.budget.{name} must be positive, got {value}")
+    if "search" in cfg.run.stages:
+        from hawq.search.allocate import validate_search_config
+
+        validate_search_config(cfg.search, None)  # pins and ties name layers: checked once the model exists
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -9,6 +9,7 @@ built, so each case takes milliseconds. The README's "Reliability" figures count
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,6 +72,12 @@ BAD_VALUES = [
     ("train.schedule=linear", "train.schedule must be 'cosine' or 'constant'"),
     ("model.pretrain_lr=0", "model.pretrain_lr must be > 0"),
     ("quant.act_calibration=max", "quant.act_calibration must be 'minmax', 'ema' or 'percentile'"),
+    ("search.weight_bits=[1,4]", "search.weight_bits: bit options must be integers in 2..16, got 1"),
+    ("search.solver=glpk", "search.solver: unknown solver 'glpk'"),
+    ("search.pins={fc: {weight: 1}}", "search.pins.fc.weight: bits must be in 2..16"),
+    ("sensitivity.tol=-1", "sensitivity.tol must be >= 0"),
+    ("sensitivity.min_probes=50", "sensitivity.max_probes (32) must be >= sensitivity.min_probes (50)"),
+    ("model.num_classes=0", "model.num_classes must be an integer >= 1 or null"),
     # run names that escape run.out_dir or are run.out_dir itself
     ("run.name=../escape", "run.name must be one folder name inside run.out_dir"),
     ("run.name=/tmp/hawq-absolute", "run.name must be one folder name inside run.out_dir"),
@@ -428,3 +435,26 @@ def test_save_quantized_is_byte_reproducible_and_refuses_a_folder(tmp_path):
     with pytest.raises(HawqError, match="save_quantized: .* is a folder; give a file path"):
         _saved_model(tmp_path, ".")
 
+
+
+def test_quiet_silences_the_transformers_load_report(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    loaded = sys.modules.get("transformers")
+    before = loaded.utils.logging.get_verbosity() if loaded else None
+    try:
+        rc = main(["--config", CONFIG, "--quiet", "--set", f"run.out_dir={tmp_path}", "--set", "run.threads=0"])
+        assert rc == 2 and "run.threads must be" in capsys.readouterr().err
+        assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"  # read when transformers is imported
+        if loaded:
+            assert loaded.utils.logging.get_verbosity() == logging.ERROR
+    finally:
+        if loaded:
+            loaded.utils.logging.set_verbosity(before)
+
+
+def test_report_mentions_batchnorm_only_for_models_with_batchnorm():
+    from hawq.report import markdown_report
+
+    sens = {"batches": 1, "batch_size": 8, "seconds": 0.1, "device": "cpu"}
+    assert "BN in eval mode, 0.1 s" in markdown_report({"layers": [], "sensitivity": {**sens, "bn_mode": "eval"}})
+    assert "BN in" not in markdown_report({"layers": [], "sensitivity": {**sens, "bn_mode": None}})

@@ -115,7 +115,8 @@ def _check_budgets(budget: BudgetConfig) -> None:
         raise HawqError("search.budget: set bops_g or bops_uniform_bits, not both")
 
 
-def _validate_config(cfg: SearchConfig, layers: list[str]) -> tuple[list[int], list[int]]:
+def validate_search_config(cfg: SearchConfig, layers: list[str] | None) -> tuple[list[int], list[int]]:
+    """Check the search section; ``layers=None`` (the config alone) skips the layer names of pins and ties."""
     w_opts = _check_bit_list(cfg.weight_bits, "search.weight_bits")
     a_opts = _check_bit_list(cfg.activation_bits, "search.activation_bits")
     if cfg.solver not in SOLVERS:
@@ -123,9 +124,9 @@ def _validate_config(cfg: SearchConfig, layers: list[str]) -> tuple[list[int], l
     if not cfg.time_limit_s or cfg.time_limit_s <= 0:
         raise HawqError(f"search.time_limit_s: must be positive, got {cfg.time_limit_s!r}")
     _check_budgets(cfg.budget)
-    known = set(layers)
+    known = None if layers is None else set(layers)
     for name, spec in cfg.pins.items():
-        if name not in known:
+        if known is not None and name not in known:
             raise HawqError(f"search.pins: unknown layer '{name}'")
         if not isinstance(spec, Mapping) or not spec or set(spec) - {"weight", "activation"}:
             raise HawqError(f"search.pins: layer '{name}' must map to {{weight: N, activation: N}}")
@@ -135,7 +136,7 @@ def _validate_config(cfg: SearchConfig, layers: list[str]) -> tuple[list[int], l
         if not isinstance(group, (list, tuple)) or len(group) < 2:
             raise HawqError(f"search.ties: each tie must list at least two layers, got {group!r}")
         for name in group:
-            if name not in known:
+            if known is not None and name not in known:
                 raise HawqError(f"search.ties: unknown layer '{name}'")
     return w_opts, a_opts
 
@@ -176,7 +177,7 @@ def build_search_problem(model: nn.Module, traces: Mapping[str, Any], costs: Map
                          progress: bool = False) -> SearchProblem:
     """Options, costs (Omega), resources and resolved budgets of the layers in ``costs``."""
     layers = list(costs)
-    w_opts, a_opts = _validate_config(cfg, layers)
+    w_opts, a_opts = validate_search_config(cfg, layers)
     notes: list[str] = []
     if cfg.budget.latency_ms is not None and latency_table is None and not cfg.latency_table:
         raise HawqError("search.budget.latency_ms: needs search.latency_table "
