@@ -262,16 +262,17 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
         nonlocal last_good
         if ckpt_dir is None:
             return
-        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:  # never keep (or name as good) a checkpoint a resume would hit the same NaN from
-            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
-            raise HawqError(f"training diverged: '{bad[0]}' ({len(bad)} tensors) is not finite at step {pos.step} "
-                            f"(epoch {pos.epoch + 1}); {where}; lower train.lr (now {cfg.lr:g})")
         rng_all = D.all_gather_object(get_rng_states())
         error = None
-        if main:
+        state = model.state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()] if main else []
+        if bad:  # never keep (or name as good) a checkpoint that a resume would hit the same NaN from
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was written"
+            error = (f"training diverged: '{bad[0]}' ({len(bad)} tensors) is not finite at step {pos.step} "
+                     f"(epoch {pos.epoch + 1}); {where}; lower train.lr (now {cfg.lr:g})")
+        elif main:
             opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-            tensors = {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}
+            tensors = {f"{MODEL_PREFIX}{k}": v for k, v in state.items()}
             tensors.update(opt_tensors)
             meta = {"step": pos.step, "total_steps": total_steps, "steps_per_epoch": spe,
                     "position": dataclasses.asdict(pos), "config_hash": chash,
