@@ -43,7 +43,7 @@ from hawq.bitmap import (
     load_bitmap,
     save_bitmap,
 )
-from hawq.config import Config, config_to_dict, run_folder, save_config
+from hawq.config import Config, config_to_dict, run_folder, save_config, validate
 from hawq.data import DataBundle, build_data
 from hawq.models import ModelSpec, Task, get_model_spec, get_task
 from hawq.train import distributed as D
@@ -560,6 +560,7 @@ def run_pipeline(cfg: Config, config_dir: Path | None = None) -> dict[str, Any]:
     infeasible budget) fails on every process alike before any collective work starts.
     """
     t_start = time.perf_counter()
+    validate(cfg)  # a Config built in code gets the checks load_config gives a YAML file
     D.init_distributed()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

@@ -458,3 +458,14 @@ def test_report_mentions_batchnorm_only_for_models_with_batchnorm():
     sens = {"batches": 1, "batch_size": 8, "seconds": 0.1, "device": "cpu"}
     assert "BN in eval mode, 0.1 s" in markdown_report({"layers": [], "sensitivity": {**sens, "bn_mode": "eval"}})
     assert "BN in" not in markdown_report({"layers": [], "sensitivity": {**sens, "bn_mode": None}})
+
+
+def test_run_pipeline_checks_a_config_built_in_code(tmp_path):
+    from hawq.config import Config
+    from hawq.pipeline import run_pipeline
+
+    cfg = Config()
+    cfg.run.out_dir, cfg.run.name = str(tmp_path / "runs"), "../outside"
+    with pytest.raises(HawqError, match="run.name must be one folder name inside run.out_dir"):
+        run_pipeline(cfg)
+    assert list(tmp_path.iterdir()) == []
