@@ -82,9 +82,10 @@ class Task:
 IGNORE_INDEX = -100  # F.cross_entropy's default: a label that is skipped, not out of range
 
 
-def check_pair(batch: Any) -> None:
-    """A classification batch is ``(inputs, labels)``: a bare tensor would be split along its batch dim."""
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+def check_pair(batch: Any, labels: bool = True) -> None:
+    """A classification batch is ``(inputs, labels)`` (``(inputs,)`` to run the model): a bare tensor
+    would be split along its batch dimension."""
+    if not isinstance(batch, (list, tuple)) or len(batch) < (2 if labels else 1):
         from hawq import HawqError
 
         raise HawqError(f"a classification batch is an (inputs, labels) pair, got {type(batch).__name__}"
@@ -111,7 +112,7 @@ class ClassificationTask(Task):
     primary_metric = "top1"
 
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
-        check_pair(batch)
+        check_pair(batch, labels=False)
         out = model(batch[0])
         # torchvision Inception-V3 returns (logits, aux_logits) in training mode
         return out.logits if hasattr(out, "logits") else out
