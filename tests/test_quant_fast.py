@@ -34,6 +34,8 @@ from hawq.quant.fast import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PyTorch's quantized-tensor deprecation note
 ERR_MAX_STEPS = 4  # logit error bound in classifier-input steps (see test_fbgemm_matches_fake_quant)
+needs_fbgemm = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                                  reason="PyTorch's fbgemm int8 engine is x86-only; this build has none")
 X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and \
     torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
@@ -80,10 +82,12 @@ def _bits(model: nn.Module, weight_bits: int) -> dict[str, LayerBits]:
     return uniform_bitmap(quantizable_layers(model), weight_bits, 8)
 
 
+@needs_fbgemm
 @pytest.mark.parametrize(("weight_bits", "fold", "engine"),
                          [(8, True, "fbgemm"), (4, True, "fbgemm"), (8, False, "fbgemm"),
                           pytest.param(8, True, "onednn", marks=pytest.mark.skipif(
-                              "onednn" not in torch.backends.quantized.supported_engines, reason="no onednn"))])
+                              "onednn" not in torch.backends.quantized.supported_engines,
+                              reason="this PyTorch build has no onednn int8 engine"))])
 def test_fbgemm_matches_fake_quant(trained, weight_bits: int, fold: bool, engine: str) -> None:
     model, train_x, test_x = trained
     fq = _quantized(model, train_x, _bits(model, weight_bits), fold)
@@ -124,6 +128,7 @@ def _unsplit(weight: torch.Tensor, codes: torch.Tensor, groups: int = 1) -> torc
     return (packed[:, :half].short() + packed[:, half:].short()).to(torch.int8)
 
 
+@needs_fbgemm
 def test_weights_are_hawqs_codes_including_int4(trained) -> None:
     model, train_x, _ = trained
     bits = {n: LayerBits(4 if i % 2 else 8, 8) for i, n in enumerate(quantizable_layers(model))}
@@ -145,6 +150,7 @@ def test_weights_are_hawqs_codes_including_int4(trained) -> None:
     assert isinstance(dict(fast.named_modules())["fc"], nnq.Linear)
 
 
+@needs_fbgemm
 def test_layer_output_codes_match_fake_quant_rounding() -> None:
     """conv + ReLU written at the next layer's grid: fbgemm's float requant multiplier gives the
     fake-quant codes except where a value sits on a rounding boundary (at most one code)."""
@@ -165,6 +171,7 @@ def test_layer_output_codes_match_fake_quant_rounding() -> None:
     assert float(diff.max()) <= 1 and float((diff == 0).float().mean()) >= 0.999
 
 
+@needs_fbgemm
 def test_signed_input_grid_uses_zero_point_128() -> None:
     q = fashion_resnet(width=4).eval()
     fq = quantize_model(q, uniform_bitmap(quantizable_layers(q), 8, 8))
@@ -187,6 +194,7 @@ class _Sigmoid(nn.Module):
         return self.b(torch.sigmoid(self.a(x)))
 
 
+@needs_fbgemm
 def test_errors_name_the_problem() -> None:
     x = torch.randn(16, 8)
     fq = quantize_model(_Sigmoid(), uniform_bitmap(["a", "b"], 8, 8))
@@ -235,6 +243,7 @@ def _w8_codes(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return got - want
 
 
+@needs_fbgemm
 def test_saturating_kernels_depthwise_is_exact() -> None:
     """fbgemm's depthwise kernel adds u8 x s8 tap pairs in int16 on every ISA (VNNI included): 8-bit
     weights on 8-bit codes saturate unless the layer is split; then every code is within one."""
@@ -271,6 +280,7 @@ torch.save(out, sys.argv[1])
 _NON_VNNI = {"ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
+@needs_fbgemm
 @pytest.mark.skipif(not X86_AVX2, reason="forces x86 AVX2 kernels: needs an x86 CPU with AVX2 or better")
 def test_saturating_kernels_forced_avx2_match_default(tmp_path: Path) -> None:
     """The same W8A8 ResNet on forced non-VNNI AVX2 kernels (fbgemm, oneDNN, ATen) and on this CPU's
