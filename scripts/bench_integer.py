@@ -56,6 +56,7 @@ from hawq.export.onnx_qdq import export_onnx, export_onnx_integer  # noqa: E402
 from hawq.layers import quantizable_layers  # noqa: E402
 from hawq.quant import QuantConfig, calibrate, quantize_model, set_integer_backend, to_integer  # noqa: E402
 from hawq.quant.fast import DuplicateChannels, to_fbgemm  # noqa: E402
+from hawq.quant.integer import int_mm_saturates  # noqa: E402
 
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
@@ -251,6 +252,9 @@ def main() -> None:
     if any(split.values()):  # to_fbgemm's exact path for kernels that saturate int16 pair sums
         print("layers split into 7-bit weight halves (twice the multiply-adds) on this CPU: "
               + ", ".join(f"{name} {n}" for name, n in split.items() if n))
+    if int_mm_saturates():
+        print("torch._int_mm saturates int16 pair sums on this CPU: the 'integer' rows multiply 7-bit weight "
+              "halves (twice the multiply-adds)")
     if not args.agreement_only:
         print("ratio = engine time / FP32 eager time, vs int8 = engine time / torch int8 fbgemm time, "
               "both at the same batch in this run (< 1 is faster)")
