@@ -36,7 +36,7 @@ and 8-bit weights (up to 127) it does, and the logits are then off by many steps
 fbgemm qconfig avoids it by 7-bit activations, ``reduce_range``, which would leave hawq's grid).
 hawq keeps its grid and removes the overflow exactly: for a layer whose bound
 ``2 * a_max * max|w| > 32767`` holds *and* whose kernel is found to saturate on this machine (a
-probe of the same op, shape and engine on a worst-case input, :func:`kernel_saturates`), the
+probe of the same op, shape and engine on extreme and random codes, :func:`kernel_saturates`), the
 weight codes are split ``w = w_hi + w_lo`` with ``w_hi = trunc(w / 2)`` (:func:`pair_safe_codes`,
 both halves within [-64, 64]) and the layer reads its input twice (``[x, x]`` per group,
 :class:`DuplicateChannels`): the int32 accumulator is the same sum, every pair stays within
@@ -211,22 +211,22 @@ class Requantize(nn.Module):
 
 
 class DuplicateChannels(nn.Module):
-    """``[x_g, x_g]`` for each of ``groups`` channel groups (dim 1): the input of a layer with
-    :func:`pair_safe_codes` weights. ``groups=1`` on a 2-d tensor duplicates the features (linear)."""
+    """``[x_g, x_g]`` for each of ``groups`` channel groups along ``dim``: the input of a layer with
+    :func:`pair_safe_codes` weights (a conv's channels: ``dim=1``; a linear's features: ``dim=-1``)."""
 
-    def __init__(self, groups: int) -> None:
+    def __init__(self, groups: int, dim: int = 1) -> None:
         super().__init__()
-        self.groups = groups
+        self.groups, self.dim = groups, dim
 
     def forward(self, x: Tensor) -> Tensor:
         if self.groups == 1:
-            return torch.cat([x, x], dim=1)
-        n, c, *rest = x.shape
+            return torch.cat([x, x], dim=self.dim)
+        n, c, *rest = x.shape  # grouped: only convs (dim 1)
         per_group = x.reshape(n, self.groups, c // self.groups, *rest)
         return torch.cat([per_group, per_group], dim=2).reshape(n, 2 * c, *rest)
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}"
+        return f"groups={self.groups}, dim={self.dim}"
 
 
 class ClampCodes(nn.Module):
@@ -533,7 +533,8 @@ class _Converter(GraphRewriter):
                     raise HawqError(f"to_fbgemm: the {self.engine} kernel of '{name}' saturates int16 sums "
                                     f"even with 7-bit weight halves on this CPU; use another engine")
                 codes, widen = pair_safe_codes(codes), 2  # exact int32 sums on an int16-pair kernel
-                x = self.emit(f"dup_{name}", DuplicateChannels(mod.groups if is_conv else 1), (x,))
+                x = self.emit(f"dup_{name}", DuplicateChannels(mod.groups if is_conv else 1, 1 if is_conv else -1),
+                              (x,))
             if is_conv:
                 cls = nniq.ConvReLU2d if relu else nnq.Conv2d
                 q = cls(widen * mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
