@@ -102,7 +102,7 @@ def test_fbgemm_matches_fake_quant(trained, weight_bits: int, fold: bool, engine
     # requantization rounds within one code of the fake-quant rounding of the same value (float32
     # multiplier), and a residual add's operands are rounded once more (module doc). One code on
     # every classifier input moves a logit by at most ``step`` = s_in * max_j ||w_j||_1.
-    # Measured (docs/export.md): max 1.33 steps and mean <= 0.18 step over 12 trained models x these
+    # Measured (docs/quant.md): max 1.33 steps and mean <= 0.18 step over 12 trained models x these
     # four configurations, identical under forced AVX2 / AVX-512 / VNNI kernels; a saturating kernel
     # gave 6.6-36 steps.
     fc = fq.fc
@@ -119,7 +119,7 @@ def test_fbgemm_matches_fake_quant(trained, weight_bits: int, fold: bool, engine
     assert bool(same[confident].all()), float(same.float().mean())
 
 
-def _unsplit(weight: torch.Tensor, codes: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def _unsplit(weight: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Packed int8 codes back to hawq's codes (a layer split by pair_safe_codes packs [w_hi, w_lo])."""
     packed = weight.int_repr()
     if packed.shape[1] == codes.shape[1]:
