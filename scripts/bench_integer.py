@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -53,7 +55,31 @@ from hawq.bitmap import LayerBits  # noqa: E402
 from hawq.export.onnx_qdq import export_onnx, export_onnx_integer  # noqa: E402
 from hawq.layers import quantizable_layers  # noqa: E402
 from hawq.quant import QuantConfig, calibrate, quantize_model, set_integer_backend, to_integer  # noqa: E402
-from hawq.quant.fast import to_fbgemm  # noqa: E402
+from hawq.quant.fast import DuplicateChannels, to_fbgemm  # noqa: E402
+from hawq.quant.integer import int_mm_saturates  # noqa: E402
+
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_description() -> str:
+    """The CPU the figures come from: model name, ATen's dispatch level, the int8-relevant ISA flags
+    (AVX2, AVX-512*, VNNI, AMX from /proc/cpuinfo) and any ISA override in the environment."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux: model name from platform, no flags
+        pass
+    isa = sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")) or "vnni" in f)
+    overrides = [f"{k}={os.environ[k]}" for k in ISA_ENV if k in os.environ]
+    return (f"CPU: {model}, {os.cpu_count()} logical CPUs, torch cpu capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; ISA flags: {' '.join(isa) or 'none found'}"
+            + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
 
 
 def log(msg: str) -> None:
@@ -220,6 +246,15 @@ def main() -> None:
     timing = "no timing" if args.agreement_only else f"median of {runs} runs after {warmup} warmup"
     print(f"\nResNet-18 (random init), {size}x{size}, {args.threads} threads, {timing}; "
           f"torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
+    print(cpu_description())
+    split = {name: sum(isinstance(m, DuplicateChannels) for m in fn.modules())
+             for name, fn in engines.items() if isinstance(fn, nn.Module) and name.startswith("hawq")}
+    if any(split.values()):  # to_fbgemm's exact path for kernels that saturate int16 pair sums
+        print("layers split into 7-bit weight halves (twice the multiply-adds) on this CPU: "
+              + ", ".join(f"{name} {n}" for name, n in split.items() if n))
+    if int_mm_saturates():
+        print("torch._int_mm saturates int16 pair sums on this CPU: the 'integer' rows multiply 7-bit weight "
+              "halves (twice the multiply-adds)")
     if not args.agreement_only:
         print("ratio = engine time / FP32 eager time, vs int8 = engine time / torch int8 fbgemm time, "
               "both at the same batch in this run (< 1 is faster)")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +124,37 @@ def test_reference_equals_int8_engine_including_int4_and_uint8(trained) -> None:
         a = layer.accumulate(codes)
         layer.backend = "fast"
         assert torch.equal(a, layer.accumulate(codes)), name
+
+
+_NON_VNNI_SCRIPT = """
+import torch
+from hawq.bitmap import uniform_bitmap
+from hawq.layers import quantizable_layers
+from hawq.models.fashion import fashion_resnet
+from hawq.quant import calibrate, quantize_model, set_integer_backend, to_integer
+from hawq.quant.integer import int_mm_saturates
+torch.manual_seed(0)
+model = fashion_resnet(width=8).eval()
+x = torch.randn(16, 1, 28, 28) * 2
+q = quantize_model(model, uniform_bitmap(quantizable_layers(model), 8, 8))
+calibrate(q, [x], lambda m, b: m(b), progress=False)
+int_model = to_integer(q)
+ref = set_integer_backend(int_model, "reference")(x)
+fast = set_integer_backend(int_model, "fast")(x)
+assert int_mm_saturates(), "ONEDNN_MAX_CPU_ISA=AVX2 should select a saturating int8 GEMM"
+assert torch.equal(ref, fast), float((ref - fast).abs().max())
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="forces oneDNN's x86 AVX2 kernels: needs an x86 CPU with AVX2 or better")
+def test_fast_engine_exact_on_non_vnni_int8_gemm() -> None:
+    """torch._int_mm on oneDNN without VNNI adds u8 x s8 pairs in a saturating int16; forced to AVX2
+    in a subprocess, the fast engine still equals the reference engine (W8A8, 8-bit grids)."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", _NON_VNNI_SCRIPT], env=env, check=True, timeout=300)
 
 
 def test_no_float_between_input_and_output(trained) -> None:

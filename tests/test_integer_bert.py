@@ -51,6 +51,14 @@ def _one_thread(one_thread):
     yield
 
 
+def _confident_agree(out: torch.Tensor, ref: torch.Tensor, bound: float) -> torch.Tensor:
+    """Top-1 equal on every sample whose ``ref`` top-2 margin exceeds ``2 * bound``: implied when every
+    logit is within ``bound``, and independent of how close this model's other samples are to a tie."""
+    top2 = ref.topk(2, dim=1).values
+    confident = (top2[:, 0] - top2[:, 1]) > 2 * bound
+    return (out.argmax(1) == ref.argmax(1))[confident].all()
+
+
 # --- kernels -------------------------------------------------------------------------------------
 def test_isqrt_is_exact_floor_sqrt() -> None:
     g = torch.Generator().manual_seed(0)
@@ -230,8 +238,12 @@ def test_ibert_fake_quant_block_equals_integer(ibert_block) -> None:
         ref32 = model(test).double()
     step = float(ref.abs().max()) / 127
     for r in (ref, ref32):  # the float64 copy and the float32 fake-quant model itself
-        assert torch.equal(out.argmax(1), r.argmax(1))  # 512 / 512 (float fake-quant: 510 / 512)
         assert (out - r).abs().max() <= 0.5 * step, float((out - r).abs().max() / step)  # measured 0.256 (1.06)
+    # Exact integers vs float64: neither depends on the CPU, so top-1 is pinned (512 / 512). The
+    # float32 model's own roundings follow the CPU's float summation order and the closest sample is
+    # 0.005 steps from a tie: there, top-1 is required where the margin exceeds twice the bound above.
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    assert bool(_confident_agree(out, ref32, 0.5 * step)), "top-1 differs on a sample the bound decides"
     equal = (out - ref).abs() <= 1e-6 * float(ref.abs().max())
     assert equal.double().mean() >= 0.99, float(equal.double().mean())  # measured 2545 / 2560 logits
     # Codes at every shared grid: identical up to the first residual add; after it, a dyadic
@@ -275,8 +287,11 @@ def test_ibert_fake_quant_trains(ibert_block) -> None:
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(calib.double())
     out = int_model(calib).double()
-    assert torch.equal(out.argmax(1), ref.argmax(1))
-    assert (out - ref).abs().max() <= 0.5 * float(ref.abs().max()) / 127
+    bound = 0.5 * float(ref.abs().max()) / 127
+    assert (out - ref).abs().max() <= bound
+    # The trained weights follow the CPU's float summation order, so its margins do too: top-1 is
+    # required where the margin exceeds twice the logit bound (a closer sample may flip on some CPU).
+    assert bool(_confident_agree(out, ref, bound))
 
 
 def test_ibert_modules_straight_through_gradients() -> None:

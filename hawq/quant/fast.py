@@ -25,10 +25,24 @@ float32 multiplier (``s_in * s_w / s_out``) and adds a float bias, so it is "int
 requant multiplier". It is not hawq's exact dyadic integer pipeline (:func:`hawq.quant.to_integer`
 is the reference for that); it differs from the fake-quant model where a value lands within float
 rounding of a grid boundary, by the 8-bit quantization of the add operands above, and by rounding
-an average pool's output on the integer grid. On CPUs without AVX512-VNNI, fbgemm's
-``vpmaddubsw`` path can saturate int16 pair sums when 8-bit activations meet 8-bit weights (the
-reason PyTorch's default qconfig uses 7-bit activations); hawq's full 8-bit grids are kept, so
-check the agreement figures on such machines.
+an average pool's output on the integer grid.
+
+Saturating kernels: without AVX512-VNNI (AVX2, and AVX-512 before VNNI), fbgemm's and oneDNN's
+u8 x s8 GEMM kernels multiply with ``vpmaddubsw``, which adds the products of two adjacent input
+channels in a *saturating int16* before widening to int32; fbgemm's depthwise kernel does so on
+every ISA. ``a0*w0 + a1*w1`` overflows when ``a_max * (|w0| + |w1|) > 32767``: with hawq's full
+8-bit activation grids (codes up to 255; a signed grid's zero point 128 puts its codes at 1..255)
+and 8-bit weights (up to 127) it does, and the logits are then off by many steps (PyTorch's own
+fbgemm qconfig avoids it by 7-bit activations, ``reduce_range``, which would leave hawq's grid).
+hawq keeps its grid and removes the overflow exactly: for a layer whose bound
+``2 * a_max * max|w| > 32767`` holds *and* whose kernel is found to saturate on this machine (a
+probe of the same op, shape and engine on extreme and random codes, :func:`kernel_saturates`), the
+weight codes are split ``w = w_hi + w_lo`` with ``w_hi = trunc(w / 2)`` (:func:`pair_safe_codes`,
+both halves within [-64, 64]) and the layer reads its input twice (``[x, x]`` per group,
+:class:`DuplicateChannels`): the int32 accumulator is the same sum, every pair stays within
+``255 * 128 = 32640``, and the result is bit-exact with the non-saturating kernel at twice the
+multiply-adds of that layer. On a VNNI CPU only depthwise convolutions with 8-bit weights are
+split. The decision is made on the machine that converts; convert on the machine that runs.
 
 The classifier head (a ``QuantLinear`` whose output is a model output) runs by default as a float
 linear on hawq's dequantized int8 input codes and weights (``float_head=True``): exactly the
@@ -67,6 +81,8 @@ from hawq.quant.quantizers import quantize_to_int
 ENGINES = ("fbgemm", "x86", "onednn")
 QUINT8_MAX = 255
 SIGNED_ZERO_POINT = 128  # a signed hawq grid in quint8: same scale, codes shifted by 128
+INT16_MAX = 32767  # vpmaddubsw's saturation bound for a pair of u8 x s8 products
+PROBE_OUTPUTS = 32  # output channels of a saturation probe (ungrouped layers)
 _WHAT = "to_fbgemm"
 
 
@@ -87,6 +103,78 @@ def observed_qparams(lo: float, hi: float) -> tuple[float, int]:
     scale = (hi - lo) / QUINT8_MAX if hi > lo else 1.0
     zp = int(min(QUINT8_MAX, max(0, round(-lo / scale))))
     return scale, zp
+
+
+def may_saturate(code_max: int, codes: Tensor) -> bool:
+    """Whether a pair sum ``a0*w0 + a1*w1`` of u8 codes ``<= code_max`` and these weight codes can exceed int16."""
+    return 2 * code_max * int(codes.abs().max()) > INT16_MAX
+
+
+def pair_safe_codes(codes: Tensor) -> Tensor:
+    """Split ``(out, in, ...)`` weight codes into ``cat([w_hi, w_lo], dim=1)`` with ``w_hi + w_lo = w``.
+
+    ``w_hi = trunc(w / 2)``, so both halves lie in [-64, 64] for 8-bit codes and a u8 pair sum is at
+    most ``255 * 128 = 32640`` (no int16 saturation). Fed with the input twice (``[x, x]`` per group),
+    the layer accumulates exactly ``sum(x * w_hi) + sum(x * w_lo) = sum(x * w)``.
+    """
+    wide = codes.to(torch.int16)
+    hi = torch.div(wide, 2, rounding_mode="trunc")
+    return torch.cat([hi, wide - hi], dim=1).to(codes.dtype)
+
+
+@functools.cache
+def kernel_saturates(engine: str, spec: tuple, weight_max: int = 127) -> bool:
+    """Whether ``engine``'s kernel for this layer shape loses int32 exactness on this CPU.
+
+    ``spec``: ``("linear", in_features, out_features)`` or ``("conv", in_channels, out_channels,
+    kernel_size, stride, padding, dilation, groups)``. Runs that op with weight codes of magnitude
+    ``weight_max`` (every sign pattern: all ``+weight_max``, and random signs) on inputs whose u8
+    codes are all 255, and random in 128..255, and compares every output with the exact integer
+    sum requantized the same way: a kernel whose u8 x s8 pair sums saturate at int16 misses by
+    several output codes, requantization rounding by at most one. Which kernel fbgemm/oneDNN run
+    depends on the CPU (``FBGEMM_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``), the engine and the
+    layer's shape (depthwise, grouped, 1x1, im2col, border handling), so the probe uses all of them.
+    """
+    if spec[0] == "linear" or spec[-1] == 1:  # the kernel pairs along the inputs: a few outputs suffice
+        spec = (spec[0], spec[1], min(spec[2], PROBE_OUTPUTS), *spec[3:])
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    gen = torch.Generator().manual_seed(0)
+    try:
+        if spec[0] == "linear":
+            _, k, n = spec
+            layer: nn.Module = nnq.Linear(k, n)
+            per_out, x_shape = k, (2, k)
+        else:
+            _, c_in, n, ks, stride, pad, dil, groups = spec
+            layer = nnq.Conv2d(c_in, n, ks, stride, pad, dil, groups, True)
+            per_out = c_in // groups
+            x_shape = (2, c_in, *[2 * p + d * (kk - 1) + 3 * s for p, d, kk, s in zip(pad, dil, ks, stride)])
+        w_shape = (n, per_out, *spec[3]) if spec[0] == "conv" else (n, per_out)
+        signs = torch.randint(0, 2, w_shape, generator=gen) * 2 - 1
+        signs[0] = 1  # one output channel with every product positive: the all-255 input's worst case
+        codes = (signs * weight_max).to(torch.int8)
+        x_codes = torch.randint(128, QUINT8_MAX + 1, x_shape, generator=gen)
+        x_codes[0] = QUINT8_MAX
+        exact = (F.linear(x_codes.double(), codes.double()) if spec[0] == "linear" else
+                 F.conv2d(x_codes.double(), codes.double(), None, stride, pad, dil, groups))
+        # zero point 128 and scale so that every exact output lands within codes 28..228
+        scale = float(exact.abs().max()) / 100 or 1.0
+        layer.set_weight_bias(_qweight(codes, torch.ones(n)), None)
+        layer.scale, layer.zero_point = scale, SIGNED_ZERO_POINT
+        x = torch._make_per_tensor_quantized_tensor(x_codes.to(torch.uint8), 1.0, 0)
+        with torch.no_grad():
+            got = layer(x).int_repr().long() - SIGNED_ZERO_POINT
+        return bool(((got - torch.round(exact / scale)).abs() > 1).any())
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _saturation_spec(mod: QuantConv2d | QuantLinear) -> tuple:
+    if isinstance(mod, QuantConv2d):
+        return ("conv", mod.in_channels, mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride),
+                tuple(mod.padding), tuple(mod.dilation), mod.groups)
+    return ("linear", mod.in_features, mod.out_features)
 
 
 # --- runtime modules (thin) -------------------------------------------------------------------------
@@ -120,6 +208,25 @@ class Requantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}, zero_point={self.zero_point}"
+
+
+class DuplicateChannels(nn.Module):
+    """``[x_g, x_g]`` for each of ``groups`` channel groups along ``dim``: the input of a layer with
+    :func:`pair_safe_codes` weights (a conv's channels: ``dim=1``; a linear's features: ``dim=-1``)."""
+
+    def __init__(self, groups: int, dim: int = 1) -> None:
+        super().__init__()
+        self.groups, self.dim = groups, dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.groups == 1:
+            return torch.cat([x, x], dim=self.dim)
+        n, c, *rest = x.shape  # grouped: only convs (dim 1)
+        per_group = x.reshape(n, self.groups, c // self.groups, *rest)
+        return torch.cat([per_group, per_group], dim=2).reshape(n, 2 * c, *rest)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, dim={self.dim}"
 
 
 class ClampCodes(nn.Module):
@@ -261,7 +368,7 @@ class _Converter(GraphRewriter):
         super().__init__(model, gm)
         self.ranges, self.float_head = ranges, float_head
         self.absorbed: dict[fx.Node, fx.Node] = {}  # fused node -> the node whose value it takes
-        self.fuse_add = engine == "onednn"
+        self.engine, self.fuse_add = engine, engine == "onednn"
         # onednn: a conv whose only consumer is a residual add waits for it (fused conv + add).
         self.deferred: dict[fx.Node, tuple[nn.Module, fx.Node, fx.Node, str]] = {}  # node: (conv, x, last, name)
         self.deferred_alias: dict[fx.Node, fx.Node] = {}
@@ -416,15 +523,25 @@ class _Converter(GraphRewriter):
             out, qp = self.emit(name, FloatHeadLinear(w, bias, act, relu), (x,)), None
         else:
             qp = self._out_qparams(last)
+            if is_conv and (mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
+                raise HawqError(f"to_fbgemm: conv '{name}' needs numeric zero padding")
+            widen = 1
+            spec = _saturation_spec(mod)
+            if may_saturate(act_qparams(act)[3], codes) and kernel_saturates(self.engine, spec):
+                wide_spec = (spec[0], 2 * spec[1], *spec[2:])
+                if kernel_saturates(self.engine, wide_spec, weight_max=64):
+                    raise HawqError(f"to_fbgemm: the {self.engine} kernel of '{name}' saturates int16 sums "
+                                    f"even with 7-bit weight halves on this CPU; use another engine")
+                codes, widen = pair_safe_codes(codes), 2  # exact int32 sums on an int16-pair kernel
+                x = self.emit(f"dup_{name}", DuplicateChannels(mod.groups if is_conv else 1, 1 if is_conv else -1),
+                              (x,))
             if is_conv:
-                if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                    raise HawqError(f"to_fbgemm: conv '{name}' needs numeric zero padding")
                 cls = nniq.ConvReLU2d if relu else nnq.Conv2d
-                q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                q = cls(widen * mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
                         mod.dilation, mod.groups, True)
             else:
-                q = nniq.LinearReLU(mod.in_features, mod.out_features) if relu else \
-                    nnq.Linear(mod.in_features, mod.out_features)
+                q = nniq.LinearReLU(widen * mod.in_features, mod.out_features) if relu else \
+                    nnq.Linear(widen * mod.in_features, mod.out_features)
             q.set_weight_bias(_qweight(codes, w_scale), bias)
             if is_conv and self.fuse_add and not relu and self._is_add(self._only_user(last)):
                 self.deferred[node] = (q, x, last, name)

@@ -27,12 +27,17 @@ matmuls, embedding lookups) run as float64 islands on dequantized values (transf
 Two engines compute the int32 accumulations: ``"reference"`` (float64 conv/matmul on integer
 values, exact below 2^53, checked against int32 overflow) and ``"fast"`` (``torch._int_mm``, a
 real int8 x int8 -> int32 GEMM, with im2col for convs). Both feed the same integer rescaling,
-so their outputs are bit-identical.
+so their outputs are bit-identical. On a CPU without VNNI, oneDNN's int8 GEMM behind
+``torch._int_mm`` shifts the input by +128 and adds u8 x s8 pairs in a saturating int16 (wrong
+sums for 8-bit weights); there (found by :func:`int_mm_saturates`) the fast engine multiplies the
+duplicated input by the weight codes split into 7-bit halves (:func:`hawq.quant.fast.pair_safe_codes`),
+which gives the exact sums.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import operator
 from typing import Any
@@ -43,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
+from hawq.quant.fast import pair_safe_codes
 from hawq.quant.fx_rewrite import (
     ADD_FUNCS,
     QUANT_LAYERS,
@@ -118,6 +124,39 @@ def check_int32(v: Tensor, where: str) -> Tensor:
     return v
 
 
+@functools.cache
+def int_mm_saturates(weight_max: int = 127) -> bool:
+    """Whether ``torch._int_mm`` on this CPU loses exactness for int8 weights up to ``weight_max``.
+
+    Compared with the exact int64 product on all-extreme and random int8 operands: oneDNN without
+    VNNI (``ONEDNN_MAX_CPU_ISA`` below ``AVX2_VNNI``/``AVX512_CORE_VNNI``) saturates int16 pair sums.
+    """
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randint(0, 2, (64, 32), generator=gen) * 2 - 1) * weight_max
+    w[:, 0] = weight_max  # one column with every product at its extreme
+    x = torch.randint(-128, 128, (32, 64), generator=gen)
+    x[0] = 127
+    exact = x @ w
+    return not torch.equal(torch._int_mm(x.to(torch.int8), w.to(torch.int8)).to(torch.int64), exact)
+
+
+def int_mm_exact(x8: Tensor, weight_mat_t: Tensor, owner: nn.Module) -> Tensor:
+    """``torch._int_mm(x8, weight_mat_t)`` with exact int32 sums on every CPU (see the module doc).
+
+    The split weight matrix is built once per layer, on first use, and kept on ``owner``.
+    """
+    if x8.device.type != "cpu" or not int_mm_saturates():
+        return torch._int_mm(x8, weight_mat_t)
+    split = getattr(owner, "_weight_split_t", None)
+    if split is None or split.device != weight_mat_t.device:
+        if int_mm_saturates(64):
+            raise HawqError("integer inference: torch._int_mm saturates even with 7-bit weights on this CPU; "
+                            "use set_integer_backend(model, 'reference')")
+        split = pair_safe_codes(weight_mat_t.t()).t().contiguous()
+        owner._weight_split_t = split
+    return torch._int_mm(torch.cat([x8, x8], dim=1), split)
+
+
 # --- integer operators (thin modules) ------------------------------------------------------------
 class _InputRequant(nn.Module):
     """Entry of a quantized layer: int tensor (or the float model input) -> codes on its grid."""
@@ -179,7 +218,7 @@ class IntConv2d(_InputRequant):
         cols = x8.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]
         ho, wo = cols.shape[2:4]
         cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
-        acc = torch._int_mm(cols, self.weight_mat_t)
+        acc = int_mm_exact(cols, self.weight_mat_t, self)
         if self.unsigned_shift:
             acc = acc + self.unsigned_shift * self.weight_rowsum
         return acc.reshape(n, ho, wo, -1).permute(0, 3, 1, 2).to(torch.int64)
@@ -211,7 +250,7 @@ class IntLinear(_InputRequant):
         if self.backend == "fast" and self.fast_ok:
             lead = q.shape[:-1]
             x8 = (q - self.unsigned_shift).to(torch.int8).reshape(-1, q.shape[-1])
-            acc = torch._int_mm(x8, self.weight_mat_t)
+            acc = int_mm_exact(x8, self.weight_mat_t, self)
             if self.unsigned_shift:
                 acc = acc + self.unsigned_shift * self.weight_rowsum
             return acc.reshape(*lead, -1).to(torch.int64)
