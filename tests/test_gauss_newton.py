@@ -441,3 +441,26 @@ def test_significantly_negative_hessian_trace_takes_the_gauss_newton_trace(tmp_p
     # then uses its magnitude)
     plain = hessian_traces(model, lambda m, b: MSE(m, b), batches, tol=0.05, progress=False)
     assert plain["0"].mean < 0 and plain["0"].curvature == "hessian"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_estimator_runs_on_cuda() -> None:
+    model, batches = wide_relu_cnn(), image_batches(n=2, classes=12)
+    cpu_exact = hessian_traces(model, CE, batches, progress=False)
+    cpu_sampled = hessian_traces(model, CE, batches, exact_directions=3, tol=0.1, progress=False)
+    gpu_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    model.cuda()
+    exact = hessian_traces(model, CE, gpu_batches, progress=False)
+    sampled = hessian_traces(model, CE, gpu_batches, exact_directions=3, tol=0.1, progress=False)
+    for name, t in exact.items():
+        assert t.estimator == "gauss_newton" and t.mean == pytest.approx(cpu_exact[name].mean, rel=1e-8)
+        s, c = sampled[name], cpu_sampled[name]
+        assert s.estimator == "gn_sampled" and abs(s.mean - c.mean) <= 5 * math.hypot(s.std_err, c.std_err)
+    smooth, smooth_batches = tanh_mlp()
+    smooth.cuda()
+    smooth_batches = [(x.cuda(), t.cuda()) for x, t in smooth_batches]
+    hess = hessian_traces(smooth, MSE, smooth_batches, tol=0.1, progress=False)  # Hutchinson + the negative rule
+    assert hess["0"].curvature == "gauss_newton" and hess["2"].estimator == "gauss_newton"
+    gn = hessian_traces(smooth, MSE, smooth_batches, curvature="gauss_newton", exact_directions=1, tol=0.1,
+                        progress=False)
+    assert {t.estimator for t in gn.values()} == {"gn_sampled"}

@@ -437,7 +437,7 @@ class _PerSampleStats:
     def summary(self, i: int) -> tuple[float, float]:
         """(sum over samples of the mean, sum over samples of the variance of that mean)."""
         n = int(self.n[i])
-        if n == 0:
+        if n == 0 or self.mean[i] is None:  # nothing measured (here: a rank without sampled batches)
             return 0.0, 0.0
         var = float(self.m2[i].sum()) / (n - 1) / n if n > 1 else math.inf
         return float(self.mean[i].sum()), var
@@ -479,7 +479,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     def reduce_sum(t: Tensor) -> Tensor:
         if not distributed:
             return t
-        buf = t.to(reduce_device(weights))
+        buf = t.to(reduce_device(weights), copy=True)  # all_reduce is in place: never on the caller's tensor
         dist.all_reduce(buf)
         return buf.cpu()
 
@@ -599,7 +599,7 @@ class _Prepared:
                  weights: Sequence[nn.Parameter], modules: dict[str, nn.Module], reasons: dict[str, str],
                  max_directions: int, seed: int, certify: bool) -> None:
         self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
-        self.bi = bi
+        self.bi, self.rank = bi, dist.get_rank() if _distributed() else 0
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
 
         def hook_for(name: str) -> Any:
@@ -739,7 +739,8 @@ class _Prepared:
         masses = self.factor.masses
         rows = []
         for j in probes:
-            gen = torch.Generator(device=masses.device).manual_seed(probe_seed(seed, "gn", self.bi, j))
+            # independent over probes, batches and ranks (the per-sample variances add up only then)
+            gen = torch.Generator(device=masses.device).manual_seed(probe_seed(seed, "gn", self.rank, self.bi, j))
             r = torch.randint(0, 2, masses.shape, generator=gen, device=masses.device).to(masses.dtype) * 2 - 1
             if m:
                 r.scatter_(1, self.order[:, :m], 0.0)
