@@ -464,3 +464,23 @@ def test_every_estimator_runs_on_cuda() -> None:
     gn = hessian_traces(smooth, MSE, smooth_batches, curvature="gauss_newton", exact_directions=1, tol=0.1,
                         progress=False)
     assert {t.estimator for t in gn.values()} == {"gn_sampled"}
+
+
+def test_sampled_traces_for_token_outputs_with_ignored_tokens() -> None:
+    """(B, T, C) outputs, cross-entropy per token with ignored positions: the softmax factor per position."""
+    from hawq.sensitivity.gauss_newton import _loss_gradient, softmax_cross_entropy_factor
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.ReLU(), nn.Linear(6, 9)).double()
+    ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, 9, (5, 4), generator=torch.Generator().manual_seed(3))
+    labels[:, -1] = -100  # padding
+    tokens = OutputLoss(lambda m, b: m(b[0]), lambda o, b: F.cross_entropy(o.flatten(0, 1), b[1].flatten()))
+    batches = [(ids, labels)]
+    outputs = model(ids)
+    leaf, g = _loss_gradient(outputs, lambda o: tokens.loss(o, batches[0]))
+    factor = softmax_cross_entropy_factor(outputs, g, leaf)
+    assert factor is not None and float(factor.alpha[:, -1].abs().max()) == 0  # ignored tokens: no curvature
+    want = dense_block_traces(model, tokens, batches, ["0", "2"])
+    z = z_scores(model, tokens, batches, want, seeds=6, tol=0.1, exact_directions=4)
+    assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
