@@ -484,3 +484,15 @@ def test_sampled_traces_for_token_outputs_with_ignored_tokens() -> None:
     want = dense_block_traces(model, tokens, batches, ["0", "2"])
     z = z_scores(model, tokens, batches, want, seeds=6, tol=0.1, exact_directions=4)
     assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+
+
+def test_exact_columns_trade_backward_passes_for_variance() -> None:
+    from hawq.sensitivity.gauss_newton import exact_columns
+
+    flat = torch.full((8, 1000), 1e-3, dtype=torch.float64)  # a random-init softmax: no column stands out
+    assert exact_columns(flat, tol=0.1, min_probes=8, cap=64, samples=8) == 0
+    peaked = flat * 1e-6
+    peaked[:, 0] = 1.0  # a confident net: one column per sample carries almost everything
+    assert exact_columns(peaked, tol=0.1, min_probes=8, cap=64, samples=8) == 1
+    assert exact_columns(peaked, tol=0.0, min_probes=8, cap=64, samples=8) == 64  # no tolerance: all allowed
+    assert exact_columns(torch.zeros(2, 5, dtype=torch.float64), tol=0.1, min_probes=8, cap=64, samples=2) == 0
