@@ -343,10 +343,12 @@ def test_sampled_traces_are_unbiased_with_honest_errors() -> None:
     """More classes (12) than the direction cap (3): eval BN, residual sum, strided/grouped convs."""
     model, batches = wide_relu_cnn(), image_batches(n=2, classes=12)
     names = ["c1", "c2", "c3", "fc"]
-    # cross-entropy: the analytic softmax factor; a weighted squared error: eigen-decomposed output Hessians
-    weights = torch.linspace(0.2, 3.0, 12, dtype=torch.float64)
-    weighted = OutputLoss(CE.forward, lambda o, b: 0.5 * (weights * (o - 1) ** 2).sum(1).mean())
-    for loss_fn in (CE, weighted):
+    # cross-entropy: the analytic softmax factor; a squared error of mixed outputs: eigen-decomposed
+    # output Hessians M M^T / B (a diagonal one, as for plain squared errors, skips the decomposition:
+    # the 'wide' loss of test_train_mode_bn_and_coupled_losses_are_not_exact)
+    mix = torch.randn(12, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    mixed = OutputLoss(CE.forward, lambda o, b: 0.5 * ((o - 1) @ mix).square().sum(1).mean())
+    for loss_fn in (CE, mixed):
         want = dense_block_traces(model, loss_fn, batches, names)
         assert want == pytest.approx(dense_gn_traces(model, loss_fn, batches, names), rel=1e-9)
         z = z_scores(model, loss_fn, batches, want, seeds=8, tol=0.1, exact_directions=3)

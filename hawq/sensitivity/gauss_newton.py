@@ -303,7 +303,12 @@ class EigenFactor:
     ``a_ik = sqrt|lambda_ik| u_ik``, ``s_ik = sign(lambda_ik)`` (0 for directions below ``DIRECTION_RTOL``)."""
 
     def __init__(self, hess: Tensor) -> None:
-        evals, evecs = torch.linalg.eigh(hess.double())
+        hess = hess.double()
+        diag = torch.diagonal(hess, dim1=1, dim2=2)
+        if not bool((hess - torch.diag_embed(diag)).any()):  # diagonal (squared errors): nothing to decompose
+            evals, evecs = diag, torch.eye(hess.shape[1], dtype=hess.dtype, device=hess.device).expand_as(hess)
+        else:
+            evals, evecs = torch.linalg.eigh(hess)
         top = float(evals.abs().max()) if evals.numel() else 0.0
         live = evals.abs() > DIRECTION_RTOL * top
         self.sign = torch.sign(evals) * live
