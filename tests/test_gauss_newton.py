@@ -498,3 +498,29 @@ def test_exact_columns_trade_backward_passes_for_variance() -> None:
     assert exact_columns(peaked, tol=0.1, min_probes=8, cap=64, samples=8) == 1
     assert exact_columns(peaked, tol=0.0, min_probes=8, cap=64, samples=8) == 64  # no tolerance: all allowed
     assert exact_columns(torch.zeros(2, 5, dtype=torch.float64), tol=0.1, min_probes=8, cap=64, samples=2) == 0
+
+
+def test_gauss_newton_control_variate_for_hutchinson_layers() -> None:
+    """variance_reduction='gauss_newton': tr(G_ll) from output probes + Hutchinson on H_ll - G_ll only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 5)).double()
+    x, y = torch.randn(24, 8, dtype=torch.float64), torch.randint(0, 5, (24,))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):  # fit the batch: a small loss gradient in the outputs, a small residual block
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    batches = [(x, y)]
+    want = dense_block_traces(model, CE, batches, ["0"])["0"]
+    z, spent = [], {}
+    for vr in ("none", "gauss_newton"):
+        for seed in range(3):
+            got = hessian_traces(model, CE, batches, layers=["0"], tol=0.05, seed=seed, variance_reduction=vr,
+                                 progress=False)["0"]
+            assert got.estimator == "hutchinson" and got.std_err > 0
+            z.append((got.mean - want) / got.std_err)
+            spent[vr] = spent.get(vr, 0) + got.n
+    assert float(torch.tensor(z).abs().mean()) < 1.5 and max(abs(v) for v in z) < 5, z
+    assert spent["gauss_newton"] < spent["none"]  # HVPs plus output-space passes
+    with pytest.raises(HawqError, match="variance_reduction='gauss_newton' needs an OutputLoss"):
+        hessian_traces(model, lambda m, b: CE(m, b), batches, variance_reduction="gauss_newton", progress=False)
