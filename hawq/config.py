@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -76,6 +76,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:  # an enum setting: one of the listed values, checked before any work
+        allowed = typing.get_args(tp)
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise HawqError(f"config key '{key}': expected one of {', '.join(repr(a) for a in allowed)}, "
+                        f"got {value!r}{hint}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -313,8 +321,8 @@ def validate(cfg: Config) -> None:
     directions = cfg.sensitivity.exact_directions
     if directions is not None and (isinstance(directions, bool) or not isinstance(directions, int) or directions < 1):
         raise HawqError(f"sensitivity.exact_directions must be null or an integer >= 1, got {directions!r}")
-    if cfg.sensitivity.variance_reduction not in ("nystrom", "none"):
-        raise HawqError("sensitivity.variance_reduction must be 'nystrom' or 'none', "
+    if cfg.sensitivity.variance_reduction not in ("nystrom", "gauss_newton", "none"):
+        raise HawqError("sensitivity.variance_reduction must be 'nystrom', 'gauss_newton' or 'none', "
                         f"got '{cfg.sensitivity.variance_reduction}'")
     if cfg.sensitivity.hvp_method not in ("auto", "autograd", "finite_difference"):
         raise HawqError("sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference', "
