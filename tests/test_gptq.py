@@ -1,4 +1,4 @@
-"""GPTQ rounding (hawq.quant.gptq): beats round-to-nearest on its calibration data, and every export carries its codes."""
+"""GPTQ rounding (hawq.quant.gptq): beats round-to-nearest on its calibration data; every export carries its codes."""
 
 from __future__ import annotations
 
