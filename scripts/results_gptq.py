@@ -61,6 +61,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # QuantConfig overrides of each roundin
     "gptq_act_order": {"rounding": "gptq", "gptq_act_order": True},
     "gptq_clip": {"rounding": "gptq", "gptq_clip_search": True},
     "gptq_act_order_clip": {"rounding": "gptq", "gptq_act_order": True, "gptq_clip_search": True},
+    "gptq_asym": {"rounding": "gptq", "gptq_asymmetric": True},
+    "gptq_asym_act_order_clip": {"rounding": "gptq", "gptq_asymmetric": True, "gptq_act_order": True,
+                                 "gptq_clip_search": True},
 }
 
 

@@ -212,22 +212,28 @@ def _layer_inputs_2d(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 class _HessianAccumulator:
-    """Running ``H = 2 X^T X / n`` over calls (float64 on the layer's device)."""
+    """Running ``H = 2 X^T X / n`` over calls, and with a target input ``Y`` also ``C = 2 Y^T X / n`` (float64)."""
 
     def __init__(self) -> None:
         self.h: Tensor | None = None
+        self.c: Tensor | None = None
         self.n = 0
 
-    def add(self, rows: Tensor) -> None:
+    def add(self, rows: Tensor, target_rows: Tensor | None = None) -> None:
         x = rows.to(torch.float64)
         m = x.shape[1]
         if m == 0:
             return
+        total = self.n + m
         xtx = x.transpose(1, 2) @ x
         if self.h is None:
             self.h = torch.zeros_like(xtx)
-        total = self.n + m
         self.h.mul_(self.n / total).add_(xtx, alpha=2.0 / total)
+        if target_rows is not None:
+            ytx = target_rows.to(torch.float64).transpose(1, 2) @ x
+            if self.c is None:
+                self.c = torch.zeros_like(ytx)
+            self.c.mul_(self.n / total).add_(ytx, alpha=2.0 / total)
         self.n = total
 
 
@@ -250,10 +256,29 @@ def _source_weight(layer: nn.Module) -> Tensor:
     return layer.quant_source_weight().detach()
 
 
+def asymmetric_target(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
+    """``W* = W C (H + lambda I)^-1``: the least-squares weight on the quantized inputs for the FP32 target.
+
+    With ``H = 2 Xq^T Xq / n`` and ``C = 2 Y^T Xq / n`` (``Y`` the FP32 model's input, ``Xq`` the
+    quantized model's), ``||Y W^T - Xq Q^T||^2 = ||Y W^T - Xq W*^T||^2 + tr((W* - Q) H (W* - Q)^T) n / 2``,
+    so GPTQ of ``W*`` under ``H`` minimises the error against the FP32 layer output.
+    """
+    h = hessian.to(torch.float64)
+    lam = damp * float(torch.diagonal(h).mean())
+    h = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    rhs = weight.to(torch.float64) @ cross.to(torch.float64)
+    return torch.linalg.solve(h, rhs.T).T.to(torch.float32)
+
+
 def _round_layer(layer: nn.Module, hessians: Tensor, block_size: int, damp: float, act_order: bool,
-                 clip_search: bool) -> tuple[Tensor, Tensor, float, float]:
+                 clip_search: bool, cross: Tensor | None = None) -> tuple[Tensor, Tensor, float, float]:
     """GPTQ codes (source-weight shape), compact scale, and the nearest / GPTQ output errors."""
     w_src = _source_weight(layer).to(torch.float32)
+    if cross is not None:
+        n_g = hessians.shape[0]
+        w_g = w_src.reshape(n_g, w_src.shape[0] // n_g, -1)
+        w_src = torch.cat([asymmetric_target(w_g[g], hessians[g], cross[g], damp) for g in range(n_g)]
+                          ).reshape(w_src.shape)
     bits, per_channel, group = layer.weight_bits, layer.per_channel, layer.group_size
     qmax = qmax_signed(bits)
     scale = weight_scale(w_src, bits, per_channel, group).to(torch.float32)
@@ -334,7 +359,7 @@ def _input_key(x: Tensor) -> tuple:
 @torch.no_grad()
 def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], *,
                 block_size: int = 128, damp: float = 0.01, act_order: bool = False, clip_search: bool = False,
-                sequential: bool = True, layers: Iterable[str] | None = None,
+                sequential: bool = True, asymmetric: bool = False, layers: Iterable[str] | None = None,
                 progress: bool = False) -> dict[str, dict[str, float]]:
     """Round the weights of a quantized model with GPTQ, in place; return per-layer output errors.
 
@@ -344,11 +369,19 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
     rounded; embeddings and float layers keep their weights. Activation quantizers are off while
     the Hessians are collected and restored afterwards: calibrate activations after this call.
 
+    ``asymmetric=True`` (the asymmetric calibration of GPTAQ, Li et al. 2025): the target of each
+    layer is its output in the FP32 model (a float copy run on the same batch), the Hessian that of
+    the input the quantized model gives it, activation quantization included -- so each layer also
+    compensates the error of the prefix and of its own input quantizer. It needs calibrated
+    activation quantizers (run :func:`hawq.quant.calibrate` first; calibrating again afterwards is fine).
+
     Returns ``{layer: {"bits", "error_nearest", "error_gptq"}}``: ``tr(E H E^T)`` on the
     calibration inputs for round-to-nearest and for GPTQ at the same scales (relative to
     ``tr(W H W^T)``).
     """
     _check_options(block_size, damp, act_order, clip_search, sequential)
+    if not isinstance(asymmetric, bool):
+        raise HawqError(f"gptq: asymmetric must be true or false, got {asymmetric!r}")
     batches = list(batches)
     if not batches:
         raise HawqError("gptq: no calibration batches were given")
@@ -365,8 +398,19 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
     modes = [a.mode for a in acts]
     was_training = model.training
     model.eval()
-    for a in acts:
-        a.set_mode("off")
+    reference = None
+    if asymmetric:
+        uncalibrated = [a for a in acts if getattr(a, "calibrated", True) is False and a.mode != "off"]
+        if uncalibrated:
+            raise HawqError("gptq: asymmetric rounding needs calibrated activation quantizers; "
+                            "run hawq.quant.calibrate(model, batches, forward) first")
+        reference = _float_reference(model)
+        for a in acts:
+            if a.mode in ("calibrating", "tracking"):
+                a.set_mode("frozen")
+    else:
+        for a in acts:
+            a.set_mode("off")
     report: dict[str, dict[str, float]] = {}
     try:
         order, passes, repeated = _discover(model, targets, batches[0], forward)
@@ -375,13 +419,14 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
         bar = tqdm(total=len(order), desc="gptq", disable=not progress)
         for group in passes:
             hessians = _collect(model, {n: targets[n] for n in group}, batches, forward,
-                                stop_early=sequential and not repeated.intersection(group))
+                                stop_early=sequential and not repeated.intersection(group), reference=reference)
             for name in group:
                 layer = targets[name]
                 if hessians[name].h is None:
                     raise HawqError(f"gptq: layer '{name}' saw no calibration input; is it on the forward path?")
                 h = hessians[name].h
-                codes, scale, e_near, e_gptq = _round_layer(layer, h, block_size, damp, act_order, clip_search)
+                codes, scale, e_near, e_gptq = _round_layer(layer, h, block_size, damp, act_order, clip_search,
+                                                            hessians[name].c)
                 w2 = _source_weight(layer).to(torch.float32).reshape(h.shape[0], -1, h.shape[1])
                 ref = sum(layer_output_error(w2[g], torch.zeros_like(w2[g]), h[g]) for g in range(h.shape[0]))
                 _write_back(layer, codes, scale, name)
@@ -431,27 +476,61 @@ def _discover(model: nn.Module, targets: dict[str, nn.Module], batch: Any,
     return order, passes, {n for n, c in calls.items() if c > 1}
 
 
+def _float_reference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` computing in float: weights unquantized, activation quantizers off."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if hasattr(m, "weight_bits"):
+            m.weight_bits = FLOAT_BITS
+    for a in _act_modules(ref):
+        a.set_mode("off")
+    return ref
+
+
+def _layer_input(layer: nn.Module, x: Tensor) -> Tensor:
+    """What the layer computes with: its input after its own input quantizer (when one is active)."""
+    iq = getattr(layer, "input_quant", None)
+    return x if iq is None or iq.mode == "off" else iq(x)
+
+
 def _collect(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Any],
-             forward: Callable[[nn.Module, Any], Any], stop_early: bool) -> dict[str, _HessianAccumulator]:
+             forward: Callable[[nn.Module, Any], Any], stop_early: bool,
+             reference: nn.Module | None = None) -> dict[str, _HessianAccumulator]:
+    """Layer-input Hessians over ``batches``; with ``reference``, also the cross terms with its inputs."""
     acc = {n: _HessianAccumulator() for n in layers}
     pending: set[str] = set()
+    targets: dict[str, list[Tensor]] = {n: [] for n in layers}
 
     def hook(name: str) -> Callable:
         def fn(module: nn.Module, args: tuple) -> None:
-            acc[name].add(_layer_inputs_2d(module, args[0]))
+            rows = _layer_inputs_2d(module, _layer_input(module, args[0]))
+            acc[name].add(rows, targets[name].pop(0) if reference is not None else None)
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _StopForward
+        return fn
+
+    def ref_hook(name: str) -> Callable:
+        def fn(module: nn.Module, args: tuple) -> None:
+            targets[name].append(_layer_inputs_2d(module, args[0]))
             pending.discard(name)
             if stop_early and not pending:
                 raise _StopForward
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    if reference is not None:
+        handles += [reference.get_submodule(n).register_forward_pre_hook(ref_hook(n)) for n in layers]
     try:
         for batch in batches:
-            pending.update(layers)
-            try:
-                forward(model, batch)
-            except _StopForward:
-                pass
+            for net in ((reference, model) if reference is not None else (model,)):
+                pending.update(layers)
+                try:
+                    forward(net, batch)
+                except _StopForward:
+                    pass
     finally:
         for hd in handles:
             hd.remove()
@@ -461,4 +540,5 @@ def _collect(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[A
 def gptq_options(cfg: QuantConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`gptq_round_` that a :class:`QuantConfig` sets."""
     return {"block_size": cfg.gptq_block_size, "damp": cfg.gptq_damp, "act_order": cfg.gptq_act_order,
-            "clip_search": cfg.gptq_clip_search, "sequential": cfg.gptq_sequential}
+            "clip_search": cfg.gptq_clip_search, "sequential": cfg.gptq_sequential,
+            "asymmetric": cfg.gptq_asymmetric}
