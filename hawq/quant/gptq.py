@@ -257,17 +257,21 @@ def _source_weight(layer: nn.Module) -> Tensor:
 
 
 def asymmetric_target(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
-    """``W* = W C (H + lambda I)^-1``: the least-squares weight on the quantized inputs for the FP32 target.
+    """``W* = W + W (C - H) (H + lambda I)^-1``: the weight on the quantized inputs that best gives the FP32 output.
 
     With ``H = 2 Xq^T Xq / n`` and ``C = 2 Y^T Xq / n`` (``Y`` the FP32 model's input, ``Xq`` the
-    quantized model's), ``||Y W^T - Xq Q^T||^2 = ||Y W^T - Xq W*^T||^2 + tr((W* - Q) H (W* - Q)^T) n / 2``,
-    so GPTQ of ``W*`` under ``H`` minimises the error against the FP32 layer output.
+    quantized model's), the least-squares ``W* = W C H^-1`` splits ``||Y W^T - Xq Q^T||^2`` into
+    ``||Y W^T - Xq W*^T||^2`` plus ``n/2 tr((W* - Q) H (W* - Q)^T)``, so GPTQ of ``W*`` under ``H``
+    minimises the error against the FP32 layer output. Written as ``W`` plus a correction driven by
+    the input error ``Y - Xq`` (``C - H = 2 (Y - Xq)^T Xq / n``), the damping regularises the
+    correction towards ``W`` rather than the weight towards 0 (with ``Y = Xq``, ``W* = W`` exactly).
     """
     h = hessian.to(torch.float64)
     lam = damp * float(torch.diagonal(h).mean())
-    h = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    rhs = weight.to(torch.float64) @ cross.to(torch.float64)
-    return torch.linalg.solve(h, rhs.T).T.to(torch.float32)
+    h_damped = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    w = weight.to(torch.float64)
+    correction = torch.linalg.solve(h_damped, (w @ (cross.to(torch.float64) - h)).T).T
+    return (w + correction).to(torch.float32)
 
 
 def _round_layer(layer: nn.Module, hessians: Tensor, block_size: int, damp: float, act_order: bool,
