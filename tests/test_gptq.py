@@ -227,3 +227,15 @@ def test_pipeline_rounds_with_gptq_and_exports_those_codes(tmp_path):
     differ = [n for n in bits if not torch.equal(nearest.get_submodule(n).int_weight()[0],
                                                    loaded.get_submodule(n).int_weight()[0])]
     assert differ
+
+
+def test_results_script_rejects_an_unknown_variant(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "results_gptq.py"
+    spec = importlib.util.spec_from_file_location("results_gptq", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--variants", "nearest,gptqq"]) == 2
+    assert "unknown 'gptqq'" in capsys.readouterr().err
