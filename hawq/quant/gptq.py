@@ -45,7 +45,9 @@ rounded this way is an ordinary quantized model: export, save/load and finetunin
 
 Sequential mode (GPTQ's standard): layers are rounded in forward order, each one's Hessian taken
 from inputs produced by the already-rounded prefix (activation quantizers off: GPTQ is
-weight-only; activation ranges are calibrated afterwards). Layers that receive the very same input
+weight-only; activation ranges are calibrated afterwards). ``asymmetric=True`` (GPTAQ's asymmetric
+calibration) instead keeps the calibrated activation quantizers on and targets the FP32 model's
+layer outputs: see :func:`asymmetric_target`. Layers that receive the very same input
 tensor (q/k/v projections, a block's first conv and its downsample) share one pass; each pass stops
 the forward once its layers have seen their input.
 """
@@ -371,7 +373,8 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
     ``per_channel`` and ``group_size``); ``forward(model, batch)`` runs one calibration batch
     (e.g. ``task.forward``). Every quantized Conv2d / Linear (or those named in ``layers``) is
     rounded; embeddings and float layers keep their weights. Activation quantizers are off while
-    the Hessians are collected and restored afterwards: calibrate activations after this call.
+    the Hessians are collected (unless ``asymmetric``) and restored afterwards: calibrate
+    activations after this call.
 
     ``asymmetric=True`` (the asymmetric calibration of GPTAQ, Li et al. 2025): the target of each
     layer is its output in the FP32 model (a float copy run on the same batch), the Hessian that of
