@@ -159,8 +159,8 @@ def clip_ratios(weight: Tensor, hessian: Tensor, step: Tensor, bits: int, per_ro
     qmax = qmax_signed(bits)
     w = weight.to(torch.float32)
     h = hessian.to(torch.float32)
-    best_err = torch.full((w.shape[0],), math.inf, dtype=torch.float64)
-    best = torch.ones(w.shape[0], dtype=torch.float32)
+    best_err = torch.full((w.shape[0],), math.inf, dtype=torch.float64, device=w.device)
+    best = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
     for r in CLIP_RATIOS:
         e = w - _nearest(w, step * r, qmax) * step * r
         err = ((e @ h) * e).sum(1).to(torch.float64)
@@ -181,11 +181,12 @@ def peak_codes(weight: Tensor, scale_units: Tensor, qmax: int) -> Tensor:
     a = weight.detach().abs().flatten().to(torch.float64)
     units = scale_units.flatten()
     k = int(units.max()) + 1 if units.numel() else 0
-    amax = torch.zeros(k, dtype=a.dtype).scatter_reduce(0, units, a, reduce="amax", include_self=True)
+    amax = torch.zeros(k, dtype=a.dtype, device=a.device).scatter_reduce(0, units, a, reduce="amax",
+                                                                         include_self=True)
     # first position of each unit's max (a deterministic tie-break: lowest flat index)
-    idx = torch.arange(a.numel())
+    idx = torch.arange(a.numel(), device=a.device)
     is_max = a == amax[units]
-    first = torch.full((k,), a.numel(), dtype=torch.long).scatter_reduce(
+    first = torch.full((k,), a.numel(), dtype=torch.long, device=a.device).scatter_reduce(
         0, units[is_max], idx[is_max], reduce="amin", include_self=True)
     out = torch.full_like(a, math.nan)
     live = amax > 0
@@ -302,7 +303,7 @@ def _round_layer(layer: nn.Module, hessians: Tensor, block_size: int, damp: floa
             ratios = ratios[:1]  # one scale for the tensor: the first group's choice (groups share it)
         scale = scale * (ratios.reshape(-1, *([1] * (scale.dim() - 1))) if scale.dim() else ratios[0])
     step = expand_scale(scale, w_src.shape, group).expand(w_src.shape).reshape(rows_total, -1)
-    units = _unit_ids(w_src, per_channel, group)
+    units = _unit_ids(w_src, per_channel, group).to(w_src.device)
     forced = peak_codes(w2, units, qmax)
     codes = torch.empty_like(w2)
     err_near = err_gptq = 0.0
