@@ -21,7 +21,7 @@ from hawq import HawqError
 from hawq.data.config import DataConfig
 from hawq.export.config import ExportConfig
 from hawq.models.config import ModelConfig
-from hawq.quant.config import QuantConfig
+from hawq.quant.config import QuantConfig, check_rounding
 from hawq.search.config import SearchConfig
 from hawq.sensitivity.config import SensitivityConfig
 from hawq.train.config import TrainConfig
@@ -244,6 +244,7 @@ def validate(cfg: Config) -> None:
     for key in ("batches", "batch_size", "max_probes", "min_probes", "spectrum_batches"):
         if getattr(cfg.sensitivity, key) < 1:
             raise HawqError(f"sensitivity.{key} must be >= 1")
+    check_rounding(cfg.quant)
     if cfg.train.epochs < 0:
         raise HawqError("train.epochs must be >= 0")
     if cfg.train.optimizer not in ("sgd", "adamw"):

@@ -484,6 +484,12 @@ def quantized_copy(run: Run, bits: BitMap) -> nn.Module:
     model = quantize_model(copy.deepcopy(run.fp32), bits, run.cfg.quant)
     model.to(run.device).eval()
     calib = run.batches("train", run.cfg.quant.calib_batches, run.cfg.data.batch_size, shuffle=True)
+    if run.cfg.quant.rounding == "gptq":  # weights first (activation quantizers off), then activation ranges
+        from hawq.quant.gptq import gptq_options, gptq_round_
+
+        n = run.cfg.quant.gptq_batches
+        hess = calib if n is None else run.batches("train", n, run.cfg.data.batch_size, shuffle=True)
+        gptq_round_(model, hess, run.task.forward, progress=run.progress, **gptq_options(run.cfg.quant))
     calibrate(model, calib, run.task.forward, progress=run.progress)
     return model
 

@@ -2,6 +2,7 @@
 
 from hawq.quant.config import QuantConfig
 from hawq.quant.fast import to_fbgemm
+from hawq.quant.gptq import gptq_codes, gptq_round_
 from hawq.quant.ibert import (
     QuantGELU,
     QuantLayerNorm,
@@ -81,6 +82,8 @@ __all__ = [
     "fake_quant_act",
     "fake_quant_weight_ste",
     "fold_bn",
+    "gptq_codes",
+    "gptq_round_",
     "integer_layers",
     "qmax_signed",
     "quant_acts",
