@@ -14,7 +14,8 @@ a rerun skips the keys already there, so an interrupted run resumes):
 
 * ``seed<s>/sens/<criterion>``: the per-layer ``s_l`` and the wall/CPU seconds it took;
 * ``seed<s>/b<budget>/<method>/<rounding>/ptq``: the map, its size and the metric without finetuning;
-* ``seed<s>/b<budget>/<method>/<rounding>/ft``: the same after a short finetune (``--finetune-epochs``);
+* ``seed<s>/b<budget>/<method>/<rounding>/ft``: the same after a short finetune (``--finetune-epochs``,
+  first rounding only);
 * ``quad/map<i>``: a random bit map (weights only quantized, activations float) and its measured loss
   increase over FP32 on the fixed evaluation set; ``quad/fp32`` the FP32 loss. The report ranks
   ``sum_l s_l / n_l ||Q(W_l) - W_l||^2`` (seed 0's ``s_l``) against it (Spearman).
@@ -337,7 +338,7 @@ def measure_loss(ctx: Context, bits: BitMap | None) -> dict[str, Any]:
 def run_grid(ctx: Context, cells: CellFile, seeds: Sequence[int], budgets: Sequence[float],
              criteria: Sequence[str], roundings: Sequence[str], phases: Sequence[str], quad_maps: int,
              finetune_epochs: float, eigen_iters: int, on_cell: Callable[[str, dict], None] | None = None) -> None:
-    """Fill ``cells`` phase by phase: PTQ (seed 0 first), the quadratic check, then finetuning."""
+    """Fill ``cells``: PTQ (first seed and rounding first), the quadratic check, then finetuning."""
     def add(key: str, cell: dict[str, Any]) -> None:
         obj = cells.add(key, cell)
         if on_cell is not None:
@@ -409,9 +410,10 @@ def run_grid(ctx: Context, cells: CellFile, seeds: Sequence[int], budgets: Seque
                 add(key, {**base, **result})
                 done[map_key] = key
 
+    # cheapest information first: one seed at the first rounding, the quadratic check, the other
+    # seeds, then the other roundings (GPTQ costs far more per map), then finetuning (first rounding)
     if "ptq" in phases:
-        for r in roundings:
-            map_cells(seeds[0], r, "ptq")
+        map_cells(seeds[0], roundings[0], "ptq")
     if "quad" in phases and quad_maps > 0:
         for crit in criteria:
             if crit != "random":
@@ -430,12 +432,13 @@ def run_grid(ctx: Context, cells: CellFile, seeds: Sequence[int], budgets: Seque
                       "increase": r["loss"] - cells.cells["quad/fp32"]["loss"]})
     if "ptq" in phases:
         for s in seeds[1:]:
-            for r in roundings:
+            map_cells(s, roundings[0], "ptq")
+        for r in roundings[1:]:
+            for s in seeds:
                 map_cells(s, r, "ptq")
     if "ft" in phases and finetune_epochs > 0:
         for s in seeds:
-            for r in roundings:
-                map_cells(s, r, "ft")
+            map_cells(s, roundings[0], "ft")
 
 
 # ---------------------------------------------------------------------------------------------
