@@ -479,8 +479,19 @@ def quad_rows(cells: Mapping[str, Any], perturbations: Mapping[str, Mapping[int,
         pred = [C.predicted_loss_increase(sens, perts, {n: b for n, b in cells[k]["bits"].items() if n in sens})
                 for k in maps]
         meas = [cells[k]["increase"] for k in maps]
-        out[crit] = {"predicted": pred, "measured": meas, "rho": spearman(pred, meas), "n": len(maps)}
+        # weight bits of each map: every criterion shares the "fewer bits, more loss" trend; the
+        # partial rank correlation given the size says what the criterion adds beyond it
+        size = [sum(sens[n]["numel"] * b for n, b in cells[k]["bits"].items() if n in sens) for k in maps]
+        out[crit] = {"predicted": pred, "measured": meas, "rho": spearman(pred, meas),
+                     "rho_given_size": partial_spearman(pred, meas, size), "n": len(maps)}
     return out
+
+
+def partial_spearman(x: Sequence[float], y: Sequence[float], z: Sequence[float]) -> float:
+    """Spearman's rho of ``x`` and ``y`` with ``z``'s (rank-linear) part removed from both."""
+    rxy, rxz, ryz = spearman(x, y), spearman(x, z), spearman(y, z)
+    den = math.sqrt(max((1 - rxz**2) * (1 - ryz**2), 0.0))
+    return (rxy - rxz * ryz) / den if den > 0 else math.nan
 
 
 def _first_seed(cells: Mapping[str, Any]) -> int:
@@ -642,7 +653,8 @@ def write_report(out_dir: Path, docs_dir: Path | None) -> str:
             quads[m] = quad_rows(cells)
     if quads:
         parts += ["**Quadratic model: Spearman rho between predicted and measured loss increase** "
-                  "(random bit maps, weights only)", "",
+                  "(random bit maps, weights only; in parentheses the partial rho given the map's weight bits)",
+                  "",
                   "| criterion | " + " | ".join(f"{m} (n={next(iter(q.values()))['n']})" for m, q in quads.items()
                                                 if q) + " |",
                   "|---|" + "---|" * len([q for q in quads.values() if q])]
@@ -654,7 +666,7 @@ def write_report(out_dir: Path, docs_dir: Path | None) -> str:
                 if not q:
                     continue
                 sens = all_cells[m].get(f"seed{_first_seed(all_cells[m])}/sens/{c}")
-                row.append(f"{q[c]['rho']:.3f}" if c in q else
+                row.append(f"{q[c]['rho']:.3f} ({q[c]['rho_given_size']:.3f})" if c in q else
                            "not applicable" if sens is not None else "not measured")
             parts.append(f"| {c} | " + " | ".join(row) + " |")
         parts.append("")

@@ -122,3 +122,18 @@ def test_results_ptq_rejects_bad_arguments(tmp_path, capsys):
     assert "--budgets" in capsys.readouterr().err
     assert results_ptq.main(["--criteria", "hessian,nope", "--out", str(tmp_path)]) == 2
     assert "unknown criterion 'nope'" in capsys.readouterr().err
+
+
+def test_with_rounding_sets_the_quant_option():
+    cfg = results_fashion.build_config(str(REPO / "configs/fashion_resnet.yaml"), [], 0.0, None, None, None, None)
+    assert results_ptq.with_rounding(cfg, "gptq").quant.rounding == "gptq"
+    assert cfg.quant.rounding == "nearest"  # a copy: the base config is untouched
+
+
+def test_partial_spearman_removes_a_shared_trend():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=300)
+    x, y = z + 0.2 * rng.normal(size=300), z + 0.2 * rng.normal(size=300)  # related only through z
+    assert results_ptq.spearman(x, y) > 0.85
+    assert abs(results_ptq.partial_spearman(x, y, z)) < 0.2
+    assert results_ptq.partial_spearman(x, x + 0.01 * y, z) > 0.9  # a direct link survives
