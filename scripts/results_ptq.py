@@ -566,6 +566,28 @@ def tables(model: str, cells: Mapping[str, Any], digits: int) -> str:
     return "\n".join(lines)
 
 
+def compact_table(model: str, cells: Mapping[str, Any], digits: int) -> str:
+    """One row per method, one column per (budget, rounding) measured: mean ± std over seeds, best in bold."""
+    summary = summarize(cells)
+    rows = summary["rows"]
+    cols = sorted({(g[0], g[2]) for g in rows if g[3] == "ptq"}, key=lambda c: (float(c[0]), ROUNDINGS.index(c[1])))
+    head = " | ".join(f"{b}-bit size, {r}" for b, r in cols)
+    lines = [f"| {model} | {head} |", "|---|" + "---|" * len(cols)]
+    for m in METHODS:
+        vals = []
+        for b, r in cols:
+            g = (b, m, r, "ptq")
+            if g not in rows:
+                vals.append("n/a" if g in summary["missing"] else "not measured")
+                continue
+            best = max(rows[(b, o, r, "ptq")]["mean"] for o in METHODS if (b, o, r, "ptq") in rows)
+            st = rows[g]
+            text = f"{st['mean']:.{digits}f}" + (f" ± {st['std']:.{digits}f}" if st["n"] > 1 else " (n=1)")
+            vals.append(f"**{text}**" if st["mean"] == best else text)
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def plot_ptq(all_cells: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -672,6 +694,8 @@ def write_report(out_dir: Path, docs_dir: Path | None) -> str:
         parts.append("")
     md = "\n".join(parts)
     (out_dir / "results_ptq.md").write_text(md)
+    compact = [compact_table(m, c, 2 if m == "fashion" else 4) for m, c in all_cells.items()]
+    (out_dir / "results_ptq_compact.md").write_text("\n\n".join(compact) + "\n")
     target = docs_dir or out_dir
     target.mkdir(parents=True, exist_ok=True)
     plot_ptq(all_cells, target / "results_ptq.png")
