@@ -589,37 +589,43 @@ def compact_table(model: str, cells: Mapping[str, Any], digits: int) -> str:
 
 
 def plot_ptq(all_cells: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """Bars per budget and method (mean ± std over seeds), one row per rounding measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(all_cells)
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        rows = summarize(all_cells[model])["rows"]
-        budgets = sorted({g[0] for g in rows if g[3] == "ptq"}, key=float)
-        width = 0.8 / len(METHODS)
-        for i, m in enumerate(METHODS):
-            xs, ys, es = [], [], []
-            for j, b in enumerate(budgets):
-                r = rows.get((b, m, "nearest", "ptq"))
-                if r is None:
-                    continue
-                xs.append(j + (i - (len(METHODS) - 1) / 2) * width)
-                ys.append(r["mean"])
-                es.append(r["std"])
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=m)
-        ax.set_xticks(range(len(budgets)), [f"size of uniform {b}-bit" for b in budgets])
-        ax.set_title(f"{model}: post-training, round-to-nearest")
-        ax.set_ylabel("top-1 (%)" if model == "fashion" else "mean cosine to FP32")
-        vals = [r["mean"] for g, r in rows.items() if g[3] == "ptq"]
-        if vals:
-            span = max(vals) - min(vals) + 1e-9
-            ax.set_ylim(min(vals) - 0.1 * span, max(vals) + 0.05 * span)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    summaries = {m: summarize(all_cells[m])["rows"] for m in models}
+    roundings = [r for r in ROUNDINGS if any(g[2] == r and g[3] == "ptq" for rows in summaries.values() for g in rows)]
+    fig, axes = plt.subplots(len(roundings), len(models), figsize=(6.5 * len(models), 4.0 * len(roundings)),
+                             squeeze=False)
+    for ri, rounding in enumerate(roundings):
+        for ax, model in zip(axes[ri], models):
+            rows = summaries[model]
+            budgets = sorted({g[0] for g in rows if g[3] == "ptq"}, key=float)
+            width = 0.8 / len(METHODS)
+            for i, m in enumerate(METHODS):
+                xs, ys, es = [], [], []
+                for j, b in enumerate(budgets):
+                    r = rows.get((b, m, rounding, "ptq"))
+                    if r is None:
+                        continue
+                    xs.append(j + (i - (len(METHODS) - 1) / 2) * width)
+                    ys.append(r["mean"])
+                    es.append(r["std"])
+                ax.bar(xs, ys, width, yerr=es, capsize=2, label=m, color=f"C{i}")
+            ax.set_xticks(range(len(budgets)), [f"size of uniform {b}-bit" for b in budgets])
+            ax.set_title(f"{model}: post-training, rounding {rounding}")
+            ax.set_ylabel("top-1 (%)" if model == "fashion" else "mean cosine to FP32")
+            vals = [r["mean"] for g, r in rows.items() if g[3] == "ptq"]
+            if vals:
+                span = max(vals) - min(vals) + 1e-9
+                ax.set_ylim(min(vals) - 0.1 * span, max(vals) + 0.05 * span)
+            ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(METHODS), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
