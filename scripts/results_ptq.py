@@ -548,10 +548,9 @@ def tables(model: str, cells: Mapping[str, Any], digits: int) -> str:
                 for b in budgets:
                     g = (b, m, rounding, kind)
                     if g in rows:
-                        best = max((rows[(b, o, rounding, kind)]["mean"] for o in METHODS
-                                    if (b, o, rounding, kind) in rows), default=None)
-                        text = fmt(rows[g], digits)
-                        vals.append(f"**{text}**" if best is not None and rows[g]["mean"] == best else text)
+                        col = [rows[(b, o, rounding, kind)]["mean"] for o in METHODS if (b, o, rounding, kind) in rows]
+                        text = fmt(rows[g], digits)  # bold: the best of two or more measured
+                        vals.append(f"**{text}**" if len(col) > 1 and rows[g]["mean"] == max(col) else text)
                     elif g in summary["missing"]:
                         vals.append("not applicable")
                     else:
@@ -580,10 +579,10 @@ def compact_table(model: str, cells: Mapping[str, Any], digits: int) -> str:
             if g not in rows:
                 vals.append("n/a" if g in summary["missing"] else "not measured")
                 continue
-            best = max(rows[(b, o, r, "ptq")]["mean"] for o in METHODS if (b, o, r, "ptq") in rows)
+            col = [rows[(b, o, r, "ptq")]["mean"] for o in METHODS if (b, o, r, "ptq") in rows]
             st = rows[g]
             text = f"{st['mean']:.{digits}f}" + (f" ± {st['std']:.{digits}f}" if st["n"] > 1 else " (n=1)")
-            vals.append(f"**{text}**" if st["mean"] == best else text)
+            vals.append(f"**{text}**" if len(col) > 1 and st["mean"] == max(col) else text)
         lines.append(f"| {m} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
