@@ -489,6 +489,8 @@ def quantized_copy(run: Run, bits: BitMap) -> nn.Module:
 
         n = run.cfg.quant.gptq_batches
         hess = calib if n is None else run.batches("train", n, run.cfg.data.batch_size, shuffle=True)
+        if run.cfg.quant.gptq_asymmetric:  # its Hessians see the quantized activations: ranges first
+            calibrate(model, calib, run.task.forward, progress=run.progress)
         gptq_round_(model, hess, run.task.forward, progress=run.progress, **gptq_options(run.cfg.quant))
     calibrate(model, calib, run.task.forward, progress=run.progress)
     return model

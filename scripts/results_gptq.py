@@ -8,8 +8,10 @@ and the HAWQ one (the pipeline's sensitivity and ILP), are quantized with the pi
 options), activation ranges calibrated, and evaluated without any finetuning. Every cell is written to
 ``results_gptq.json`` at once and skipped when the script runs again (same settings).
 
-    python scripts/results_gptq.py --threads 1
-    python scripts/results_gptq.py --models fashion --variants nearest,gptq,gptq_act_order
+    python scripts/results_gptq.py --models fashion --threads 1 --out runs/results_gptq/fashion
+    python scripts/results_gptq.py --models minilm --threads 1 --out runs/results_gptq/minilm
+    python scripts/results_gptq.py --models minilm --variants nearest_weights_only,gptq_weights_only \
+        --threads 1 --out runs/results_gptq/minilm   # activations off: what the weights alone cost
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from hawq.pipeline import (  # noqa: E402
     uniform_bits_same_size,
     write_json,
 )
+from hawq.quant import set_act_quant  # noqa: E402
 from hawq.quant.config import check_rounding  # noqa: E402
 from hawq.search import build_search_problem, layer_costs, model_size_mb, solve_problem  # noqa: E402
 from hawq.search.allocate import resolve_budgets  # noqa: E402
@@ -61,6 +64,13 @@ VARIANTS: dict[str, dict[str, Any]] = {  # QuantConfig overrides of each roundin
     "gptq_act_order": {"rounding": "gptq", "gptq_act_order": True},
     "gptq_clip": {"rounding": "gptq", "gptq_clip_search": True},
     "gptq_act_order_clip": {"rounding": "gptq", "gptq_act_order": True, "gptq_clip_search": True},
+    # ... and 4x the calibration batches (MiniLM: its whole training split, 240 sentences)
+    "gptq_act_order_clip_4x": {"rounding": "gptq", "gptq_act_order": True, "gptq_clip_search": True,
+                               "gptq_batches": "4x"},
+    "gptq_asym": {"rounding": "gptq", "gptq_asymmetric": True},
+    # diagnostics: the same models evaluated with activation quantization off (weights alone)
+    "nearest_weights_only": {"rounding": "nearest", "weights_only": True},
+    "gptq_weights_only": {"rounding": "gptq", "weights_only": True},
 }
 
 
@@ -80,6 +90,8 @@ def _maps(run: Run, cfg: Config, budget_bits: int, out_dir: Path, progress: bool
 
 
 def _with_quant(run: Run, **changes: Any) -> Run:
+    if changes.get("gptq_batches") == "4x":
+        changes["gptq_batches"] = 4 * run.cfg.quant.calib_batches
     cfg = dataclasses.replace(run.cfg, quant=dataclasses.replace(run.cfg.quant, **changes))
     check_rounding(cfg.quant)
     return dataclasses.replace(run, cfg=cfg)
@@ -114,11 +126,15 @@ def run_gptq_results(models: Sequence[str], variants: Sequence[str], out_dir: Pa
                 cell = f"{model}/{map_name}/{variant}"
                 if cell in data["cells"]:
                     continue
-                vrun = _with_quant(run, **VARIANTS[variant])
+                changes = dict(VARIANTS[variant])
+                weights_only = changes.pop("weights_only", False)
+                vrun = _with_quant(run, **changes)
                 seed_everything(cfg.run.seed)
                 t0 = time.process_time()
                 qmodel = quantized_copy(vrun, bits)
                 cpu_quantize = time.process_time() - t0
+                if weights_only:
+                    set_act_quant(qmodel, False)
                 metrics = vrun.evaluate(qmodel, f"eval {cell}")
                 data["cells"][cell] = {"metric": metric, "value": float(metrics[metric]), "metrics": metrics,
                                        "cpu_s_quantize": round(cpu_quantize, 1),
@@ -153,7 +169,8 @@ def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="fashion,minilm", help=f"comma list of {', '.join(MODELS)}")
-    p.add_argument("--variants", default="nearest,gptq", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="nearest,gptq,gptq_act_order_clip,gptq_act_order_clip_4x,gptq_asym",
+                   help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (both models)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/results_gptq")

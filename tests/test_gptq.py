@@ -69,6 +69,27 @@ def test_conv_gptq_output_error_at_most_nearest(bits, groups):
     assert _output_error(gptq, reference, batches) < 0.9 * _output_error(near, reference, batches)
 
 
+def test_asymmetric_gptq_compensates_activation_and_prefix_error():
+    """With 4-bit activations, the FP32 target (asymmetric) beats plain GPTQ end to end, which beats nearest."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8)).eval()
+    bits = {"0": LayerBits(3, 4), "2": LayerBits(3, 4)}
+    batches = [_correlated(128, 32, s) for s in range(3)]
+    errors = {}
+    for mode in ("nearest", "gptq", "asymmetric"):
+        model = quantize_model(copy.deepcopy(reference), bits).eval()
+        if mode == "asymmetric":
+            with pytest.raises(HawqError, match="calibrated activation quantizers"):
+                gptq_round_(model, batches, lambda m, x: m(x), asymmetric=True)
+            calibrate(model, batches, lambda m, x: m(x), progress=False)
+        if mode != "nearest":
+            gptq_round_(model, batches, lambda m, x: m(x), asymmetric=mode == "asymmetric")
+        calibrate(model, batches, lambda m, x: m(x), progress=False)
+        with torch.no_grad():
+            errors[mode] = sum(float(((model(x) - reference(x)) ** 2).sum()) for x in batches)
+    assert errors["asymmetric"] < 0.9 * errors["gptq"] < 0.9 * errors["nearest"], errors
+
+
 def test_gptq_codes_pins_range_and_exact_matrix():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5, 12, generator=g)
@@ -182,3 +203,39 @@ def test_cli_exits_2_on_a_bad_rounding(capsys):
     assert main(["--config", "configs/fashion_resnet.yaml", "--set", "quant.rounding=best"]) == 2
     err = capsys.readouterr().err
     assert "quant.rounding" in err and len(err.strip().splitlines()) == 1
+
+
+def test_pipeline_rounds_with_gptq_and_exports_those_codes(tmp_path):
+    """``quant.rounding=gptq`` through the CLI: the saved model holds codes that nearest rounding does not give."""
+    from hawq.data.fashion_mnist import make_fake_fashion_mnist
+    from hawq.models.checkpoint import load_checkpoint
+    from hawq.quantize import main
+    from tests.test_pipeline import REPO, tiny_overrides
+
+    data = make_fake_fashion_mnist(tmp_path / "fmnist", n_train=128, n_test=64)
+    over = [*tiny_overrides(data, tmp_path / "runs", "g"), "run.stages=[sensitivity,search,quantize,export]",
+            "quant.rounding=gptq", "export.onnx=false", "model.pretrain_epochs=1", "sensitivity.max_probes=3",
+            "sensitivity.min_probes=2", "sensitivity.density_iter=0", "sensitivity.top_eigen=0"]
+    assert main(["--config", str(REPO / "configs/fashion_resnet.yaml"), *sum((["--set", o] for o in over), [])]) == 0
+    run = tmp_path / "runs" / "g"
+    loaded = load_quantized(run / "model.safetensors")
+    fp32 = fashion_resnet(width=4)
+    load_checkpoint(fp32, run / "fp32.safetensors")
+    bits = {n: LayerBits(loaded.get_submodule(n).weight_bits, 8) for n in quantizable_layers(fp32)
+            if hasattr(loaded.get_submodule(n), "int_weight")}
+    nearest = quantize_model(fp32, bits, QuantConfig())
+    differ = [n for n in bits if not torch.equal(nearest.get_submodule(n).int_weight()[0],
+                                                   loaded.get_submodule(n).int_weight()[0])]
+    assert differ
+
+
+def test_results_script_rejects_an_unknown_variant(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "results_gptq.py"
+    spec = importlib.util.spec_from_file_location("results_gptq", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--variants", "nearest,gptqq"]) == 2
+    assert "unknown 'gptqq'" in capsys.readouterr().err

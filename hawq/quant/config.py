@@ -27,6 +27,7 @@ class QuantConfig:
     gptq_act_order: bool = False  # round columns in order of decreasing diag(H)
     gptq_clip_search: bool = False  # per-row clip ratio of the scale minimising the layer output error
     gptq_sequential: bool = True  # Hessians from the already-rounded prefix (GPTQ's standard)
+    gptq_asymmetric: bool = False  # FP32 layer outputs as target, quantized inputs (acts too) in H (GPTAQ)
 
 
 def check_rounding(cfg: QuantConfig) -> None:

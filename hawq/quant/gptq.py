@@ -45,7 +45,9 @@ rounded this way is an ordinary quantized model: export, save/load and finetunin
 
 Sequential mode (GPTQ's standard): layers are rounded in forward order, each one's Hessian taken
 from inputs produced by the already-rounded prefix (activation quantizers off: GPTQ is
-weight-only; activation ranges are calibrated afterwards). Layers that receive the very same input
+weight-only; activation ranges are calibrated afterwards). ``asymmetric=True`` (GPTAQ's asymmetric
+calibration) instead keeps the calibrated activation quantizers on and targets the FP32 model's
+layer outputs: see :func:`asymmetric_target`. Layers that receive the very same input
 tensor (q/k/v projections, a block's first conv and its downsample) share one pass; each pass stops
 the forward once its layers have seen their input.
 """
@@ -157,8 +159,8 @@ def clip_ratios(weight: Tensor, hessian: Tensor, step: Tensor, bits: int, per_ro
     qmax = qmax_signed(bits)
     w = weight.to(torch.float32)
     h = hessian.to(torch.float32)
-    best_err = torch.full((w.shape[0],), math.inf, dtype=torch.float64)
-    best = torch.ones(w.shape[0], dtype=torch.float32)
+    best_err = torch.full((w.shape[0],), math.inf, dtype=torch.float64, device=w.device)
+    best = torch.ones(w.shape[0], dtype=torch.float32, device=w.device)
     for r in CLIP_RATIOS:
         e = w - _nearest(w, step * r, qmax) * step * r
         err = ((e @ h) * e).sum(1).to(torch.float64)
@@ -179,11 +181,12 @@ def peak_codes(weight: Tensor, scale_units: Tensor, qmax: int) -> Tensor:
     a = weight.detach().abs().flatten().to(torch.float64)
     units = scale_units.flatten()
     k = int(units.max()) + 1 if units.numel() else 0
-    amax = torch.zeros(k, dtype=a.dtype).scatter_reduce(0, units, a, reduce="amax", include_self=True)
+    amax = torch.zeros(k, dtype=a.dtype, device=a.device).scatter_reduce(0, units, a, reduce="amax",
+                                                                         include_self=True)
     # first position of each unit's max (a deterministic tie-break: lowest flat index)
-    idx = torch.arange(a.numel())
+    idx = torch.arange(a.numel(), device=a.device)
     is_max = a == amax[units]
-    first = torch.full((k,), a.numel(), dtype=torch.long).scatter_reduce(
+    first = torch.full((k,), a.numel(), dtype=torch.long, device=a.device).scatter_reduce(
         0, units[is_max], idx[is_max], reduce="amin", include_self=True)
     out = torch.full_like(a, math.nan)
     live = amax > 0
@@ -212,22 +215,28 @@ def _layer_inputs_2d(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 class _HessianAccumulator:
-    """Running ``H = 2 X^T X / n`` over calls (float64 on the layer's device)."""
+    """Running ``H = 2 X^T X / n`` over calls, and with a target input ``Y`` also ``C = 2 Y^T X / n`` (float64)."""
 
     def __init__(self) -> None:
         self.h: Tensor | None = None
+        self.c: Tensor | None = None
         self.n = 0
 
-    def add(self, rows: Tensor) -> None:
+    def add(self, rows: Tensor, target_rows: Tensor | None = None) -> None:
         x = rows.to(torch.float64)
         m = x.shape[1]
         if m == 0:
             return
+        total = self.n + m
         xtx = x.transpose(1, 2) @ x
         if self.h is None:
             self.h = torch.zeros_like(xtx)
-        total = self.n + m
         self.h.mul_(self.n / total).add_(xtx, alpha=2.0 / total)
+        if target_rows is not None:
+            ytx = target_rows.to(torch.float64).transpose(1, 2) @ x
+            if self.c is None:
+                self.c = torch.zeros_like(ytx)
+            self.c.mul_(self.n / total).add_(ytx, alpha=2.0 / total)
         self.n = total
 
 
@@ -250,10 +259,33 @@ def _source_weight(layer: nn.Module) -> Tensor:
     return layer.quant_source_weight().detach()
 
 
+def asymmetric_target(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
+    """``W* = W + W (C - H) (H + lambda I)^-1``: the weight on the quantized inputs that best gives the FP32 output.
+
+    With ``H = 2 Xq^T Xq / n`` and ``C = 2 Y^T Xq / n`` (``Y`` the FP32 model's input, ``Xq`` the
+    quantized model's), the least-squares ``W* = W C H^-1`` splits ``||Y W^T - Xq Q^T||^2`` into
+    ``||Y W^T - Xq W*^T||^2`` plus ``n/2 tr((W* - Q) H (W* - Q)^T)``, so GPTQ of ``W*`` under ``H``
+    minimises the error against the FP32 layer output. Written as ``W`` plus a correction driven by
+    the input error ``Y - Xq`` (``C - H = 2 (Y - Xq)^T Xq / n``), the damping regularises the
+    correction towards ``W`` rather than the weight towards 0 (with ``Y = Xq``, ``W* = W`` exactly).
+    """
+    h = hessian.to(torch.float64)
+    lam = damp * float(torch.diagonal(h).mean())
+    h_damped = h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    w = weight.to(torch.float64)
+    correction = torch.linalg.solve(h_damped, (w @ (cross.to(torch.float64) - h)).T).T
+    return (w + correction).to(torch.float32)
+
+
 def _round_layer(layer: nn.Module, hessians: Tensor, block_size: int, damp: float, act_order: bool,
-                 clip_search: bool) -> tuple[Tensor, Tensor, float, float]:
+                 clip_search: bool, cross: Tensor | None = None) -> tuple[Tensor, Tensor, float, float]:
     """GPTQ codes (source-weight shape), compact scale, and the nearest / GPTQ output errors."""
     w_src = _source_weight(layer).to(torch.float32)
+    if cross is not None:
+        n_g = hessians.shape[0]
+        w_g = w_src.reshape(n_g, w_src.shape[0] // n_g, -1)
+        w_src = torch.cat([asymmetric_target(w_g[g], hessians[g], cross[g], damp) for g in range(n_g)]
+                          ).reshape(w_src.shape)
     bits, per_channel, group = layer.weight_bits, layer.per_channel, layer.group_size
     qmax = qmax_signed(bits)
     scale = weight_scale(w_src, bits, per_channel, group).to(torch.float32)
@@ -271,7 +303,7 @@ def _round_layer(layer: nn.Module, hessians: Tensor, block_size: int, damp: floa
             ratios = ratios[:1]  # one scale for the tensor: the first group's choice (groups share it)
         scale = scale * (ratios.reshape(-1, *([1] * (scale.dim() - 1))) if scale.dim() else ratios[0])
     step = expand_scale(scale, w_src.shape, group).expand(w_src.shape).reshape(rows_total, -1)
-    units = _unit_ids(w_src, per_channel, group)
+    units = _unit_ids(w_src, per_channel, group).to(w_src.device)
     forced = peak_codes(w2, units, qmax)
     codes = torch.empty_like(w2)
     err_near = err_gptq = 0.0
@@ -334,7 +366,7 @@ def _input_key(x: Tensor) -> tuple:
 @torch.no_grad()
 def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.Module, Any], Any], *,
                 block_size: int = 128, damp: float = 0.01, act_order: bool = False, clip_search: bool = False,
-                sequential: bool = True, layers: Iterable[str] | None = None,
+                sequential: bool = True, asymmetric: bool = False, layers: Iterable[str] | None = None,
                 progress: bool = False) -> dict[str, dict[str, float]]:
     """Round the weights of a quantized model with GPTQ, in place; return per-layer output errors.
 
@@ -342,13 +374,22 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
     ``per_channel`` and ``group_size``); ``forward(model, batch)`` runs one calibration batch
     (e.g. ``task.forward``). Every quantized Conv2d / Linear (or those named in ``layers``) is
     rounded; embeddings and float layers keep their weights. Activation quantizers are off while
-    the Hessians are collected and restored afterwards: calibrate activations after this call.
+    the Hessians are collected (unless ``asymmetric``) and restored afterwards: calibrate
+    activations after this call.
+
+    ``asymmetric=True`` (the asymmetric calibration of GPTAQ, Li et al. 2025): the target of each
+    layer is its output in the FP32 model (a float copy run on the same batch), the Hessian that of
+    the input the quantized model gives it, activation quantization included -- so each layer also
+    compensates the error of the prefix and of its own input quantizer. It needs calibrated
+    activation quantizers (run :func:`hawq.quant.calibrate` first; calibrating again afterwards is fine).
 
     Returns ``{layer: {"bits", "error_nearest", "error_gptq"}}``: ``tr(E H E^T)`` on the
     calibration inputs for round-to-nearest and for GPTQ at the same scales (relative to
     ``tr(W H W^T)``).
     """
     _check_options(block_size, damp, act_order, clip_search, sequential)
+    if not isinstance(asymmetric, bool):
+        raise HawqError(f"gptq: asymmetric must be true or false, got {asymmetric!r}")
     batches = list(batches)
     if not batches:
         raise HawqError("gptq: no calibration batches were given")
@@ -365,8 +406,19 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
     modes = [a.mode for a in acts]
     was_training = model.training
     model.eval()
-    for a in acts:
-        a.set_mode("off")
+    reference = None
+    if asymmetric:
+        uncalibrated = [a for a in acts if getattr(a, "calibrated", True) is False and a.mode != "off"]
+        if uncalibrated:
+            raise HawqError("gptq: asymmetric rounding needs calibrated activation quantizers; "
+                            "run hawq.quant.calibrate(model, batches, forward) first")
+        reference = _float_reference(model)
+        for a in acts:
+            if a.mode in ("calibrating", "tracking"):
+                a.set_mode("frozen")
+    else:
+        for a in acts:
+            a.set_mode("off")
     report: dict[str, dict[str, float]] = {}
     try:
         order, passes, repeated = _discover(model, targets, batches[0], forward)
@@ -375,13 +427,14 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
         bar = tqdm(total=len(order), desc="gptq", disable=not progress)
         for group in passes:
             hessians = _collect(model, {n: targets[n] for n in group}, batches, forward,
-                                stop_early=sequential and not repeated.intersection(group))
+                                stop_early=sequential and not repeated.intersection(group), reference=reference)
             for name in group:
                 layer = targets[name]
                 if hessians[name].h is None:
                     raise HawqError(f"gptq: layer '{name}' saw no calibration input; is it on the forward path?")
                 h = hessians[name].h
-                codes, scale, e_near, e_gptq = _round_layer(layer, h, block_size, damp, act_order, clip_search)
+                codes, scale, e_near, e_gptq = _round_layer(layer, h, block_size, damp, act_order, clip_search,
+                                                            hessians[name].c)
                 w2 = _source_weight(layer).to(torch.float32).reshape(h.shape[0], -1, h.shape[1])
                 ref = sum(layer_output_error(w2[g], torch.zeros_like(w2[g]), h[g]) for g in range(h.shape[0]))
                 _write_back(layer, codes, scale, name)
@@ -431,27 +484,61 @@ def _discover(model: nn.Module, targets: dict[str, nn.Module], batch: Any,
     return order, passes, {n for n, c in calls.items() if c > 1}
 
 
+def _float_reference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` computing in float: weights unquantized, activation quantizers off."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if hasattr(m, "weight_bits"):
+            m.weight_bits = FLOAT_BITS
+    for a in _act_modules(ref):
+        a.set_mode("off")
+    return ref
+
+
+def _layer_input(layer: nn.Module, x: Tensor) -> Tensor:
+    """What the layer computes with: its input after its own input quantizer (when one is active)."""
+    iq = getattr(layer, "input_quant", None)
+    return x if iq is None or iq.mode == "off" else iq(x)
+
+
 def _collect(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[Any],
-             forward: Callable[[nn.Module, Any], Any], stop_early: bool) -> dict[str, _HessianAccumulator]:
+             forward: Callable[[nn.Module, Any], Any], stop_early: bool,
+             reference: nn.Module | None = None) -> dict[str, _HessianAccumulator]:
+    """Layer-input Hessians over ``batches``; with ``reference``, also the cross terms with its inputs."""
     acc = {n: _HessianAccumulator() for n in layers}
     pending: set[str] = set()
+    targets: dict[str, list[Tensor]] = {n: [] for n in layers}
 
     def hook(name: str) -> Callable:
         def fn(module: nn.Module, args: tuple) -> None:
-            acc[name].add(_layer_inputs_2d(module, args[0]))
+            rows = _layer_inputs_2d(module, _layer_input(module, args[0]))
+            acc[name].add(rows, targets[name].pop(0) if reference is not None else None)
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _StopForward
+        return fn
+
+    def ref_hook(name: str) -> Callable:
+        def fn(module: nn.Module, args: tuple) -> None:
+            targets[name].append(_layer_inputs_2d(module, args[0]))
             pending.discard(name)
             if stop_early and not pending:
                 raise _StopForward
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    if reference is not None:
+        handles += [reference.get_submodule(n).register_forward_pre_hook(ref_hook(n)) for n in layers]
     try:
         for batch in batches:
-            pending.update(layers)
-            try:
-                forward(model, batch)
-            except _StopForward:
-                pass
+            for net in ((reference, model) if reference is not None else (model,)):
+                pending.update(layers)
+                try:
+                    forward(net, batch)
+                except _StopForward:
+                    pass
     finally:
         for hd in handles:
             hd.remove()
@@ -461,4 +548,5 @@ def _collect(model: nn.Module, layers: dict[str, nn.Module], batches: Sequence[A
 def gptq_options(cfg: QuantConfig) -> dict[str, Any]:
     """The keyword arguments of :func:`gptq_round_` that a :class:`QuantConfig` sets."""
     return {"block_size": cfg.gptq_block_size, "damp": cfg.gptq_damp, "act_order": cfg.gptq_act_order,
-            "clip_search": cfg.gptq_clip_search, "sequential": cfg.gptq_sequential}
+            "clip_search": cfg.gptq_clip_search, "sequential": cfg.gptq_sequential,
+            "asymmetric": cfg.gptq_asymmetric}
