@@ -134,33 +134,78 @@ def certify_piecewise_linear(outputs: Tensor, weights: Sequence[Tensor], check_o
     return reasons
 
 
-def output_hessian(outputs: Tensor, loss_of_outputs: Any, seed: int = 0) -> tuple[Tensor, bool] | str:
-    """Per-sample Hessians ``(B, C, C)`` of the loss w.r.t. the outputs (flattened per sample) and
-    whether the loss gradient in the outputs vanishes (to float rounding), or the reason the Hessian
-    is not block diagonal over samples. ``C`` double backwards on the loss alone."""
-    b = outputs.shape[0]
+def _loss_gradient(outputs: Tensor, loss_of_outputs: Any) -> tuple[Tensor, Tensor] | str:
+    """A leaf copy of ``outputs`` and the loss gradient in it, flattened per sample ``(B, C)``, with a
+    graph for second derivatives; or why there is none."""
     leaf = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_of_outputs(leaf)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return "the loss is not a scalar"
+        if not loss.requires_grad:
+            return "the loss does not depend on the outputs"
         (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
-        g = g.reshape(b, -1)
-        c = g.shape[1]
-        rows = []
-        for j in range(c):
-            (row,) = torch.autograd.grad(g[:, j].sum(), leaf, retain_graph=True, allow_unused=True)
-            rows.append(torch.zeros_like(leaf) if row is None else row)
-        hess = torch.stack([r.reshape(b, c) for r in rows], dim=1)  # row j of H_i = d(g_ij)/d f_i
-        # the rows above sum over samples; block diagonality makes them per-sample: check on a random vector
-        gen = torch.Generator(device=outputs.device).manual_seed(seed)
-        w = torch.randn(b, c, generator=gen, device=outputs.device, dtype=outputs.dtype)
-        (full,) = torch.autograd.grad((g * w).sum(), leaf, allow_unused=True)
-    full = torch.zeros_like(leaf) if full is None else full
-    pred = torch.einsum("bcd,bd->bc", hess, w)
-    scale = float(full.abs().max()) + float(pred.abs().max()) + 1e-30
-    if float((full.reshape(b, c) - pred).abs().max()) > 1e-4 * scale:
-        return "the loss couples samples (its Hessian in the outputs is not block diagonal)"
+    return leaf, g.reshape(outputs.shape[0], -1)
+
+
+def _output_hvp(g: Tensor, leaf: Tensor, w: Tensor) -> Tensor:
+    """``(d^2 l) w`` in the outputs (all samples), as ``g``'s shape."""
+    if not g.requires_grad:  # the loss is linear in the outputs: zero Hessian
+        return torch.zeros_like(g)
+    (hw,) = torch.autograd.grad(g, leaf, grad_outputs=w, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(g) if hw is None else hw.reshape(g.shape)
+
+
+def couples_samples(g: Tensor, leaf: Tensor, seed: int = 0) -> bool:
+    """Whether the loss Hessian in the outputs has a non-zero block between two samples.
+
+    For each bit ``k`` of the sample index, a random vector supported on the samples whose bit ``k``
+    is 1 (then 0) is multiplied by the Hessian; any two samples differ in some bit, so a coupling
+    ``H_ij != 0`` shows as a non-zero entry *outside* the support. For a sum of per-sample losses those
+    entries are exactly 0.0 -- autograd computes nothing there but products with zero -- so the test
+    needs no tolerance. (Comparing ``H w`` with the per-sample blocks times ``w`` did, and a saturated
+    softmax, whose Hessian entries (~1e-31) sit below the rounding of its O(1) intermediate terms,
+    failed it.) ``2 ceil(log2 B)`` double backwards on the loss alone.
+    """
+    b = g.shape[0]
+    if b == 1 or not g.requires_grad:
+        return False
+    gen = torch.Generator(device=g.device).manual_seed(seed)
+    w = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+    index = torch.arange(b, device=g.device)
+    for bit in range(max(1, math.ceil(math.log2(b)))):
+        inside = (index >> bit) & 1 == 1
+        for side in (inside, ~inside):
+            if bool(side.all()) or not bool(side.any()):
+                continue
+            hw = _output_hvp(g, leaf, w * side[:, None])
+            if bool(hw[~side].any()):
+                return True
+    return False
+
+
+COUPLED = "the loss couples samples (its Hessian in the outputs is not block diagonal)"
+
+
+def output_hessian(outputs: Tensor, loss_of_outputs: Any, seed: int = 0) -> tuple[Tensor, bool] | str:
+    """Per-sample Hessians ``(B, C, C)`` of the loss w.r.t. the outputs (flattened per sample) and
+    whether the loss gradient in the outputs vanishes (to float rounding), or the reason the Hessian
+    is not block diagonal over samples (:func:`couples_samples`). ``C`` double backwards on the loss alone."""
+    got = _loss_gradient(outputs, loss_of_outputs)
+    if isinstance(got, str):
+        return got
+    leaf, g = got
+    b, c = g.shape
+    if couples_samples(g, leaf, seed):
+        return COUPLED
+    # row j of H_i = d(g_ij)/d f_i; the rows sum over samples, and block diagonality makes them per-sample
+    eye = torch.zeros_like(g)
+    rows = []
+    for j in range(c):
+        eye.zero_()
+        eye[:, j] = 1
+        rows.append(_output_hvp(g, leaf, eye))
+    hess = torch.stack(rows, dim=1)
     # |g| against |outputs| * |H|: the relative size of the residual f - f* for a quadratic loss
     size = float(outputs.detach().abs().max()) * float(hess.abs().max())
     residual_free = float(g.detach().abs().max()) <= 1e-6 * size
@@ -238,141 +283,468 @@ def _module_supported(module: nn.Module) -> str | None:
     return None
 
 
+class EigenFactor:
+    """``H_i = sum_k s_ik a_ik a_ik^T`` from an eigen-decomposition of each per-sample Hessian:
+    ``a_ik = sqrt|lambda_ik| u_ik``, ``s_ik = sign(lambda_ik)`` (0 for directions below ``DIRECTION_RTOL``)."""
+
+    def __init__(self, hess: Tensor) -> None:
+        evals, evecs = torch.linalg.eigh(hess.double())
+        top = float(evals.abs().max()) if evals.numel() else 0.0
+        live = evals.abs() > DIRECTION_RTOL * top
+        self.sign = torch.sign(evals) * live
+        self.masses = evals.abs() * live  # ||a_ik||^2
+        self.cols = evecs * self.masses.sqrt()[:, None, :]  # (B, C, K)
+
+    def columns(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Column ``idx[i]`` of each sample ``(B, C)`` and its sign ``(B,)``."""
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        return self.cols[rows, :, idx], self.sign[rows, idx]
+
+    def tail(self, r: Tensor) -> list[tuple[Tensor, float]]:
+        """``A_i^+ r_i`` (and ``A_i^- r_i`` when some sampled direction is negative) with their signs."""
+        out = [(torch.einsum("bck,bk->bc", self.cols, r * (self.sign > 0)), 1.0)]
+        neg = r * (self.sign < 0)
+        if bool(neg.any()):
+            out.append((torch.einsum("bck,bk->bc", self.cols, neg), -1.0))
+        return out
+
+
+class SoftmaxFactor:
+    """Softmax cross-entropy: ``H_i = alpha_i (diag(p_i) - p_i p_i^T) = A_i A_i^T`` with column ``c`` of
+    ``A_i`` equal to ``sqrt(alpha_i p_ic) (e_c - p_i)``: no decomposition, ``O(C)`` per column or probe.
+    ``1 - p_c`` of the most likely class is summed from the others, so a saturated softmax keeps its
+    (tiny) curvature exactly instead of rounding it to 0."""
+
+    def __init__(self, logits: Tensor, alpha: Tensor) -> None:
+        self.p = torch.softmax(logits.double(), dim=-1)
+        self.alpha = alpha
+        self.top = self.p.argmax(-1)
+        rows = torch.arange(self.p.shape[0], device=self.p.device)
+        rest = self.p.clone()
+        rest[rows, self.top] = 0
+        self.one_minus = 1 - self.p
+        self.one_minus[rows, self.top] = rest.sum(-1)  # 1 - p_top, without cancellation
+        sq = self.p.square()
+        self.masses = alpha[:, None] * self.p * (self.one_minus.square() + sq.sum(-1, keepdim=True) - sq)
+        self.sign = torch.ones_like(self.masses)
+
+    def columns(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        scale = (self.alpha * self.p[rows, idx]).sqrt()
+        col = -scale[:, None] * self.p
+        col[rows, idx] = scale * self.one_minus[rows, idx]
+        return col, self.sign[rows, idx]
+
+    def tail(self, r: Tensor) -> list[tuple[Tensor, float]]:
+        # A r = sqrt(alpha) (s - p sum(s)), s = sqrt(p) r; entry c as s_c (1 - p_c) - p_c sum_{d != c} s_d
+        rows = torch.arange(r.shape[0], device=r.device)
+        s = self.p.sqrt() * r
+        others = s.clone()
+        others[rows, self.top] = 0
+        rest_top = others.sum(-1, keepdim=True)  # sum over d != top, without cancellation
+        rest = rest_top + s[rows, self.top][:, None] - s  # sum over d != c for c != top
+        rest[rows, self.top] = rest_top[:, 0]
+        return [(self.alpha.sqrt()[:, None] * (s * self.one_minus - self.p * rest), 1.0)]
+
+
+def softmax_cross_entropy_factor(outputs: Tensor, g: Tensor, leaf: Tensor, seed: int = 0,
+                                 rtol: float = 1e-4) -> SoftmaxFactor | None:
+    """A :class:`SoftmaxFactor` if the loss Hessian in the 2-D outputs is ``alpha_i (diag(p_i) - p_i p_i^T)``
+    with ``p_i = softmax(f_i)`` (cross-entropy, any targets, label smoothing, per-sample weights), else None.
+
+    Checked on two random vectors: ``alpha_i`` is fitted on the first, and the second must then agree
+    to ``rtol`` of its norm over the batch (one mismatch in ``C`` dimensions per sample fails it, so
+    another loss passes with probability 0). Two double backwards on the loss alone.
+    """
+    if outputs.dim() != 2 or outputs.shape[1] < 2 or not g.requires_grad:
+        return None
+    gen = torch.Generator(device=g.device).manual_seed(seed + 1)
+    p = torch.softmax(outputs.detach().double(), dim=-1)
+    ws = [torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) for _ in range(2)]
+    got = [_output_hvp(g, leaf, w).double() for w in ws]
+    want = [p * w.double() - p * (p * w.double()).sum(-1, keepdim=True) for w in ws]
+    norm2 = want[0].square().sum(-1)
+    if not bool((norm2 > 0).any()):
+        return None
+    alpha = (got[0] * want[0]).sum(-1) / norm2.clamp_min(1e-300)
+    # a sample whose curvature is below rounding fits no alpha of its own: it takes the batch's median
+    # (its contribution is of that negligible size either way)
+    resolved = norm2 > 1e-12 * float(norm2.max())
+    alpha = torch.where(resolved, alpha, alpha[resolved].median()).clamp_min(0)
+    for h, v in zip(got, want):
+        if float((h - alpha[:, None] * v).norm()) > rtol * float(h.norm()):
+            return None
+    return SoftmaxFactor(outputs.detach(), alpha)
+
+
+def exact_columns(masses: Tensor, tol: float, min_probes: int, cap: int, samples: int) -> int:
+    """How many of each sample's heaviest columns to take exactly (one backward pass each); the rest is sampled.
+
+    A Rademacher combination of the remaining columns has, per sample and probe, a variance of at most
+    ``2 (tail mass)^2`` in the units of the trace, so reaching a relative error ``tol`` over ``samples``
+    samples needs about ``2 (tail / total)^2 / (samples tol^2)`` probes (at least ``min_probes``). The
+    output-space masses stand in for each column's share of a layer's trace; ``m`` minimises
+    ``m + probes(m)`` over ``0..cap``.
+    """
+    ordered = masses.sort(dim=1, descending=True).values
+    total = float(ordered.sum())
+    if total <= 0:
+        return 0
+    # tail[m] = mass left after the m heaviest columns of every sample
+    per_rank = ordered.sum(0)
+    tail = torch.cat([per_rank.flip(0).cumsum(0).flip(0), per_rank.new_zeros(1)]).tolist()
+    best, best_cost = 0, math.inf
+    for m in range(0, min(cap, ordered.shape[1]) + 1):
+        frac = max(tail[m], 0.0) / total
+        if frac <= 1e-12:
+            probes = 0.0
+        else:
+            probes = max(min_probes, 2 * frac * frac / (max(samples, 1) * tol * tol)) if tol > 0 else math.inf
+        if m + probes < best_cost:
+            best, best_cost = m, m + probes
+    return best
+
+
+class _PerSampleStats:
+    """Running mean and sum of squared deviations (Welford/Chan) of each sample's tail estimate, per layer.
+
+    A probe's tail value is a sum of independent per-sample terms, so the variance of the layer's
+    estimate is the sum of the per-sample variances, each estimated from that sample's own probe
+    replicates: the same unbiased variance as the spread of the per-probe sums, but pooled over the
+    samples, so it does not collapse when a few probes happen to agree (stopping on a standard error
+    read off 8 heavy-tailed values made it optimistic)."""
+
+    def __init__(self, layers: int) -> None:
+        self.n = torch.zeros(layers, dtype=torch.long)
+        self.mean: list[Tensor | None] = [None] * layers  # (samples,) per layer
+        self.m2: list[Tensor | None] = [None] * layers
+
+    def add(self, i: int, values: Tensor) -> None:
+        """Merge ``values`` ``(probes, samples)`` into layer ``i``."""
+        k = values.shape[0]
+        mean_b = values.mean(0)
+        m2_b = (values - mean_b).square().sum(0)
+        n_a = int(self.n[i])
+        if n_a == 0:
+            self.mean[i], self.m2[i] = mean_b, m2_b
+        else:
+            delta = mean_b - self.mean[i]
+            total = n_a + k
+            self.mean[i] = self.mean[i] + delta * (k / total)
+            self.m2[i] = self.m2[i] + m2_b + delta.square() * (n_a * k / total)
+        self.n[i] += k
+
+    def summary(self, i: int) -> tuple[float, float]:
+        """(sum over samples of the mean, sum over samples of the variance of that mean)."""
+        n = int(self.n[i])
+        if n == 0:
+            return 0.0, 0.0
+        var = float(self.m2[i].sum()) / (n - 1) / n if n > 1 else math.inf
+        return float(self.mean[i].sum()), var
+
+
 def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence[Any], names: Sequence[str],
                         weights: Sequence[nn.Parameter], max_directions: int, seed: int = 0,
-                        progress: bool = True) -> tuple[dict[str, tuple[float, int]], dict[str, str]]:
-    """Exact ``tr(H_ll)`` (mean over batches) for every layer the graph certifies piecewise linear.
+                        progress: bool = True, tol: float = 0.05, min_probes: int = 8, max_probes: int = 200,
+                        certify: bool = True, known_max: float = 0.0,
+                        ) -> tuple[dict[str, tuple[float, float, int, str]], dict[str, str]]:
+    """``tr(G_ll)``, the Gauss-Newton block trace (mean over batches), for every layer with a per-sample norm
+    formula -- with ``certify=True`` only for the layers the graph certifies piecewise linear, where it
+    equals the Hessian block's trace.
 
-    Returns ``({name: (trace, backward passes)}, {name: reason})``: each layer is in exactly one of the
-    two (the second for layers left to Hutchinson's estimator). Outputs with more than
-    ``max_directions`` entries per sample are not decomposed (every layer is left out). Under
-    ``torch.distributed`` ranks sum their batches, and a layer certified on every rank only is kept.
-    Buffers (BatchNorm running statistics) are restored exactly.
+    Returns ``({name: (trace, std_err, backward passes, estimator)}, {name: reason})``: each layer is in
+    exactly one of the two (the second for layers left to Hutchinson's estimator). With at most
+    ``max_directions`` outputs per sample the trace is exact (one backward pass per output direction,
+    ``std_err`` 0, estimator ``"gauss_newton"``); with more, each sample's heaviest output directions are
+    exact and the rest is sampled (``"gn_sampled"``: Rademacher probes of the output-space factor, one
+    backward pass each for all layers; :class:`_PerSampleStats` for the standard error), and each layer
+    stops once ``std_err <= tol * |trace|`` (with the usual absolute floor, relative to ``known_max``
+    too) after ``min_probes``, or at ``max_probes``. Under ``torch.distributed`` ranks sum their
+    batches (and per-sample variances), and a layer certified on every rank only is kept. Buffers
+    (BatchNorm running statistics) are restored exactly.
     """
+    from hawq.sensitivity.traces import _next_chunk, _stopping_targets, probe_seed
+
     modules = dict(model.named_modules())
     reasons: dict[str, str] = {}
     for name in names:
         why = _module_supported(modules[name])
         if why:
             reasons[name] = why
-    sums = torch.zeros(len(names), dtype=torch.float64)
+    index = {n: i for i, n in enumerate(names)}
+    exact_sums = torch.zeros(len(names), dtype=torch.float64)
     passes = 0
+    distributed = _distributed()
+
+    def reduce_sum(t: Tensor) -> Tensor:
+        if not distributed:
+            return t
+        buf = t.to(reduce_device(weights))
+        dist.all_reduce(buf)
+        return buf.cpu()
+
+    global_batches = int(reduce_sum(torch.tensor([float(len(batches))], dtype=torch.float64))[0])
+    if not global_batches:
+        raise HawqError(NO_BATCHES)
+    keep_graph = global_batches == 1
     saved = snapshot_buffers(model)
+    exact_cols: dict[int, int] = {}
+    stats = _PerSampleStats(len(names))
+    sampled_here = False
     bar = tqdm(total=len(batches), desc="gauss-newton traces", unit="batch", disable=not progress, leave=False)
+
+    def add_round(chunks: list[Tensor], layers: list[int]) -> None:
+        """Per-batch ``(probes, samples, layers)`` values of one round into the per-sample statistics."""
+        if not chunks:
+            return
+        values = torch.cat(chunks, dim=1)
+        for i in layers:
+            stats.add(i, values[:, :, i])
+
     try:
+        # round 1: every batch is prepared, its exact part computed and min_probes tail probes drawn
+        kept: _Prepared | None = None
+        chunks: list[Tensor] = []
         for bi, batch in enumerate(batches):
             if len(reasons) == len(names):
                 break
-            passes += _one_batch(model, loss_fn, batch, bi, names, weights, modules, reasons, sums,
-                                 max_directions, seed)
+            prep = _Prepared(model, loss_fn, batch, bi, names, weights, modules, reasons, max_directions,
+                             seed, certify)
+            passes += prep.passes
+            if prep.mode == "exact":
+                exact_sums += prep.exact_sums(index)
+                passes += prep.passes_exact
+            elif prep.mode == "sampled":
+                sampled_here = True
+                m = exact_columns(prep.factor.masses, tol, min_probes, max_directions,
+                                  prep.samples * global_batches)
+                exact_cols[bi] = m
+                exact_sums += prep.column_sums(m, index)
+                passes += m
+                chunks.append(prep.tail_values(range(min_probes), m, index, probe_seed, seed))
+                passes += prep.tail_passes * min_probes
+            if keep_graph:
+                kept = prep
             bar.update(1)
+        bar.close()
+        # a layer is measured only where every batch (and rank) certified it
+        bad = reduce_sum(torch.tensor([1.0 if n in reasons else 0.0 for n in names], dtype=torch.float64))
+        for n, f in zip(names, bad.tolist()):
+            if f and n not in reasons:
+                reasons[n] = "not certified on another rank"
+        measured = [i for i, n in enumerate(names) if n not in reasons]
+        add_round(chunks, measured)
+        sampled = bool(reduce_sum(torch.tensor([float(sampled_here)], dtype=torch.float64))[0])
+        done: set[int] = set()
+        while sampled:
+            # every rank holds its own samples: sum the per-sample means and variances over ranks
+            local = torch.tensor([v for i in range(len(names)) for v in stats.summary(i)], dtype=torch.float64)
+            tail = reduce_sum(local).reshape(len(names), 2)
+            means = (exact_sums / global_batches if not distributed else reduce_sum(exact_sums) / global_batches)
+            means = means + tail[:, 0] / global_batches
+            errs = tail[:, 1].sqrt() / global_batches
+            targets = torch.zeros(len(names), dtype=torch.float64)
+            targets[measured] = _stopping_targets(means[measured], tol, known_max)
+            chunk = 0
+            for i in measured:
+                n = int(stats.n[i])
+                if i in done or n >= max_probes or float(errs[i]) <= float(targets[i]):
+                    done.add(i)
+                    continue
+                std = float(errs[i]) * math.sqrt(n)
+                chunk = max(chunk, 1 if keep_graph else _next_chunk(std, float(targets[i]), n, max_probes - n))
+            live = [i for i in measured if i not in done]
+            if not live:
+                break
+            start = int(stats.n[live[0]])
+            chunk = min(chunk, max_probes - start)
+            live_names = [names[i] for i in live]
+            chunks = []
+            for bi, batch in enumerate(batches):
+                prep = kept if kept is not None else _Prepared(
+                    model, loss_fn, batch, bi, names, weights, modules, {}, max_directions, seed, certify)
+                if prep.mode != "sampled" or bi not in exact_cols:
+                    continue
+                chunks.append(prep.tail_values(range(start, start + chunk), exact_cols[bi], index, probe_seed, seed,
+                                               live_names))
+                passes += prep.tail_passes * chunk
+            add_round(chunks, live)
+            if not chunks:  # this rank holds no sampled batch: keep the counts in step with the others
+                for i in live:
+                    stats.n[i] += chunk
     finally:
         bar.close()
         restore_buffers(saved)
-    count = torch.tensor([float(len(batches))], dtype=torch.float64)
-    bad = torch.tensor([1.0 if n in reasons else 0.0 for n in names], dtype=torch.float64)
-    if _distributed():
-        device = reduce_device(weights)
-        packed = torch.cat([sums, count, bad, torch.tensor([float(passes)], dtype=torch.float64)]).to(device)
-        flags = bad.to(device)
-        dist.all_reduce(packed)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        packed, flags = packed.cpu(), flags.cpu()
-        sums, count, passes = packed[:len(names)], packed[len(names):len(names) + 1], int(packed[-1])
-        for name, f in zip(names, flags.tolist()):
-            if f and name not in reasons:
-                reasons[name] = "not certified on another rank"
-    if not count[0]:
-        raise HawqError(NO_BATCHES)
-    exact = {n: (float(sums[i] / count[0]), passes) for i, n in enumerate(names) if n not in reasons}
-    return exact, reasons
+    exact_sums = reduce_sum(exact_sums)
+    passes = int(reduce_sum(torch.tensor([float(passes)], dtype=torch.float64))[0])
+    out: dict[str, tuple[float, float, int, str]] = {}
+    for i, n in enumerate(names):
+        if n in reasons:
+            continue
+        tail_sum, tail_var = (float(v) for v in reduce_sum(torch.tensor(stats.summary(i), dtype=torch.float64)))
+        mean = float(exact_sums[i] + tail_sum) / global_batches
+        if int(stats.n[i]):
+            out[n] = (mean, math.sqrt(tail_var) / global_batches, passes, "gn_sampled")
+        else:
+            out[n] = (mean, 0.0, passes, "gauss_newton")
+    return out, reasons
 
 
-def _one_batch(model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names: Sequence[str],
-               weights: Sequence[nn.Parameter], modules: dict[str, nn.Module], reasons: dict[str, str],
-               sums: Tensor, max_directions: int, seed: int) -> int:
-    """Add one batch's exact traces to ``sums`` (and new reasons to ``reasons``); returns backward passes."""
-    seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
+class _Prepared:
+    """One batch's forward graph, readied for output-space probing: the layers' inputs and outputs
+    (hooks), the checks, and either the exact eigen-directions (``mode == "exact"``) or an output
+    factor to sample (``mode == "sampled"``); ``mode == "none"`` when no layer is left."""
 
-    def hook_for(name: str) -> Any:
-        def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            seen[name].append((args[0].detach(), out))
-            # the model continues on a copy, so an in-place op after the layer (ReLU(inplace=True))
-            # cannot rebase the tensor whose gradient is read below
-            return out.clone()
-        return hook
+    def __init__(self, model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names: Sequence[str],
+                 weights: Sequence[nn.Parameter], modules: dict[str, nn.Module], reasons: dict[str, str],
+                 max_directions: int, seed: int, certify: bool) -> None:
+        self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
+        self.bi = bi
+        seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
 
-    handles = [modules[n].register_forward_hook(hook_for(n)) for n in seen]
-    try:
-        with torch.enable_grad():
-            outputs = loss_fn.forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+        def hook_for(name: str) -> Any:
+            def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+                seen[name].append((args[0].detach(), out))
+                # the model continues on a copy, so an in-place op after the layer (ReLU(inplace=True))
+                # cannot rebase the tensor whose gradient is read below
+                return out.clone()
+            return hook
 
-    def leave_all(why: str) -> int:
-        for n in names:
-            reasons.setdefault(n, why)
-        return 0
+        handles = [modules[n].register_forward_hook(hook_for(n)) for n in seen]
+        try:
+            with torch.enable_grad():
+                outputs = loss_fn.forward(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
 
-    if not isinstance(outputs, Tensor) or outputs.dim() < 1 or not outputs.is_floating_point():
-        return leave_all("the model outputs are not one floating-point tensor")
-    if not bool(torch.isfinite(outputs).all()):
-        raise HawqError(f"hessian traces: non-finite model outputs on batch {bi}")
-    per_sample = outputs[0].numel()
-    if per_sample > max_directions:
-        return leave_all(f"{per_sample} outputs per sample exceed the {max_directions} directions an exact "
-                         "trace may spend")
-    hess = output_hessian(outputs, lambda o: loss_fn.loss(o, batch), seed)
-    if isinstance(hess, str):
-        return leave_all(hess)
-    hess, residual_free = hess
-    # a zero loss gradient in the outputs (a label-free loss at its reference point) removes the
-    # second-order term whatever the ops are; the per-sample norms still need a weight used once
-    for n, why in zip(names, certify_piecewise_linear(outputs, weights, check_ops=not residual_free)):
-        if why and n not in reasons:
-            reasons[n] = why
-    for n, calls in seen.items():
-        if n not in reasons and len(calls) != 1:
-            reasons[n] = f"module called {len(calls)} times per forward"
-    live = [n for n in names if n not in reasons]
-    if not live:
-        return 0
-    if not bool(torch.isfinite(hess).all()):
-        raise HawqError(f"hessian traces: non-finite loss Hessian on batch {bi}")
-    passes = 0
-    b = outputs.shape[0]
-    if b > 1:
-        # The per-sample split needs dim 0 of each layer's input and output to index the samples: a
-        # gradient from sample j alone must stay in slice j. A broadcast input (position ids of shape
-        # (1, T)), a sequence-first layout or train-mode batch statistics break it; test on one sample.
-        gen = torch.Generator(device=outputs.device).manual_seed(seed + bi)
-        j = int(torch.randint(b, (1,), generator=gen, device=outputs.device))
-        probe = torch.zeros_like(outputs)
-        probe[j] = torch.randn(outputs.shape[1:], generator=gen, device=outputs.device, dtype=outputs.dtype)
-        grads = torch.autograd.grad(outputs, [seen[n][0][1] for n in live], grad_outputs=probe, retain_graph=True,
-                                    allow_unused=True)
-        passes += 1
-        for n, g in zip(live, grads):
-            x = seen[n][0][0]
-            if g is not None and (g.shape[0] != b or x.shape[0] != b or bool(g[:j].any()) or bool(g[j + 1:].any())):
-                reasons[n] = "dim 0 of its input does not index the samples"
-        live = [n for n in live if n not in reasons]
+        def leave_all(why: str) -> None:
+            for n in names:
+                reasons.setdefault(n, why)
+
+        if not isinstance(outputs, Tensor) or outputs.dim() < 1 or not outputs.is_floating_point():
+            return leave_all("the model outputs are not one floating-point tensor")
+        if not bool(torch.isfinite(outputs).all()):
+            raise HawqError(f"hessian traces: non-finite model outputs on batch {bi}")
+        self.outputs, self.samples = outputs, outputs.shape[0]
+        per_sample = outputs[0].numel()
+        got = _loss_gradient(outputs, lambda o: loss_fn.loss(o, batch))
+        if isinstance(got, str):
+            return leave_all(got)
+        leaf, g = got
+        if couples_samples(g, leaf, seed):
+            return leave_all(COUPLED)
+        hess: Tensor | None = None
+        factor: EigenFactor | SoftmaxFactor | None = None
+        if per_sample > max_directions:
+            factor = softmax_cross_entropy_factor(outputs, g, leaf, seed)
+            residual_free = False
+        if factor is None:
+            full = output_hessian(outputs, lambda o: loss_fn.loss(o, batch), seed)
+            if isinstance(full, str):
+                return leave_all(full)
+            hess, residual_free = full
+            if not bool(torch.isfinite(hess).all()):
+                raise HawqError(f"hessian traces: non-finite loss Hessian on batch {bi}")
+        # a zero loss gradient in the outputs (a label-free loss at its reference point) removes the
+        # second-order term whatever the ops are; the per-sample norms still need a weight used once
+        check_ops = certify and not residual_free
+        for n, why in zip(names, certify_piecewise_linear(outputs, weights, check_ops=check_ops)):
+            if why and n not in reasons:
+                reasons[n] = why
+        for n, calls in seen.items():
+            if n not in reasons and len(calls) != 1:
+                reasons[n] = f"module called {len(calls)} times per forward"
+        live = [n for n in names if n not in reasons]
         if not live:
-            return passes
-    evals, evecs = torch.linalg.eigh(hess.double())
-    top = float(evals.abs().max()) if evals.numel() else 0.0
-    keep = [k for k in range(evals.shape[1]) if float(evals[:, k].abs().max()) > DIRECTION_RTOL * top]
-    index = {n: i for i, n in enumerate(names)}
-    tensors = [seen[n][0][1] for n in live]
-    for k in keep:
-        cot = evecs[:, :, k].to(outputs.dtype).reshape(outputs.shape)
-        grads = torch.autograd.grad(outputs, tensors, grad_outputs=cot, retain_graph=True, allow_unused=True)
-        for n, g in zip(live, grads):
-            if g is None:
-                continue  # unused by the loss: 0 here, and the Hutchinson checks name it below
-            norms = per_sample_sq_norms(modules[n], seen[n][0][0], g)
-            sums[index[n]] += float((evals[:, k] * norms).sum())
-    if not math.isfinite(float(sums.sum())):
-        raise HawqError(f"hessian traces: non-finite per-sample gradients on batch {bi}")
-    return passes + len(keep)
+            return
+        b = outputs.shape[0]
+        if b > 1:
+            # The per-sample split needs dim 0 of each layer's input and output to index the samples: a
+            # gradient from sample j alone must stay in slice j. A broadcast input (position ids of shape
+            # (1, T)), a sequence-first layout or train-mode batch statistics break it; test on one sample.
+            gen = torch.Generator(device=outputs.device).manual_seed(seed + bi)
+            j = int(torch.randint(b, (1,), generator=gen, device=outputs.device))
+            probe = torch.zeros_like(outputs)
+            probe[j] = torch.randn(outputs.shape[1:], generator=gen, device=outputs.device, dtype=outputs.dtype)
+            grads = torch.autograd.grad(outputs, [seen[n][0][1] for n in live], grad_outputs=probe,
+                                        retain_graph=True, allow_unused=True)
+            self.passes += 1
+            for n, gr in zip(live, grads):
+                x = seen[n][0][0]
+                if gr is not None and (gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any())
+                                       or bool(gr[j + 1:].any())):
+                    reasons[n] = "dim 0 of its input does not index the samples"
+            live = [n for n in live if n not in reasons]
+            if not live:
+                return
+        self.live, self.seen = live, seen
+        if hess is not None and per_sample <= max_directions:
+            self.mode, self.hess = "exact", hess
+            return
+        self.mode = "sampled"
+        self.factor = factor if factor is not None else EigenFactor(hess)
+        # the heaviest columns first, per sample
+        self.order = self.factor.masses.argsort(dim=1, descending=True)
+        self.tail_passes = 1 + int(bool((self.factor.sign < 0).any()))
+
+    def _norms(self, cot: Tensor, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Per-sample squared weight-gradient norms ``(B,)`` of ``<f_i, cot_i>`` for each live layer (one backward)."""
+        use = [n for n in (names if names is not None else self.live) if n in self.live]
+        if not use:
+            return {}
+        cot = cot.to(self.outputs.dtype).reshape(self.outputs.shape)
+        grads = torch.autograd.grad(self.outputs, [self.seen[n][0][1] for n in use], grad_outputs=cot,
+                                    retain_graph=True, allow_unused=True)
+        out = {}
+        for n, g in zip(use, grads):
+            if g is not None:  # unused by the loss: 0 here, and the Hutchinson checks name it
+                out[n] = per_sample_sq_norms(self.modules[n], self.seen[n][0][0], g)
+        return out
+
+    def _gather(self, per: dict[str, Tensor], index: dict[str, int], weight: Tensor | float,
+                per_sample: bool = False) -> Tensor:
+        """``(layers,)`` sums over samples of ``weight * norms`` (or ``(samples, layers)`` with ``per_sample``)."""
+        vals = torch.zeros(self.samples, len(index), dtype=torch.float64, device=self.outputs.device)
+        for n, v in per.items():
+            vals[:, index[n]] = v * weight
+        out = vals.cpu()
+        if not math.isfinite(float(out.sum())):
+            raise HawqError(f"hessian traces: non-finite per-sample gradients on batch {self.bi}")
+        return out if per_sample else out.sum(0)
+
+    def exact_sums(self, index: dict[str, int]) -> Tensor:
+        """This batch's exact traces: one backward pass per kept eigen-direction."""
+        evals, evecs = torch.linalg.eigh(self.hess.double())
+        top = float(evals.abs().max()) if evals.numel() else 0.0
+        keep = [k for k in range(evals.shape[1]) if float(evals[:, k].abs().max()) > DIRECTION_RTOL * top]
+        total = torch.zeros(len(index), dtype=torch.float64)
+        for k in keep:
+            total += self._gather(self._norms(evecs[:, :, k]), index, evals[:, k])
+        self.passes_exact = len(keep)
+        return total
+
+    def column_sums(self, m: int, index: dict[str, int]) -> Tensor:
+        """The exact part: each sample's ``m`` heaviest factor columns, one backward pass each."""
+        total = torch.zeros(len(index), dtype=torch.float64)
+        for k in range(m):
+            col, sign = self.factor.columns(self.order[:, k])
+            total += self._gather(self._norms(col), index, sign)
+        return total
+
+    def tail_values(self, probes: Any, m: int, index: dict[str, int], probe_seed: Any, seed: int,
+                    names: Sequence[str] | None = None) -> Tensor:
+        """``(len(probes), samples, layers)``: per probe and sample, the sampled columns' estimate
+        ``s ||d <f_i, A_i r_i> / dW||^2`` (Rademacher ``r_i`` off the ``m`` exact columns)."""
+        masses = self.factor.masses
+        rows = []
+        for j in probes:
+            gen = torch.Generator(device=masses.device).manual_seed(probe_seed(seed, "gn", self.bi, j))
+            r = torch.randint(0, 2, masses.shape, generator=gen, device=masses.device).to(masses.dtype) * 2 - 1
+            if m:
+                r.scatter_(1, self.order[:, :m], 0.0)
+            total = torch.zeros(self.samples, len(index), dtype=torch.float64)
+            for cot, sign in self.factor.tail(r):
+                total += self._gather(self._norms(cot, names), index, sign, per_sample=True)
+            rows.append(total)
+        return torch.stack(rows) if rows else torch.zeros(0, self.samples, len(index), dtype=torch.float64)

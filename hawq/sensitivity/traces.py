@@ -14,6 +14,7 @@ Two probing schemes, both unbiased for ``tr(H_ll)``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -35,7 +36,9 @@ from hawq.sensitivity.hvp import HessianOperator, LossFn, resolve_layers
 from hawq.sensitivity.losses import OutputLoss
 
 TRACES_FORMAT_VERSION = 1
-ESTIMATORS = ("hutchinson", "gauss_newton")  # TraceEstimate.estimator
+ESTIMATORS = ("hutchinson", "gauss_newton", "gn_sampled")  # TraceEstimate.estimator
+CURVATURES = ("hessian", "gauss_newton")  # which matrix's block trace: sensitivity.curvature
+NEGATIVE_Z = 2.0  # a Hutchinson trace below -NEGATIVE_Z standard errors is "significantly negative"
 
 
 @dataclass
@@ -44,9 +47,13 @@ class TraceEstimate:
 
     mean: float  # estimated trace
     std_err: float  # standard error of ``mean`` (sample std over probes / sqrt(n)); 0 when exact
-    n: int  # Hessian-vector products (hutchinson) or backward passes (gauss_newton) spent
+    n: int  # Hessian-vector products (hutchinson) or backward passes (gauss_newton, gn_sampled) spent
     numel: int  # number of weights in the layer (per-parameter trace = mean / numel)
-    estimator: str = "hutchinson"  # or "gauss_newton": exact, the block equals its Gauss-Newton block
+    estimator: str = "hutchinson"  # "gauss_newton": exact Gauss-Newton block trace; "gn_sampled": the same,
+    # from sampled output-space probes (unbiased, std_err from independent probes)
+    curvature: str = "hessian"  # "hessian" (tr H_ll; equal to the Gauss-Newton trace where the layer is
+    # certified piecewise linear) or "gauss_newton" (tr G_ll, positive semi-definite)
+    note: str = ""  # why this layer's curvature differs from the run's (e.g. a significantly negative trace)
 
 
 def probe_seed(seed: int, *key: object) -> int:
@@ -88,7 +95,7 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    meta: dict | None = None, method: str = "auto",
                    probing: str = "per_layer", probes_per_pass: int = 1,
                    variance_reduction: str = "nystrom", estimator: str = "auto",
-                   exact_directions: int | None = None) -> dict[str, TraceEstimate]:
+                   exact_directions: int | None = None, curvature: str = "hessian") -> dict[str, TraceEstimate]:
     """``tr(H_ll)`` for each layer's ``.weight`` block of the Hessian: exact where the network allows,
     Hutchinson's estimate elsewhere.
 
@@ -119,7 +126,19 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     piecewise linear (ReLU networks with eval-mode BatchNorm) gets its exact trace from one backward
     pass per output direction (:mod:`hawq.sensitivity.gauss_newton`; ``std_err`` 0,
     ``estimator="gauss_newton"``); the other layers get Hutchinson's estimate. "hutchinson": every
-    layer by Hutchinson's estimator.
+    layer by Hutchinson's estimator. With more output entries per sample than ``exact_directions``, the
+    same layers get ``estimator="gn_sampled"``: each sample's heaviest output directions exactly, the
+    rest from Rademacher output-space probes ``v_i = A_i r_i`` (``A_i A_i^T`` the loss Hessian in sample
+    ``i``'s outputs; one backward pass per probe for all layers), unbiased, each layer stopping on the
+    rule above; the cost does not grow with the number of outputs.
+
+    ``curvature``: "hessian" (default) measures ``tr(H_ll)``; a layer whose Hutchinson estimate is
+    significantly negative (below ``-NEGATIVE_Z`` standard errors: an indefinite block, which the
+    search would otherwise read as "quantization noise is free") gets its Gauss-Newton trace instead,
+    with ``curvature="gauss_newton"`` and a ``note`` saying why. "gauss_newton" measures the
+    Gauss-Newton trace ``tr(J_l^T (d^2 l) J_l)`` (positive semi-definite for a convex loss of the
+    outputs) of every layer with a per-sample norm formula (Conv2d, Linear, Embedding), certified
+    or not; it needs an ``OutputLoss`` and ``estimator="auto"``.
     """
     del meta  # the caller's record; nothing here depends on it
     if isinstance(max_probes, bool) or not isinstance(max_probes, int) or max_probes < 2:
@@ -134,21 +153,30 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"variance_reduction must be 'nystrom' or 'none', got {variance_reduction!r}")
     if estimator not in ("auto", "hutchinson"):
         raise HawqError(f"estimator must be 'auto' or 'hutchinson', got {estimator!r}")
+    if curvature not in CURVATURES:
+        raise HawqError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
+    if curvature == "gauss_newton" and (estimator != "auto" or not isinstance(loss_fn, OutputLoss)):
+        raise HawqError("curvature='gauss_newton' needs estimator='auto' and an OutputLoss (outputs and a loss "
+                        "on them, e.g. task_loss(task))")
     if exact_directions is not None and (isinstance(exact_directions, bool) or not isinstance(exact_directions, int)
                                          or exact_directions < 1):
         raise HawqError(f"exact_directions must be None or an integer >= 1, got {exact_directions!r}")
     batches = list(batches)
     all_names, all_weights = resolve_layers(model, layers)
     out: dict[str, TraceEstimate] = {}
+    # exact traces cost about one gradient per output direction; a Hutchinson run costs at least
+    # min_probes HVPs per layer, one HVP about 2.2 gradients (scripts/bench_sensitivity.py)
+    cap = exact_directions if exact_directions is not None else 2 * min_probes * len(all_names)
+    gn_kwargs = {"max_directions": cap, "seed": seed, "progress": progress, "tol": tol,
+                 "min_probes": min_probes, "max_probes": max_probes}
+    missing: dict[str, str] = {}
     if estimator == "auto" and isinstance(loss_fn, OutputLoss):
-        # exact traces cost about one gradient per output direction; a Hutchinson run costs at least
-        # min_probes HVPs per layer, one HVP about 2.2 gradients (scripts/bench_sensitivity.py)
-        cap = exact_directions if exact_directions is not None else 2 * min_probes * len(all_names)
-        exact, _ = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights, max_directions=cap,
-                                       seed=seed, progress=progress)
+        got, missing = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights,
+                                           certify=curvature == "hessian", **gn_kwargs)
         for name, w in zip(all_names, all_weights):
-            if name in exact:
-                out[name] = TraceEstimate(exact[name][0], 0.0, exact[name][1], w.numel(), "gauss_newton")
+            if name in got:
+                mean, err, n, kind = got[name]
+                out[name] = TraceEstimate(mean, err, n, w.numel(), kind, curvature)
     names = [n for n in all_names if n not in out]
     weights = [w for n, w in zip(all_names, all_weights) if n not in out]
     if not names:
@@ -164,8 +192,36 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
             spent = [s.shape[0] for s in samples]
     for name, s, n, w in zip(names, samples, spent, weights):
         mean, err = _summary(s[:, None])
-        out[name] = TraceEstimate(float(mean[0]), float(err[0]), int(n), w.numel())
+        note = (f"no Gauss-Newton trace ({missing.get(name, 'not measured')}): Hessian trace"
+                if curvature == "gauss_newton" else "")
+        out[name] = TraceEstimate(float(mean[0]), float(err[0]), int(n), w.numel(), note=note)
+    negative = [n for n in names if out[n].mean < -NEGATIVE_Z * out[n].std_err]
+    if negative and isinstance(loss_fn, OutputLoss):
+        _replace_negative(model, loss_fn, batches, negative, out, gn_kwargs,
+                          known_max=max((abs(t.mean) for t in out.values()), default=0.0))
     return {name: out[name] for name in all_names}
+
+
+def _replace_negative(model: nn.Module, loss_fn: OutputLoss, batches: list, negative: list[str],
+                      out: dict[str, TraceEstimate], gn_kwargs: dict[str, Any], known_max: float) -> None:
+    """The negative-trace rule: a significantly negative Hessian trace (an indefinite block) says
+    nothing about how much quantization noise costs, and read as a cost it would make every bit
+    width free for the layer; its Gauss-Newton trace (the positive semi-definite part of the same
+    curvature) replaces it, with a note. Layers without a per-sample norm formula keep the Hessian
+    trace and a note (the search then uses its magnitude, see hawq.search.allocate)."""
+    modules = dict(model.named_modules())
+    weights = [modules[n].weight for n in negative]
+    got, why = gauss_newton_traces(model, loss_fn, batches, negative, weights, certify=False,
+                                   known_max=known_max, **gn_kwargs)
+    for name in negative:
+        t = out[name]
+        was = f"Hessian trace {t.mean:.4g} +- {t.std_err:.2g} is significantly negative (indefinite block)"
+        if name in got:
+            mean, err, n, kind = got[name]
+            out[name] = TraceEstimate(mean, err, t.n + n, t.numel, kind, "gauss_newton",
+                                      f"{was}: its Gauss-Newton trace is used")
+        else:
+            out[name] = dataclasses.replace(t, note=f"{was}; no Gauss-Newton trace ({why[name]})")
 
 
 def _probes_needed(std: float, target: float) -> float:
@@ -392,16 +448,17 @@ def load_traces(path: str | os.PathLike) -> tuple[dict[str, TraceEstimate], dict
     out: dict[str, TraceEstimate] = {}
     for name, rec in data["layers"].items():
         fields = {"mean", "std_err", "n", "numel"}
-        if not isinstance(rec, dict) or not fields <= set(rec) <= fields | {"estimator"}:
+        if not isinstance(rec, dict) or not fields <= set(rec) <= fields | {"estimator", "curvature", "note"}:
             raise HawqError(f"traces file {path}: layer '{name}' must have exactly mean, std_err, n, numel "
-                            "(and optionally estimator)")
+                            "(and optionally estimator, curvature, note)")
         try:
             t = TraceEstimate(float(rec["mean"]), float(rec["std_err"]), int(rec["n"]), int(rec["numel"]),
-                              str(rec.get("estimator", "hutchinson")))
+                              str(rec.get("estimator", "hutchinson")), str(rec.get("curvature", "hessian")),
+                              str(rec.get("note", "")))
         except (TypeError, ValueError):
             raise HawqError(f"traces file {path}: layer '{name}' has a non-numeric field") from None
         if (not math.isfinite(t.mean) or t.numel < 1 or t.estimator not in ESTIMATORS
-                or t.n < (1 if t.estimator == "hutchinson" else 0)):
+                or t.curvature not in CURVATURES or t.n < (0 if t.estimator == "gauss_newton" else 1)):
             raise HawqError(f"traces file {path}: layer '{name}' has an invalid estimate {rec}")
         out[name] = t
     meta = data.get("meta", {})
