@@ -178,14 +178,29 @@ def _dataloader_hv_product(model: nn.Module, criterion: Criterion, batches: list
     return [t / count for t in total]
 
 
-def backpack_memory_gb(case: Case, layers: list[str], samples: int) -> float:
-    """DiagGGNExact's peak working set for ``samples`` samples: it backpropagates the loss Hessian's
-    square root (one column per class) and forms per-sample weight Jacobians of the widest layer,
-    a (classes x samples x layer weights) float32 tensor; the 1.15 is measured (torchvision
-    ResNet-18, 8-32 samples, 10-100 classes: +0.85 / +3.0 / +7.3 GB)."""
+def backpack_memory_gb(case: Case, layers: list[str], samples: int, columns: int) -> float:
+    """BackPACK's peak working set for a GGN diagonal of ``samples`` samples: it backpropagates
+    ``columns`` columns of the loss Hessian's square root (all classes for DiagGGNExact, one per MC
+    sample for DiagGGNMC) and forms per-sample weight Jacobians of the widest layer, a (columns x
+    samples x layer weights) float32 tensor; the 1.15 is measured (torchvision ResNet-18 DiagGGNExact,
+    8-32 samples, 10-100 classes: +0.85 / +3.0 / +7.3 GB)."""
     modules = dict(case.model.named_modules())
     widest = max(modules[n].weight.numel() for n in layers)
-    return 1.15 * 4 * case.classes * samples * widest / 2**30
+    return 1.15 * 4 * columns * samples * widest / 2**30
+
+
+def backpack_chunks(case: Case, layers: list[str], columns: int, limit_gb: float,
+                    split_columns: bool) -> tuple[int, int, float]:
+    """(samples per chunk, columns per chunk, GB) that fit ``limit_gb``: MC samples are split first
+    (independent draws: any split is the same estimator), then the batch (the loss is a mean over
+    samples: chunks add up exactly). Neither changes the arithmetic per sample, so the peer keeps its speed."""
+    samples = len(case.batches[0][0])
+    cols = columns
+    while split_columns and cols > 1 and backpack_memory_gb(case, layers, samples, cols) > limit_gb:
+        cols = (cols + 1) // 2
+    while samples > 1 and backpack_memory_gb(case, layers, samples, cols) > limit_gb:
+        samples = (samples + 1) // 2
+    return samples, cols, backpack_memory_gb(case, layers, samples, cols)
 
 
 def _backpack_model(case: Case, layers: list[str]) -> tuple[nn.Module, nn.Module, list[str]]:
@@ -204,9 +219,11 @@ def _backpack_model(case: Case, layers: list[str]) -> tuple[nn.Module, nn.Module
 
 
 def backpack_traces(case: Case, layers: list[str], extension: str, chunk: int, mc_samples: int = 1,
-                    seed: int = 0) -> tuple[dict[str, float], float]:
+                    mc_chunk: int = 1, seed: int = 0) -> tuple[dict[str, float], float]:
     """Per-layer sums of BackPACK's GGN diagonal (of the mean loss over all batches) and the CPU seconds
-    of the backward passes with the extension (model conversion excluded: done once, outside)."""
+    of the backward passes with the extension (model conversion excluded: done once, outside).
+    ``extension``: "exact" (DiagGGNExact) or "mc" (DiagGGNMC with ``mc_samples`` samples, drawn
+    ``mc_chunk`` per backward pass)."""
     from backpack import backpack
     from backpack.extensions import DiagGGNExact, DiagGGNMC
 
@@ -215,23 +232,26 @@ def backpack_traces(case: Case, layers: list[str], extension: str, chunk: int, m
     attr = "diag_ggn_exact" if extension == "exact" else "diag_ggn_mc"
     total = {n: 0.0 for n in pnames}
     count = sum(len(x) for x, _ in case.batches)
+    rounds = [1] if extension == "exact" else [min(mc_chunk, mc_samples - k) for k in range(0, mc_samples, mc_chunk)]
     cpu = 0.0
     torch.manual_seed(seed)  # DiagGGNMC samples labels from the model's predictive distribution
-    for x, y in case.batches:
-        for i in range(0, len(x), chunk):
-            xs, ys = x[i:i + chunk], y[i:i + chunk]
-            ext = DiagGGNExact() if extension == "exact" else DiagGGNMC(mc_samples=mc_samples)
-            t0 = time.process_time()
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xs), ys)
-            with backpack(ext), warnings.catch_warnings():
-                # BackPACK's module hooks fire although the inputs need no gradient: expected here
-                warnings.filterwarnings("ignore", "Full backward hook is firing")
-                loss.backward()
-            sums = {n: float(getattr(params[n], attr).double().sum()) for n in pnames}
-            cpu += time.process_time() - t0
-            for n in pnames:  # mean loss over chunks = size-weighted mean of the chunks' mean losses
-                total[n] += sums[n] * len(xs) / count
+    for m in rounds:
+        weight = 1.0 if extension == "exact" else m / mc_samples  # the mean over all MC samples
+        for x, y in case.batches:
+            for i in range(0, len(x), chunk):
+                xs, ys = x[i:i + chunk], y[i:i + chunk]
+                ext = DiagGGNExact() if extension == "exact" else DiagGGNMC(mc_samples=m)
+                t0 = time.process_time()
+                model.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xs), ys)
+                with backpack(ext), warnings.catch_warnings():
+                    # BackPACK's module hooks fire although the inputs need no gradient: expected here
+                    warnings.filterwarnings("ignore", "Full backward hook is firing")
+                    loss.backward()
+                sums = {n: float(getattr(params[n], attr).double().sum()) for n in pnames}
+                cpu += time.process_time() - t0
+                for n in pnames:  # mean loss over chunks = size-weighted mean of the chunks' mean losses
+                    total[n] += weight * sums[n] * len(xs) / count
     model.zero_grad(set_to_none=True)
     return {n[: -len(".weight")]: v for n, v in total.items()}, cpu
 
@@ -254,17 +274,25 @@ def run_hawq(case: Case, seed: int, extra: dict[str, Any]) -> dict[str, TraceEst
                           min_probes=case.min_probes, seed=seed, progress=False, **extra)
 
 
+def curvature_of(t: TraceEstimate) -> str:
+    """Which matrix hawq measured for a layer ("hessian", or "gauss_newton" where it replaced an
+    indefinite block); older hawq versions measure the Hessian everywhere."""
+    return getattr(t, "curvature", "hessian")
+
+
 def describe_hawq(ours: dict[str, TraceEstimate]) -> str:
-    by: dict[str, list[TraceEstimate]] = {}
+    by: dict[tuple[str, str], list[TraceEstimate]] = {}
     for t in ours.values():
-        by.setdefault(t.estimator, []).append(t)
+        by.setdefault((t.estimator, curvature_of(t)), []).append(t)
     parts = []
-    for est, ts in sorted(by.items()):
+    for (est, curv), ts in sorted(by.items()):
+        what = f"{len(ts)} layer(s) {est}" + ("" if curv == "hessian" else f" of the {curv} curvature")
         if all(t.std_err == 0 for t in ts):
-            parts.append(f"{len(ts)} layer(s) {est} exact ({max(t.n for t in ts)} backward passes)")
+            parts.append(f"{what} exact ({max(t.n for t in ts)} backward passes)")
         else:
-            parts.append(f"{len(ts)} layer(s) {est} ({sum(t.n for t in ts)} products, "
-                         f"{min(t.n for t in ts)}..{max(t.n for t in ts)} per layer)")
+            unit = "HVPs" if est == "hutchinson" else "backward passes"
+            parts.append(f"{what} ({sum(t.n for t in ts)} {unit}, {min(t.n for t in ts)}..{max(t.n for t in ts)} "
+                         "per layer)")
     return "; ".join(parts)
 
 
@@ -290,7 +318,11 @@ def run_case(key: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     c_ours = time.process_time() - c0
     print(f"   hawq: CPU {c_ours:8.2f} s; {describe_hawq(ours)}", flush=True)
     res["hawq"] = {"cpu_s": c_ours, "how": describe_hawq(ours),
-                   "traces": {n: [t.mean, t.std_err, t.n, t.estimator] for n, t in ours.items()}}
+                   "traces": {n: [t.mean, t.std_err, t.n, t.estimator, curvature_of(t)] for n, t in ours.items()},
+                   "notes": {n: t.note for n, t in ours.items() if getattr(t, "note", "")}}
+    for n, t in ours.items():
+        if getattr(t, "note", ""):
+            print(f"   hawq note on {n}: {t.note}")
     floor = case.tol * 1e-3 * max(abs(t.mean) for t in ours.values())
 
     # PyHessian per layer
@@ -299,17 +331,24 @@ def run_case(key: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     c_base = time.process_time() - c0
     capped = [n for n in layers if base[n].n >= case.max_probes
               and base[n].std_err > max(case.tol * abs(base[n].mean), floor)]
+    # PyHessian measures the Hessian: compare only where hawq did too (it may switch an indefinite
+    # block to the Gauss-Newton curvature, a different, positive semi-definite matrix)
+    same = [n for n in layers if curvature_of(ours[n]) == "hessian"]
     z_base = {n: z_score(ours[n].mean, ours[n].std_err, base[n].mean, base[n].std_err) for n in layers}
-    worst = max(layers, key=lambda n: z_base[n])
+    worst = max(same, key=lambda n: z_base[n]) if same else None
+    agree = (f"worst {z_base[worst]:.2f} standard errors ({worst})" if worst else "none (no layer on the Hessian)")
+    if len(same) < len(layers):
+        agree += f"; {len(layers) - len(same)} layer(s) on the Gauss-Newton curvature not compared"
     print(f"   PyHessian per layer: CPU {c_base:8.2f} s, {sum(t.n for t in base.values())} HVPs "
           f"({min(t.n for t in base.values())}..{max(t.n for t in base.values())} per layer) -> "
-          f"{c_base / c_ours:.2f}x; agreement: worst {z_base[worst]:.2f} standard errors ({worst})", flush=True)
+          f"{c_base / c_ours:.2f}x; agreement: {agree}", flush=True)
     if capped:
         print(f"   WARNING: PyHessian hit its budget of {case.max_probes} probes before tol on {len(capped)} "
               f"layer(s) ({', '.join(capped[:4])}{', ...' if len(capped) > 4 else ''}): its time is a lower "
               "bound there (less precise than asked)")
     res["pyhessian"] = {"cpu_s": c_base, "ratio": c_base / c_ours, "hvps": sum(t.n for t in base.values()),
-                        "capped_layers": capped, "worst_z": z_base[worst], "worst_layer": worst,
+                        "capped_layers": capped, "worst_z": z_base[worst] if worst else None, "worst_layer": worst,
+                        "compared_layers": len(same),
                         "traces": {n: [t.mean, t.std_err, t.n] for n, t in base.items()}}
 
     res["backpack"] = backpack_case(case, layers, ours, c_ours, floor, args)
@@ -319,7 +358,8 @@ def run_case(key: str, case: Case, args: argparse.Namespace) -> dict[str, Any]:
     gex = res["backpack"].get("exact", {}).get("traces") or {}
     for n in layers:
         a, b = ours[n], base[n]
-        line = f"   {n[-44:]:<44s} {a.mean:11.4g} {a.std_err:8.2g} {b.mean:11.4g} {b.std_err:8.2g} {z_base[n]:6.2f}"
+        z = f"{z_base[n]:6.2f}" if n in same else "    GN"
+        line = f"   {n[-44:]:<44s} {a.mean:11.4g} {a.std_err:8.2g} {b.mean:11.4g} {b.std_err:8.2g} {z}"
         if gex:
             line += f" {gex[n]:11.4g}"
         print(line)
@@ -342,11 +382,7 @@ def backpack_case(case: Case, layers: list[str], ours: dict[str, TraceEstimate],
         return {"skipped": why}
     out: dict[str, Any] = {}
     # exact GGN diagonal, in chunks that fit the memory limit
-    batch = len(case.batches[0][0])
-    chunk = batch
-    while chunk > 1 and backpack_memory_gb(case, layers, chunk) > args.backpack_gb:
-        chunk = (chunk + 1) // 2
-    need = backpack_memory_gb(case, layers, chunk)
+    chunk, _, need = backpack_chunks(case, layers, case.classes, args.backpack_gb, split_columns=False)
     if need > args.backpack_gb:
         why = (f"needs ~{need:.1f} GB even for one sample ({case.classes} classes x the widest layer's weights; "
                f"limit --backpack-gb {args.backpack_gb:g})")
@@ -367,23 +403,28 @@ def backpack_case(case: Case, layers: list[str], ours: dict[str, TraceEstimate],
         out["exact"] = {"cpu_s": cpu, "ratio": cpu / c_ours, "chunk": chunk, "memory_gb": need,
                         "max_rel_diff_exact": rel, "worst_z_sampled": max(zs) if zs else None, "traces": traces}
     # Monte Carlo GGN diagonal at hawq's standard error
-    pilots = [backpack_traces(case, layers, "mc", batch, 1, seed=1000 + k)[0] for k in range(args.mc_pilot)]
+    chunk, _, _ = backpack_chunks(case, layers, 1, args.backpack_gb, split_columns=True)
+    pilots = [backpack_traces(case, layers, "mc", chunk, 1, seed=1000 + k)[0] for k in range(args.mc_pilot)]
     sigma = {n: _std([p[n] for p in pilots]) for n in layers}
     target = {n: ours[n].std_err if ours[n].std_err > 0 else max(case.tol * abs(ours[n].mean), floor) for n in layers}
     need_m = max(math.ceil(sigma[n] ** 2 / target[n] ** 2) for n in layers)
     worst = max(layers, key=lambda n: sigma[n] ** 2 / target[n] ** 2)
     m = max(1, min(need_m, args.mc_cap))
-    traces, cpu = backpack_traces(case, layers, "mc", batch, m, seed=args.seed)
+    chunk, m_chunk, _ = backpack_chunks(case, layers, m, args.backpack_gb, split_columns=True)
+    traces, cpu = backpack_traces(case, layers, "mc", chunk, m, m_chunk, seed=args.seed)
     se = {n: sigma[n] / math.sqrt(m) for n in layers}
     zs = {n: z_score(ours[n].mean, ours[n].std_err, traces[n], se[n]) for n in layers}
     zworst = max(layers, key=lambda n: zs[n])
-    print(f"   BackPACK DiagGGNMC: {m} MC sample(s) (its single-sample spread from {args.mc_pilot} pilot runs; "
+    split = f", {m_chunk} per pass" if m_chunk < m else ""
+    split += f", chunks of {chunk} samples" if chunk < len(case.batches[0][0]) else ""
+    print(f"   BackPACK DiagGGNMC: {m} MC sample(s){split} (its single-sample spread from {args.mc_pilot} pilot runs; "
           f"{need_m} needed for hawq's standard error on every layer, set by {worst}): CPU {cpu:8.2f} s -> "
           f"{cpu / c_ours:.2f}x; agreement: worst {zs[zworst]:.2f} standard errors ({zworst})", flush=True)
     if need_m > m:
         print(f"   WARNING: DiagGGNMC capped at --mc-cap {args.mc_cap} samples (needed {need_m}): its standard error "
               f"is up to {math.sqrt(need_m / m):.1f}x hawq's, its time a lower bound")
-    out["mc"] = {"cpu_s": cpu, "ratio": cpu / c_ours, "samples": m, "samples_needed": need_m, "capped": need_m > m,
+    out["mc"] = {"cpu_s": cpu, "ratio": cpu / c_ours, "samples": m, "samples_per_pass": m_chunk, "chunk": chunk,
+                 "samples_needed": need_m, "capped": need_m > m,
                  "pilot_runs": args.mc_pilot, "worst_z": zs[zworst], "worst_layer": zworst,
                  "traces": {n: [traces[n], se[n]] for n in layers}}
     del case._backpack  # type: ignore[attr-defined]
@@ -685,7 +726,8 @@ def summary_table(results: dict[str, dict[str, Any]]) -> list[str]:
                 if "cpu_s" in mc else "skipped")
         ph = r["pyhessian"]
         cap = f", {len(ph['capped_layers'])} layer(s) at budget" if ph["capped_layers"] else ""
-        agree = f"{ph['worst_z']:.2f}" + (f" / {mc['worst_z']:.2f}" if "worst_z" in mc else "")
+        agree = ("n/a" if ph["worst_z"] is None else f"{ph['worst_z']:.2f}") + (
+            f" / {mc['worst_z']:.2f}" if "worst_z" in mc else "")
         rows.append(f"| {key}: {r['title']} | {r['hawq']['cpu_s']:.2f} | {ph['cpu_s']:.2f} (**{ph['ratio']:.2f}x**"
                     f"{cap}) | {ex_s} | {mc_s} | {agree} |")
     return rows
