@@ -70,3 +70,20 @@ def test_case_builders():
     with pytest.raises(SystemExit, match="unknown case"):
         bench.parse_cases("fashion,nope")
     assert set(bench.DEFAULT_CASES) <= set(bench.CASES)
+
+
+def test_backpack_chunks_split_mc_samples_first_then_the_batch_and_add_up_exactly():
+    pytest.importorskip("backpack")
+    from hawq.layers import quantizable_layers
+
+    case = bench.case_tiny(0)
+    layers = quantizable_layers(case.model)
+    one = bench.backpack_memory_gb(case, layers, 1, 1)
+    assert bench.backpack_chunks(case, layers, 64, 1e9, split_columns=True)[:2] == (4, 64)
+    assert bench.backpack_chunks(case, layers, 64, 4 * 8 * one, split_columns=True)[:2] == (4, 8)
+    assert bench.backpack_chunks(case, layers, 20, 2 * one, split_columns=False)[:2] == (1, 20)
+    case._backpack = bench._backpack_model(case, layers)
+    whole, _ = bench.backpack_traces(case, layers, "exact", 4)
+    split, _ = bench.backpack_traces(case, layers, "exact", 1)
+    for n in layers:
+        assert split[n] == pytest.approx(whole[n], rel=1e-5)
