@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -69,6 +69,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:  # an enum setting: one of the listed values, checked before any work
+        allowed = typing.get_args(tp)
+        if any(value == a and type(value) is type(a) for a in allowed):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise HawqError(f"config key '{key}': expected one of {', '.join(repr(a) for a in allowed)}, "
+                        f"got {value!r}{hint}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

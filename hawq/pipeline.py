@@ -330,10 +330,13 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
     meta = {"key": key, "bn_mode": scfg.bn_mode, "label_free": scfg.label_free, "normalize": scfg.normalize,
             "batches": len(all_batches), "batch_size": scfg.batch_size, "seed": kwargs["seed"],
             "tol": scfg.tol, "min_probes": scfg.min_probes, "max_probes": scfg.max_probes,
-            "variance_reduction": scfg.variance_reduction, "estimator": scfg.estimator,
+            "variance_reduction": scfg.variance_reduction, "estimator": scfg.estimator, "curvature": scfg.curvature,
             "exact_layers": sorted(n for n, t in traces.items() if t.estimator == "gauss_newton"),
+            "sampled_layers": sorted(n for n, t in traces.items() if t.estimator == "gn_sampled"),
+            "curvature_notes": {n: t.note for n, t in traces.items() if t.note},
             "hvps": sum(t.n for t in traces.values() if t.estimator == "hutchinson"),
-            "backward_passes": max((t.n for t in traces.values() if t.estimator == "gauss_newton"), default=0),
+            "backward_passes": max((t.n for t in traces.values() if t.estimator in ("gauss_newton", "gn_sampled")),
+                                   default=0),
             "seconds": round(elapsed, 3), "device": str(run.device), "processes": world}
     spectrum_batches = D.shard(all_batches[: scfg.spectrum_batches])
     spectrum, density = _spectrum(run, model, loss_fn, [run.task.to_device(b, run.device) for b in spectrum_batches],

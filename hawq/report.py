@@ -163,12 +163,22 @@ def markdown_report(report: dict[str, Any]) -> str:
     sens = report.get("sensitivity") or {}
     if sens:
         exact = sens.get("exact_layers") or []
+        sampled = sens.get("sampled_layers") or []
+        curvature = sens.get("curvature", "hessian")
+        what = "Gauss-Newton traces" if curvature == "gauss_newton" else "Hessian traces"
         parts += ["## Sensitivity", "",
-                  f"- Hessian traces: {sens.get('batches')} batch(es) of {sens.get('batch_size')}, "
+                  f"- {what} (curvature: {curvature}): {sens.get('batches')} batch(es) of {sens.get('batch_size')}, "
                   f"BN in {sens.get('bn_mode')} mode, {sens.get('seconds')} s on {sens.get('device')}"]
         if exact:
-            parts.append(f"- exact (Gauss-Newton identity, the network is piecewise linear in the layer): "
-                         f"{len(exact)} layer(s), {sens.get('backward_passes')} backward pass(es) in all")
+            why = ("" if curvature == "gauss_newton"
+                   else ", the Gauss-Newton identity: the network is piecewise linear in the layer")
+            parts.append(f"- exact{why}: {len(exact)} layer(s), {sens.get('backward_passes')} backward pass(es) "
+                         "in all")
+        if sampled:
+            parts.append(f"- sampled output-space probes (estimator gn_sampled, unbiased, tol {sens.get('tol')}): "
+                         f"{len(sampled)} layer(s), {sens.get('backward_passes')} backward pass(es) in all")
+        for name, note in (sens.get("curvature_notes") or {}).items():
+            parts.append(f"- `{name}`: {note}")
         if sens.get("hvps", 0) or not exact:
             parts.append(f"- Hutchinson: tol {sens.get('tol')}, at most {sens.get('max_probes')} probes per layer "
                          f"({sens.get('hvps', '?')} Hessian-vector products in all, variance reduction "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,3 +293,194 @@ def test_traces_json_records_the_estimator(tmp_path) -> None:
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(HawqError, match="invalid estimate"):
         load_traces(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------- sampled output-space probes (gn_sampled)
+def dense_gn_traces(model: nn.Module, loss_fn, batches: list, names: list[str]) -> dict[str, float]:
+    """tr(J_l^T (d^2 l) J_l) from dense Jacobians of the outputs and the per-sample output Hessians."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name in names:
+        w = params[name + ".weight"]
+        total = 0.0
+        for b in batches:
+            def f(flat: torch.Tensor, b=b, name=name, w=w) -> torch.Tensor:
+                call = lambda *args: functional_call(model, {name + ".weight": flat.view(w.shape)}, args)  # noqa: E731
+                return loss_fn.forward(call, b)
+            outputs = f(w.detach().reshape(-1))
+            jac = torch.autograd.functional.jacobian(f, w.detach().reshape(-1))
+            jac = jac.reshape(outputs.shape[0], -1, w.numel())  # (B, C, P)
+            hess, _ = output_hessian(outputs.detach(), lambda o, b=b: loss_fn.loss(o, b))
+            total += float(torch.einsum("bcp,bcd,bdp->", jac, hess, jac))
+        out[name] = total / len(batches)
+    return out
+
+
+def wide_relu_cnn(classes: int = 12) -> nn.Module:
+    torch.manual_seed(0)
+    model = ReluCNN(classes).double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def z_scores(model: nn.Module, loss_fn, batches: list, want: dict[str, float], seeds: int, **kw) -> torch.Tensor:
+    zs = []
+    for seed in range(seeds):
+        got = hessian_traces(model, loss_fn, batches, seed=seed, progress=False, **kw)
+        for name, value in want.items():
+            t = got[name]
+            assert t.estimator == "gn_sampled" and t.n > 0
+            if t.std_err <= 1e-9 * abs(value):  # a zero-variance layer (e.g. the head under an isotropic loss)
+                assert t.mean == pytest.approx(value, rel=1e-8)
+                continue
+            zs.append((t.mean - value) / t.std_err)
+    return torch.tensor(zs)
+
+
+def test_sampled_traces_are_unbiased_with_honest_errors() -> None:
+    """More classes (12) than the direction cap (3): eval BN, residual sum, strided/grouped convs."""
+    model, batches = wide_relu_cnn(), image_batches(n=2, classes=12)
+    names = ["c1", "c2", "c3", "fc"]
+    # cross-entropy: the analytic softmax factor; a weighted squared error: eigen-decomposed output Hessians
+    weights = torch.linspace(0.2, 3.0, 12, dtype=torch.float64)
+    weighted = OutputLoss(CE.forward, lambda o, b: 0.5 * (weights * (o - 1) ** 2).sum(1).mean())
+    for loss_fn in (CE, weighted):
+        want = dense_block_traces(model, loss_fn, batches, names)
+        assert want == pytest.approx(dense_gn_traces(model, loss_fn, batches, names), rel=1e-9)
+        z = z_scores(model, loss_fn, batches, want, seeds=8, tol=0.1, exact_directions=3)
+        assert z.numel() >= 20
+        assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+
+
+def test_sampled_traces_stop_on_the_usual_rule_and_are_deterministic() -> None:
+    model, batches = wide_relu_cnn(), image_batches(n=1, classes=12)
+    kw = {"exact_directions": 2, "min_probes": 4, "max_probes": 40, "progress": False}
+    loose = hessian_traces(model, CE, batches, tol=0.3, **kw)
+    tight = hessian_traces(model, CE, batches, tol=0.03, **kw)
+    for name in loose:
+        assert loose[name].std_err <= 0.3 * loose[name].mean or loose[name].n >= 40
+        assert tight[name].std_err <= 0.03 * tight[name].mean or tight[name].n >= 40
+    assert sum(t.n for t in tight.values()) > sum(t.n for t in loose.values())
+    assert hessian_traces(model, CE, batches, tol=0.3, **kw) == loose  # same seed, same numbers
+
+
+def test_saturated_softmax_is_not_read_as_coupled() -> None:
+    """A confident softmax has Hessian entries (~1e-31) below the rounding of its O(1) terms; the
+    block-diagonality check used to fail on them and send every layer to Hutchinson."""
+    logits = torch.tensor([[47.3, -35, -22.4, -23.5]] * 3)
+    labels = torch.zeros(3, dtype=torch.long)
+    got = output_hessian(logits, lambda o: F.cross_entropy(o, labels))
+    assert not isinstance(got, str), got
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[2].weight.mul_(60)
+        model[2].bias.copy_(torch.tensor([60.0, -40.0, -25.0, -20.0]))
+    batches = [(torch.randn(6, 5), torch.zeros(6, dtype=torch.long))]
+    assert float(torch.softmax(model(batches[0][0]).detach(), -1).max(-1).values.min()) > 1 - 1e-6
+    exact = hessian_traces(model, CE, batches, progress=False)
+    assert {t.estimator for t in exact.values()} == {"gauss_newton"}
+    sampled = hessian_traces(model, CE, batches, exact_directions=2, progress=False)
+    assert {t.estimator for t in sampled.values()} == {"gn_sampled"}
+    assert all(math.isfinite(t.mean) and t.mean >= 0 for t in sampled.values())
+
+
+def tanh_mlp(seed: int = 5) -> tuple[nn.Module, list]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    return model, [(x, 5 * torch.sign(torch.randn(16, 3, dtype=torch.float64)))]
+
+
+MSE = OutputLoss(lambda m, b: m(b[0]), lambda o, b: 0.5 * ((o - b[1]) ** 2).sum(1).mean())
+
+
+def test_gauss_newton_curvature_on_smooth_layers() -> None:
+    model, batches = tanh_mlp()
+    want = dense_gn_traces(model, MSE, batches, ["0", "2"])
+    got = hessian_traces(model, MSE, batches, curvature="gauss_newton", progress=False)
+    for name in ("0", "2"):  # the tanh layer is not certified, but its Gauss-Newton trace is exact
+        assert got[name].estimator == "gauss_newton" and got[name].curvature == "gauss_newton"
+        assert got[name].mean == pytest.approx(want[name], rel=1e-10)
+    gelu = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 7)).double()
+    with torch.no_grad():
+        gelu[2].weight.mul_(3)
+    labels = [(batches[0][0], torch.arange(16) % 7)]
+    want = dense_gn_traces(gelu, CE, labels, ["0", "2"])
+    z = []
+    for seed in range(6):
+        got = hessian_traces(gelu, CE, labels, curvature="gauss_newton", exact_directions=2, tol=0.1, seed=seed,
+                             progress=False)
+        for name in ("0", "2"):
+            assert got[name].estimator == "gn_sampled" and got[name].mean > 0
+            z.append((got[name].mean - want[name]) / got[name].std_err)
+    assert float(torch.tensor(z).abs().mean()) < 1.5 and max(abs(v) for v in z) < 5
+    with pytest.raises(HawqError, match="curvature='gauss_newton' needs"):
+        hessian_traces(model, lambda m, b: MSE(m, b), batches, curvature="gauss_newton", progress=False)
+    with pytest.raises(HawqError, match="curvature must be"):
+        hessian_traces(model, MSE, batches, curvature="psd", progress=False)
+
+
+def test_significantly_negative_hessian_trace_takes_the_gauss_newton_trace(tmp_path) -> None:
+    model, batches = tanh_mlp()
+    hessian = dense_block_traces(model, MSE, batches, ["0"])["0"]
+    assert hessian < -5  # the tanh's second-order term dominates: an indefinite block
+    got = hessian_traces(model, MSE, batches, tol=0.05, progress=False)
+    t = got["0"]
+    assert t.curvature == "gauss_newton" and t.estimator == "gauss_newton"
+    assert t.mean == pytest.approx(dense_gn_traces(model, MSE, batches, ["0"])["0"], rel=1e-10) and t.mean > 0
+    assert "significantly negative" in t.note and "Gauss-Newton trace is used" in t.note
+    assert got["2"].curvature == "hessian" and not got["2"].note  # certified: Hessian = Gauss-Newton
+    save_traces(tmp_path / "t.json", got, {})
+    assert load_traces(tmp_path / "t.json")[0] == got
+    # without an OutputLoss there is no Gauss-Newton trace: the Hessian estimate stays (the search
+    # then uses its magnitude)
+    plain = hessian_traces(model, lambda m, b: MSE(m, b), batches, tol=0.05, progress=False)
+    assert plain["0"].mean < 0 and plain["0"].curvature == "hessian"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_estimator_runs_on_cuda() -> None:
+    model, batches = wide_relu_cnn(), image_batches(n=2, classes=12)
+    cpu_exact = hessian_traces(model, CE, batches, progress=False)
+    cpu_sampled = hessian_traces(model, CE, batches, exact_directions=3, tol=0.1, progress=False)
+    gpu_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    model.cuda()
+    exact = hessian_traces(model, CE, gpu_batches, progress=False)
+    sampled = hessian_traces(model, CE, gpu_batches, exact_directions=3, tol=0.1, progress=False)
+    for name, t in exact.items():
+        assert t.estimator == "gauss_newton" and t.mean == pytest.approx(cpu_exact[name].mean, rel=1e-8)
+        s, c = sampled[name], cpu_sampled[name]
+        assert s.estimator == "gn_sampled" and abs(s.mean - c.mean) <= 5 * math.hypot(s.std_err, c.std_err)
+    smooth, smooth_batches = tanh_mlp()
+    smooth.cuda()
+    smooth_batches = [(x.cuda(), t.cuda()) for x, t in smooth_batches]
+    hess = hessian_traces(smooth, MSE, smooth_batches, tol=0.1, progress=False)  # Hutchinson + the negative rule
+    assert hess["0"].curvature == "gauss_newton" and hess["2"].estimator == "gauss_newton"
+    gn = hessian_traces(smooth, MSE, smooth_batches, curvature="gauss_newton", exact_directions=1, tol=0.1,
+                        progress=False)
+    assert {t.estimator for t in gn.values()} == {"gn_sampled"}
+
+
+def test_sampled_traces_for_token_outputs_with_ignored_tokens() -> None:
+    """(B, T, C) outputs, cross-entropy per token with ignored positions: the softmax factor per position."""
+    from hawq.sensitivity.gauss_newton import _loss_gradient, softmax_cross_entropy_factor
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.ReLU(), nn.Linear(6, 9)).double()
+    ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, 9, (5, 4), generator=torch.Generator().manual_seed(3))
+    labels[:, -1] = -100  # padding
+    tokens = OutputLoss(lambda m, b: m(b[0]), lambda o, b: F.cross_entropy(o.flatten(0, 1), b[1].flatten()))
+    batches = [(ids, labels)]
+    outputs = model(ids)
+    leaf, g = _loss_gradient(outputs, lambda o: tokens.loss(o, batches[0]))
+    factor = softmax_cross_entropy_factor(outputs, g, leaf)
+    assert factor is not None and float(factor.alpha[:, -1].abs().max()) == 0  # ignored tokens: no curvature
+    want = dense_block_traces(model, tokens, batches, ["0", "2"])
+    z = z_scores(model, tokens, batches, want, seeds=6, tol=0.1, exact_directions=4)
+    assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z

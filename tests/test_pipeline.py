@@ -95,6 +95,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--set", "data.root=/nonexistent/fmnist"], "Fashion-MNIST folder not found: /nonexistent/fmnist"),
     (["--set", "search.budget.size_mbb=1"], "unknown config key 'search.budget.size_mbb'"),
     (["--config", "missing.yaml"], "config file not found"),
+    (["--set", "sensitivity.curvature=psd"], "config key 'sensitivity.curvature': expected one of 'hessian', "),
 ])
 def test_bad_input_one_line_exit_2_no_run_folder(tmp_path, args, message):
     argv = list(args)

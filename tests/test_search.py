@@ -315,5 +315,11 @@ def test_coupled_activation_and_negative_trace(small):
     alloc = allocate_bits(model, noisy, costs, cfg)
     assert all(b.weight == b.activation for b in alloc.bits.values())  # options are (w, w) only
     assert {b.weight for b in alloc.bits.values()} == {4, 8}
-    assert alloc.bits["fc"] == LayerBits(4, 4)  # a clamped (zero) trace makes the layer free to shrink
     assert any("negative trace" in note and "fc" in note for note in alloc.notes)
+    # a negative trace costs what its magnitude would, never 0 (which would make every width free)
+    positive = allocate_bits(model, dict(traces) | {"fc": {"mean": 3.0}}, costs, cfg)
+    assert alloc.bits == positive.bits and alloc.objective == pytest.approx(positive.objective)
+    sensitive = dict(traces) | {"fc": {"mean": -1e6}}
+    assert allocate_bits(model, sensitive, costs, cfg).bits["fc"] == LayerBits(8, 8)
+    noted = dict(traces) | {"fc": {"mean": 3.0, "note": "Hessian trace -2 +- 0.1 is significantly negative"}}
+    assert any(n.startswith("fc: Hessian trace -2") for n in allocate_bits(model, noted, costs, cfg).notes)

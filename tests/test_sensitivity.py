@@ -414,9 +414,13 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         top = top_eigenvalues(make_mlp(), ce_loss, mine, max_iter=30, tol=1e-9, progress=False)
         # exact Gauss-Newton traces for the last layer (nothing nonlinear after it), Hutchinson for the rest
         gn = hessian_traces(make_mlp(), CE_OUTPUTS, mine, tol=0.0, max_probes=12, min_probes=12, progress=False)
+        # sampled output-space probes (cap 1 direction): independent probes per rank, all-reduced rounds
+        sampled = hessian_traces(make_mlp(), CE_OUTPUTS, mine, tol=0.05, max_probes=30, min_probes=4,
+                                 exact_directions=1, progress=False)
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump({"traces": {k: [t.mean, t.std_err] for k, t in traces.items()}, "top": top.values,
                        "gn": {k: [t.mean, t.std_err, t.estimator] for k, t in gn.items()},
+                       "sampled": {k: [t.mean, t.std_err, t.n, t.estimator] for k, t in sampled.items()},
                        "cv": {k: [t.mean, t.std_err] for k, t in cv.items()}}, f)
     finally:
         dist.destroy_process_group()
@@ -446,6 +450,12 @@ def test_distributed_equals_single_process(tmp_path) -> None:
         for name, t in gn.items():
             assert got["gn"][name] == [pytest.approx(t.mean, rel=1e-10), pytest.approx(t.std_err, rel=1e-8),
                                        t.estimator]
+        # another draw than one process (probes depend on the rank), the same on both ranks, within errors
+        assert got["sampled"] == json.loads((tmp_path / "rank0.json").read_text())["sampled"]
+        name = list(gn)[-1]
+        mean, err, _, estimator = got["sampled"][name]
+        assert estimator == "gn_sampled" and 0 < err <= 0.05 * mean
+        assert abs(mean - gn[name].mean) <= 5 * err
 
 
 def test_batched_probes_and_config_kwargs() -> None:

@@ -11,6 +11,15 @@ whose clipping range is +-4 standard deviations of its input (step ``8 sigma / (
 ``step^2 / 12``). Quantizing a layer's input with relative noise ``eps2`` perturbs its output
 like a relative weight perturbation of the same power, hence the ``||W||^2`` factor. It is a model,
 not a measurement: it only ranks activation widths against weight widths within one layer.
+
+``trace_l`` must not be negative. ``E[dL] ~ tr(H_ll) sigma^2 / 2`` for isotropic weight noise, so a
+negative trace would make more noise *lower* the objective and send the layer to the fewest bits --
+but a negative trace means an indefinite block (or estimator noise), where the quadratic model says
+nothing about the cost of noise. The sensitivity stage therefore replaces a significantly negative
+Hessian trace by the layer's Gauss-Newton trace (positive semi-definite; ``TraceEstimate.note`` says
+so, and the search repeats the note). Any negative trace that still arrives here (noise around zero,
+or a layer without a Gauss-Newton formula) is used at its magnitude ``|trace_l|``: the curvature is
+that large in some directions, so the layer costs as much as a layer with that positive trace, never 0.
 """
 
 from __future__ import annotations
@@ -158,6 +167,12 @@ def _trace_of(traces: Mapping[str, Any], name: str) -> tuple[float, int | None]:
     return float(mean), (int(numel) if numel else None)
 
 
+def _note_of(traces: Mapping[str, Any], name: str) -> str:
+    t = traces[name]
+    note = t.get("note") if isinstance(t, Mapping) else getattr(t, "note", None)
+    return note if isinstance(note, str) else ""
+
+
 def _resolve_table(cfg: SearchConfig,
                    latency_table: LatencyTable | str | os.PathLike | None) -> LatencyTable | None:
     if isinstance(latency_table, LatencyTable):
@@ -211,9 +226,11 @@ def build_search_problem(model: nn.Module, traces: Mapping[str, Any], costs: Map
             objective[n] = {options[n][0]: 0.0}  # fully pinned: a constant, no trace needed
             continue
         mean, numel = _trace_of(traces, n)
-        if mean < 0:
+        if _note_of(traces, n):
+            notes.append(f"{n}: {_note_of(traces, n)}")
+        if mean < 0:  # the module docstring: a negative curvature is not "noise is free"
             negative.append(n)
-            mean = 0.0
+            mean = -mean
         per_param = mean / (numel or costs[n].weight_numel)
         w_sq = float(modules[n].weight.detach().double().pow(2).sum()) if acts_vary else 0.0
         row = {}
@@ -223,7 +240,8 @@ def build_search_problem(model: nn.Module, traces: Mapping[str, Any], costs: Map
             row[(w, a)] = per_param * (perturbations[n][w] + w_sq * activation_noise(a))
         objective[n] = row
     if negative:
-        notes.append(f"negative trace estimates clamped to 0 (noise): {', '.join(negative)}")
+        notes.append(f"negative trace estimates used at their magnitude |trace| (a negative curvature does not "
+                     f"make quantization noise free): {', '.join(negative)}")
 
     # Resources. Size: a quantized weight costs w bits per entry plus 32-bit scales; the rest of the
     # model (BN, biases, non-searched layers) is a constant offset at 32 bits.

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -22,6 +22,9 @@ class SensitivityConfig:
     exact_directions: int | None = None  # most output directions (backward passes per batch) an exact trace
     # may spend; None: 2 * min_probes * layers. Raise it for 1000-class heads on a GPU.
     variance_reduction: str = "nystrom"  # "nystrom" (Nyström++ control variate for slow layers) or "none"
+    curvature: Literal["hessian", "gauss_newton"] = "hessian"  # "hessian": tr(H_ll), except that a layer whose
+    # Hessian trace is significantly negative (indefinite block) gets its Gauss-Newton trace, with a note;
+    # "gauss_newton": the (PSD) Gauss-Newton trace of every Conv2d/Linear/Embedding layer
     hvp_method: str = "auto"  # "auto" (double backward, finite differences if unsupported), "autograd",
     # or "finite_difference"
 
@@ -33,4 +36,4 @@ class SensitivityConfig:
         """Keyword arguments of :func:`hawq.sensitivity.hessian_traces` taken from this config."""
         return {"tol": self.tol, "max_probes": self.max_probes, "min_probes": self.min_probes,
                 "seed": self.seed, "method": self.hvp_method, "variance_reduction": self.variance_reduction,
-                "estimator": self.estimator, "exact_directions": self.exact_directions}
+                "estimator": self.estimator, "exact_directions": self.exact_directions, "curvature": self.curvature}

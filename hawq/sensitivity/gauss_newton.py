@@ -70,6 +70,7 @@ BILINEAR_OPS = {
     "MulBackward0": (0, 1), "MvBackward0": (0, 1), "DotBackward0": (0, 1), "BaddbmmBackward0": (1, 2),
 }
 SUPPORTED_MODULES = (nn.Conv2d, nn.Linear, nn.Embedding)
+GENERIC_MAX_OUTPUTS = 1024  # a loss without a known factor needs C double backwards and an O(C^3) eigh per sample
 DIRECTION_RTOL = 1e-6  # output directions whose eigenvalues are all below this (relative) carry nothing
 _CHUNK_ELEMENTS = 1 << 25  # cap on intermediate tensors of the per-sample norms (128 MiB in float32)
 
@@ -310,71 +311,74 @@ class EigenFactor:
 
 
 class SoftmaxFactor:
-    """Softmax cross-entropy: ``H_i = alpha_i (diag(p_i) - p_i p_i^T) = A_i A_i^T`` with column ``c`` of
-    ``A_i`` equal to ``sqrt(alpha_i p_ic) (e_c - p_i)``: no decomposition, ``O(C)`` per column or probe.
-    ``1 - p_c`` of the most likely class is summed from the others, so a saturated softmax keeps its
-    (tiny) curvature exactly instead of rounding it to 0."""
+    """Softmax cross-entropy over the last output dim (any positions ``t`` before it): the block of
+    position ``t`` is ``alpha_it (diag(p_it) - p_it p_it^T)`` and factors as ``A A^T`` with column ``c``
+    equal to ``sqrt(alpha_it p_itc) (e_c - p_it)``: no decomposition, ``O(C)`` per column or probe and
+    position. Columns are numbered ``t * C + c``. ``1 - p`` of each position's most likely class is
+    summed from the others, so a saturated softmax keeps its (tiny) curvature instead of rounding it to 0."""
 
     def __init__(self, logits: Tensor, alpha: Tensor) -> None:
-        self.p = torch.softmax(logits.double(), dim=-1)
-        self.alpha = alpha
-        self.top = self.p.argmax(-1)
-        rows = torch.arange(self.p.shape[0], device=self.p.device)
-        rest = self.p.clone()
-        rest[rows, self.top] = 0
-        self.one_minus = 1 - self.p
-        self.one_minus[rows, self.top] = rest.sum(-1)  # 1 - p_top, without cancellation
+        b, c = logits.shape[0], logits.shape[-1]
+        self.p = torch.softmax(logits.detach().double(), dim=-1).reshape(b, -1, c)  # (B, positions, C)
+        self.alpha = alpha.reshape(b, -1)  # (B, positions)
+        self.top = self.p.argmax(-1, keepdim=True)
+        rest = self.p.scatter(-1, self.top, 0.0).sum(-1, keepdim=True)  # 1 - p_top, without cancellation
+        self.one_minus = (1 - self.p).scatter_(-1, self.top, rest)
         sq = self.p.square()
-        self.masses = alpha[:, None] * self.p * (self.one_minus.square() + sq.sum(-1, keepdim=True) - sq)
+        masses = self.alpha[..., None] * self.p * (self.one_minus.square() + sq.sum(-1, keepdim=True) - sq)
+        self.masses = masses.reshape(b, -1)
         self.sign = torch.ones_like(self.masses)
 
     def columns(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        rows = torch.arange(idx.shape[0], device=idx.device)
-        scale = (self.alpha * self.p[rows, idx]).sqrt()
-        col = -scale[:, None] * self.p
-        col[rows, idx] = scale * self.one_minus[rows, idx]
-        return col, self.sign[rows, idx]
+        b, positions, c = self.p.shape
+        rows = torch.arange(b, device=idx.device)
+        t, k = idx // c, idx % c
+        scale = (self.alpha[rows, t] * self.p[rows, t, k]).sqrt()
+        col = torch.zeros_like(self.p)
+        col[rows, t] = -scale[:, None] * self.p[rows, t]
+        col[rows, t, k] = scale * self.one_minus[rows, t, k]
+        return col.reshape(b, -1), self.sign[rows, idx]
 
     def tail(self, r: Tensor) -> list[tuple[Tensor, float]]:
         # A r = sqrt(alpha) (s - p sum(s)), s = sqrt(p) r; entry c as s_c (1 - p_c) - p_c sum_{d != c} s_d
-        rows = torch.arange(r.shape[0], device=r.device)
-        s = self.p.sqrt() * r
-        others = s.clone()
-        others[rows, self.top] = 0
-        rest_top = others.sum(-1, keepdim=True)  # sum over d != top, without cancellation
-        rest = rest_top + s[rows, self.top][:, None] - s  # sum over d != c for c != top
-        rest[rows, self.top] = rest_top[:, 0]
-        return [(self.alpha.sqrt()[:, None] * (s * self.one_minus - self.p * rest), 1.0)]
+        s = self.p.sqrt() * r.reshape(self.p.shape)
+        rest_top = s.scatter(-1, self.top, 0.0).sum(-1, keepdim=True)  # sum over d != top, no cancellation
+        rest = (rest_top + s.gather(-1, self.top) - s).scatter_(-1, self.top, rest_top)  # sum over d != c
+        out = self.alpha.sqrt()[..., None] * (s * self.one_minus - self.p * rest)
+        return [(out.reshape(r.shape[0], -1), 1.0)]
 
 
 def softmax_cross_entropy_factor(outputs: Tensor, g: Tensor, leaf: Tensor, seed: int = 0,
                                  rtol: float = 1e-4) -> SoftmaxFactor | None:
-    """A :class:`SoftmaxFactor` if the loss Hessian in the 2-D outputs is ``alpha_i (diag(p_i) - p_i p_i^T)``
-    with ``p_i = softmax(f_i)`` (cross-entropy, any targets, label smoothing, per-sample weights), else None.
+    """A :class:`SoftmaxFactor` if the loss Hessian in the outputs ``(B, ..., C)`` is, at every position,
+    ``alpha (diag(p) - p p^T)`` with ``p`` the softmax over the last dim (cross-entropy: any targets,
+    label smoothing, per-sample or per-token weights, ignored tokens with ``alpha = 0``), else None.
 
-    Checked on two random vectors: ``alpha_i`` is fitted on the first, and the second must then agree
-    to ``rtol`` of its norm over the batch (one mismatch in ``C`` dimensions per sample fails it, so
+    Checked on two random vectors: ``alpha`` is fitted on the first, and the second must then agree
+    to ``rtol`` of its norm over the batch (one mismatch in ``C`` dimensions per position fails it, so
     another loss passes with probability 0). Two double backwards on the loss alone.
     """
-    if outputs.dim() != 2 or outputs.shape[1] < 2 or not g.requires_grad:
+    if outputs.dim() < 2 or outputs.shape[-1] < 2 or not g.requires_grad:
         return None
+    b, c = outputs.shape[0], outputs.shape[-1]
     gen = torch.Generator(device=g.device).manual_seed(seed + 1)
-    p = torch.softmax(outputs.detach().double(), dim=-1)
+    p = torch.softmax(outputs.detach().double(), dim=-1).reshape(b, -1, c)
     ws = [torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) for _ in range(2)]
-    got = [_output_hvp(g, leaf, w).double() for w in ws]
-    want = [p * w.double() - p * (p * w.double()).sum(-1, keepdim=True) for w in ws]
-    norm2 = want[0].square().sum(-1)
+    got = [_output_hvp(g, leaf, w).double().reshape(p.shape) for w in ws]
+    want = [p * w.double().reshape(p.shape) - p * (p * w.double().reshape(p.shape)).sum(-1, keepdim=True)
+            for w in ws]
+    norm2 = want[0].square().sum(-1)  # (B, positions)
     if not bool((norm2 > 0).any()):
         return None
     alpha = (got[0] * want[0]).sum(-1) / norm2.clamp_min(1e-300)
-    # a sample whose curvature is below rounding fits no alpha of its own: it takes the batch's median
+    # a position whose curvature is below rounding fits no alpha of its own: it takes the batch's median
     # (its contribution is of that negligible size either way)
     resolved = norm2 > 1e-12 * float(norm2.max())
     alpha = torch.where(resolved, alpha, alpha[resolved].median()).clamp_min(0)
     for h, v in zip(got, want):
-        if float((h - alpha[:, None] * v).norm()) > rtol * float(h.norm()):
+        if float((h - alpha[..., None] * v).norm()) > rtol * float(h.norm()):
             return None
-    return SoftmaxFactor(outputs.detach(), alpha)
+    return SoftmaxFactor(outputs, alpha)
 
 
 def exact_columns(masses: Tensor, tol: float, min_probes: int, cap: int, samples: int) -> int:
@@ -437,7 +441,7 @@ class _PerSampleStats:
     def summary(self, i: int) -> tuple[float, float]:
         """(sum over samples of the mean, sum over samples of the variance of that mean)."""
         n = int(self.n[i])
-        if n == 0:
+        if n == 0 or self.mean[i] is None:  # nothing measured (here: a rank without sampled batches)
             return 0.0, 0.0
         var = float(self.m2[i].sum()) / (n - 1) / n if n > 1 else math.inf
         return float(self.mean[i].sum()), var
@@ -479,7 +483,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     def reduce_sum(t: Tensor) -> Tensor:
         if not distributed:
             return t
-        buf = t.to(reduce_device(weights))
+        buf = t.to(reduce_device(weights), copy=True)  # all_reduce is in place: never on the caller's tensor
         dist.all_reduce(buf)
         return buf.cpu()
 
@@ -599,7 +603,7 @@ class _Prepared:
                  weights: Sequence[nn.Parameter], modules: dict[str, nn.Module], reasons: dict[str, str],
                  max_directions: int, seed: int, certify: bool) -> None:
         self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
-        self.bi = bi
+        self.bi, self.rank = bi, dist.get_rank() if _distributed() else 0
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
 
         def hook_for(name: str) -> Any:
@@ -640,6 +644,9 @@ class _Prepared:
             factor = softmax_cross_entropy_factor(outputs, g, leaf, seed)
             residual_free = False
         if factor is None:
+            if per_sample > GENERIC_MAX_OUTPUTS:
+                return leave_all(f"{per_sample} outputs per sample and a loss other than softmax cross-entropy: "
+                                 f"more than the {GENERIC_MAX_OUTPUTS} a dense output Hessian may have")
             full = output_hessian(outputs, lambda o: loss_fn.loss(o, batch), seed)
             if isinstance(full, str):
                 return leave_all(full)
@@ -739,7 +746,8 @@ class _Prepared:
         masses = self.factor.masses
         rows = []
         for j in probes:
-            gen = torch.Generator(device=masses.device).manual_seed(probe_seed(seed, "gn", self.bi, j))
+            # independent over probes, batches and ranks (the per-sample variances add up only then)
+            gen = torch.Generator(device=masses.device).manual_seed(probe_seed(seed, "gn", self.rank, self.bi, j))
             r = torch.randint(0, 2, masses.shape, generator=gen, device=masses.device).to(masses.dtype) * 2 - 1
             if m:
                 r.scatter_(1, self.order[:, :m], 0.0)
