@@ -241,8 +241,8 @@ def validate(cfg: Config) -> None:
     directions = cfg.sensitivity.exact_directions
     if directions is not None and (isinstance(directions, bool) or not isinstance(directions, int) or directions < 1):
         raise HawqError(f"sensitivity.exact_directions must be null or an integer >= 1, got {directions!r}")
-    if cfg.sensitivity.variance_reduction not in ("nystrom", "none"):
-        raise HawqError("sensitivity.variance_reduction must be 'nystrom' or 'none', "
+    if cfg.sensitivity.variance_reduction not in ("nystrom", "gauss_newton", "none"):
+        raise HawqError("sensitivity.variance_reduction must be 'nystrom', 'gauss_newton' or 'none', "
                         f"got '{cfg.sensitivity.variance_reduction}'")
     if cfg.sensitivity.hvp_method not in ("auto", "autograd", "finite_difference"):
         raise HawqError("sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference', "

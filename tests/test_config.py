@@ -35,7 +35,8 @@ def test_int_is_accepted_for_float_field():
     ("run.stages=[sensitivity,serch]", "did you mean 'search'"),
     ("sensitivity.estimator=exact", "sensitivity.estimator must be 'auto' or 'hutchinson'"),
     ("sensitivity.exact_directions=0", "sensitivity.exact_directions must be null or an integer >= 1"),
-    ("sensitivity.variance_reduction=hutch", "sensitivity.variance_reduction must be 'nystrom' or 'none'"),
+    ("sensitivity.variance_reduction=hutch",
+     "sensitivity.variance_reduction must be 'nystrom', 'gauss_newton' or 'none'"),
     ("sensitivity.curvature=gn", "config key 'sensitivity.curvature': expected one of 'hessian', 'gauss_newton'"),
     ("sensitivity.hvp_method=jvp", "sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference'"),
 ])

@@ -343,10 +343,12 @@ def test_sampled_traces_are_unbiased_with_honest_errors() -> None:
     """More classes (12) than the direction cap (3): eval BN, residual sum, strided/grouped convs."""
     model, batches = wide_relu_cnn(), image_batches(n=2, classes=12)
     names = ["c1", "c2", "c3", "fc"]
-    # cross-entropy: the analytic softmax factor; a weighted squared error: eigen-decomposed output Hessians
-    weights = torch.linspace(0.2, 3.0, 12, dtype=torch.float64)
-    weighted = OutputLoss(CE.forward, lambda o, b: 0.5 * (weights * (o - 1) ** 2).sum(1).mean())
-    for loss_fn in (CE, weighted):
+    # cross-entropy: the analytic softmax factor; a squared error of mixed outputs: eigen-decomposed
+    # output Hessians M M^T / B (a diagonal one, as for plain squared errors, skips the decomposition:
+    # the 'wide' loss of test_train_mode_bn_and_coupled_losses_are_not_exact)
+    mix = torch.randn(12, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    mixed = OutputLoss(CE.forward, lambda o, b: 0.5 * ((o - 1) @ mix).square().sum(1).mean())
+    for loss_fn in (CE, mixed):
         want = dense_block_traces(model, loss_fn, batches, names)
         assert want == pytest.approx(dense_gn_traces(model, loss_fn, batches, names), rel=1e-9)
         z = z_scores(model, loss_fn, batches, want, seeds=8, tol=0.1, exact_directions=3)
@@ -484,3 +486,41 @@ def test_sampled_traces_for_token_outputs_with_ignored_tokens() -> None:
     want = dense_block_traces(model, tokens, batches, ["0", "2"])
     z = z_scores(model, tokens, batches, want, seeds=6, tol=0.1, exact_directions=4)
     assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+
+
+def test_exact_columns_trade_backward_passes_for_variance() -> None:
+    from hawq.sensitivity.gauss_newton import exact_columns
+
+    flat = torch.full((8, 1000), 1e-3, dtype=torch.float64)  # a random-init softmax: no column stands out
+    assert exact_columns(flat, tol=0.1, min_probes=8, cap=64, samples=8) == 0
+    peaked = flat * 1e-6
+    peaked[:, 0] = 1.0  # a confident net: one column per sample carries almost everything
+    assert exact_columns(peaked, tol=0.1, min_probes=8, cap=64, samples=8) == 1
+    assert exact_columns(peaked, tol=0.0, min_probes=8, cap=64, samples=8) == 64  # no tolerance: all allowed
+    assert exact_columns(torch.zeros(2, 5, dtype=torch.float64), tol=0.1, min_probes=8, cap=64, samples=2) == 0
+
+
+def test_gauss_newton_control_variate_for_hutchinson_layers() -> None:
+    """variance_reduction='gauss_newton': tr(G_ll) from output probes + Hutchinson on H_ll - G_ll only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 5)).double()
+    x, y = torch.randn(24, 8, dtype=torch.float64), torch.randint(0, 5, (24,))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):  # fit the batch: a small loss gradient in the outputs, a small residual block
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    batches = [(x, y)]
+    want = dense_block_traces(model, CE, batches, ["0"])["0"]
+    z, spent = [], {}
+    for vr in ("none", "gauss_newton"):
+        for seed in range(3):
+            got = hessian_traces(model, CE, batches, layers=["0"], tol=0.05, seed=seed, variance_reduction=vr,
+                                 progress=False)["0"]
+            assert got.estimator == "hutchinson" and got.std_err > 0
+            z.append((got.mean - want) / got.std_err)
+            spent[vr] = spent.get(vr, 0) + got.n
+    assert float(torch.tensor(z).abs().mean()) < 1.5 and max(abs(v) for v in z) < 5, z
+    assert spent["gauss_newton"] < spent["none"]  # HVPs plus output-space passes
+    with pytest.raises(HawqError, match="variance_reduction='gauss_newton' needs an OutputLoss"):
+        hessian_traces(model, lambda m, b: CE(m, b), batches, variance_reduction="gauss_newton", progress=False)

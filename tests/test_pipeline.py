@@ -90,6 +90,20 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=300)
 
 
+def test_curvature_option_reaches_traces_and_report(tiny_run, tiny_data, tmp_path):
+    extra = ["run.stages=[sensitivity,search]", f"model.checkpoint={tiny_run / 'fp32.safetensors'}",
+             "sensitivity.top_eigen=0", "sensitivity.density_iter=0", "sensitivity.curvature=gauss_newton",
+             "sensitivity.exact_directions=4"]  # 10 classes > 4: sampled output-space probes
+    rc = main(["--config", str(REPO / "configs/fashion_resnet.yaml"), *sum(
+        (["--set", o] for o in tiny_overrides(tiny_data, tmp_path, "gn") + extra), [])])
+    assert rc == 0
+    data = json.loads((tmp_path / "gn" / "traces.json").read_text())
+    assert data["meta"]["curvature"] == "gauss_newton" and data["meta"]["sampled_layers"] == sorted(data["layers"])
+    assert all(t["curvature"] == "gauss_newton" and t["mean"] > 0 for t in data["layers"].values())
+    report = (tmp_path / "gn" / "report.md").read_text()
+    assert "Gauss-Newton traces (curvature: gauss_newton)" in report and "gn_sampled" in report
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "model.name=resnet19"], "unknown model 'resnet19'"),
     (["--set", "data.root=/nonexistent/fmnist"], "Fashion-MNIST folder not found: /nonexistent/fmnist"),

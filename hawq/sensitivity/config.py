@@ -21,7 +21,8 @@ class SensitivityConfig:
     # layer, Hutchinson elsewhere) or "hutchinson" (every layer)
     exact_directions: int | None = None  # most output directions (backward passes per batch) an exact trace
     # may spend; None: 2 * min_probes * layers. Raise it for 1000-class heads on a GPU.
-    variance_reduction: str = "nystrom"  # "nystrom" (Nyström++ control variate for slow layers) or "none"
+    variance_reduction: str = "nystrom"  # "nystrom" (Nyström++ control variate for slow layers), "gauss_newton"
+    # (Hutchinson on H - G only, tr G from output-space probes: pays on trained networks) or "none"
     curvature: Literal["hessian", "gauss_newton"] = "hessian"  # "hessian": tr(H_ll), except that a layer whose
     # Hessian trace is significantly negative (indefinite block) gets its Gauss-Newton trace, with a note;
     # "gauss_newton": the (PSD) Gauss-Newton trace of every Conv2d/Linear/Embedding layer

@@ -1,4 +1,5 @@
-"""Exact per-layer Hessian traces where the network is piecewise linear in each layer.
+"""Per-layer Gauss-Newton traces from output-space directions: exact Hessian traces where the network is
+piecewise linear in a layer, and the Gauss-Newton trace of any layer on request.
 
 For a loss ``L = l(f(x; w))`` of the model outputs ``f``, the Hessian block of layer ``l`` is
 
@@ -24,9 +25,22 @@ per-sample weight-gradient norms come from each layer's input and output gradien
 ``g_i^T x_i``; Conv2d: ``g_i U_i^T`` with ``U_i`` the unfolded input; Embedding: a masked Gram
 matrix of positions), never from materialising all per-sample gradients at once.
 
+Many outputs per sample (1000 classes, tokens): write ``H_i = A_i A_i^T`` (signed columns where
+``H_i`` is indefinite). For Rademacher ``r_i``, ``v_i = A_i r_i`` has ``E[v_i v_i^T] = H_i``, so
+
+    tr(G_ll) = E_r [ sum_i ||d(v_i . f_i) / dW_l||^2 ],
+
+one backward pass per probe for every layer at once (estimator ``gn_sampled``), whatever the number
+of outputs. Each sample's heaviest columns are taken exactly (:func:`exact_columns`), the rest is
+sampled; softmax cross-entropy has the analytic ``O(C)`` factor :class:`SoftmaxFactor`, any other
+loss an eigen-decomposition (:class:`EigenFactor`). The standard error pools per-sample variances
+(:class:`_PerSampleStats`).
+
 Whether a layer is certified is read off the autograd graph of each batch (:func:`certify_piecewise_linear`),
 conservatively: an op not known to be (piecewise) linear, a product of two tensors that both depend on
-``W_l``, train-mode BatchNorm, or a weight used twice leaves the layer to Hutchinson's estimator.
+``W_l``, train-mode BatchNorm, or a weight used twice leaves the layer to Hutchinson's estimator
+(``certify=False``, for ``curvature="gauss_newton"``, skips the op checks: the Gauss-Newton trace needs
+only the per-sample norms).
 """
 
 from __future__ import annotations
@@ -289,7 +303,12 @@ class EigenFactor:
     ``a_ik = sqrt|lambda_ik| u_ik``, ``s_ik = sign(lambda_ik)`` (0 for directions below ``DIRECTION_RTOL``)."""
 
     def __init__(self, hess: Tensor) -> None:
-        evals, evecs = torch.linalg.eigh(hess.double())
+        hess = hess.double()
+        diag = torch.diagonal(hess, dim1=1, dim2=2)
+        if not bool((hess - torch.diag_embed(diag)).any()):  # diagonal (squared errors): nothing to decompose
+            evals, evecs = diag, torch.eye(hess.shape[1], dtype=hess.dtype, device=hess.device).expand_as(hess)
+        else:
+            evals, evecs = torch.linalg.eigh(hess)
         top = float(evals.abs().max()) if evals.numel() else 0.0
         live = evals.abs() > DIRECTION_RTOL * top
         self.sign = torch.sign(evals) * live
@@ -394,6 +413,8 @@ def exact_columns(masses: Tensor, tol: float, min_probes: int, cap: int, samples
     total = float(ordered.sum())
     if total <= 0:
         return 0
+    if tol <= 0:  # no tolerance: every probe count is too few, so take as much exactly as allowed
+        return min(cap, ordered.shape[1])
     # tail[m] = mass left after the m heaviest columns of every sample
     per_rank = ordered.sum(0)
     tail = torch.cat([per_rank.flip(0).cumsum(0).flip(0), per_rank.new_zeros(1)]).tolist()

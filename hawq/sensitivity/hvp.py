@@ -176,8 +176,14 @@ class _AutogradBatch:
 
     def __init__(self, op: HessianOperator, batch: Any, index: int) -> None:
         self.op, self.batch, self.index = op, batch, index
+        self.gu: dict[int, Tensor] = {}
         with torch.enable_grad():
-            loss = op.loss_fn(op.model, batch)
+            outputs = None
+            if op.gn_control:  # an OutputLoss: keep the outputs for the Gauss-Newton control variate
+                outputs = op.loss_fn.forward(op.model, batch)
+                loss = op.loss_fn.loss(outputs, batch)
+            else:
+                loss = op.loss_fn(op.model, batch)
             op.check_loss(loss, index)
             check = op.needs_double_backward_check
             monitored = _custom_nodes(loss.grad_fn) if check else []
@@ -200,6 +206,30 @@ class _AutogradBatch:
             if broken is not None:  # a built-in op without a double-backward formula
                 raise DoubleBackwardUnsupported(broken, None)
         self.grads = list(grads)
+        if op.gn_control and isinstance(outputs, Tensor):
+            # J_l v by the double-backward trick: J_l^T u is linear in a dummy u, and its gradient in u
+            # along v is J_l v; the loss Hessian in the outputs then acts on a detached leaf
+            layers = sorted(op.gn_control)
+            with torch.enable_grad():
+                self.u = torch.zeros_like(outputs, requires_grad=True)
+                gu = torch.autograd.grad(outputs, [op.weights[i] for i in layers], grad_outputs=self.u,
+                                         create_graph=True, allow_unused=True)
+                self.leaf = outputs.detach().requires_grad_(True)
+                (self.lg,) = torch.autograd.grad(op.loss_fn.loss(self.leaf, batch), self.leaf, create_graph=True)
+            self.gu = {i: g for i, g in zip(layers, gu) if g is not None and g.requires_grad}
+
+    def gauss_newton_forms(self, layer: int, vs: Tensor) -> Tensor:
+        """``v . G_ll v = (J_l v) . (d^2 l) (J_l v)`` for each probe of ``vs`` (float64)."""
+        out = torch.zeros(vs.shape[0], dtype=torch.float64, device=vs.device)
+        g = self.gu.get(layer)
+        if g is None or not self.lg.requires_grad:
+            return out
+        for j, v in enumerate(vs):
+            (jv,) = torch.autograd.grad(g, self.u, grad_outputs=v, retain_graph=True, allow_unused=True)
+            if jv is not None:
+                (hjv,) = torch.autograd.grad(self.lg, self.leaf, grad_outputs=jv, retain_graph=True)
+                out[j] = (jv.double() * hjv.double()).sum()
+        return out
 
     @staticmethod
     def _make_monitor(node: Any, bad: list[Any]) -> Callable:
@@ -310,13 +340,17 @@ class HessianOperator:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], names: list[str],
-                 weights: list[nn.Parameter], method: str = "auto", probes_per_pass: int = 1) -> None:
+                 weights: list[nn.Parameter], method: str = "auto", probes_per_pass: int = 1,
+                 gn_control: Sequence[int] = ()) -> None:
         if method not in ("auto", "autograd", "finite_difference"):
             raise HawqError(f"unknown HVP method '{method}' (auto, autograd, finite_difference)")
         if isinstance(probes_per_pass, bool) or not isinstance(probes_per_pass, int) or probes_per_pass < 1:
             raise HawqError(f"probes_per_pass must be a positive integer, got {probes_per_pass!r}")
         self.probes_per_pass = probes_per_pass
         self.batched_ok = True
+        # layers whose per-layer forms are v.(H - G)v (Gauss-Newton control variate; needs an OutputLoss
+        # and autograd: a fall-back to finite differences empties it, and the caller reads it back)
+        self.gn_control = set(gn_control)
         self.model, self.loss_fn, self.names, self.weights = model, loss_fn, names, weights
         self.batches = list(batches)
         self.distributed = _distributed()
@@ -330,6 +364,8 @@ class HessianOperator:
         if self.global_batches == 0:
             raise HawqError(NO_BATCHES)
         self.method = "finite_difference" if method == "finite_difference" else "autograd"
+        if self.method != "autograd":
+            self.gn_control = set()
         self.allow_fallback = method == "auto"
         self.needs_double_backward_check = True
         self.fallback_reason: str | None = None
@@ -402,6 +438,7 @@ class HessianOperator:
         if not self.allow_fallback:
             raise HawqError(f"{err}; use method='auto' or 'finite_difference'") from err
         self.method = "finite_difference"
+        self.gn_control = set()
         self._cached = None
         self.weights_at_start = [w.detach().clone() for w in self.weights]
         self.fallback_reason = str(err)
@@ -490,7 +527,10 @@ class HessianOperator:
                     else:
                         vs = torch.stack([probe(j0 + j) for j in range(k)])
                         hv = session.hvp_block_many(i, vs)
-                    out.append((vs.double() * hv.double()).reshape(k, -1).sum(1))
+                    forms = (vs.double() * hv.double()).reshape(k, -1).sum(1)
+                    if i in self.gn_control and isinstance(session, _AutogradBatch):
+                        forms = forms - session.gauss_newton_forms(i, vs)
+                    out.append(forms)
                     if i in kept:
                         kept[i].append(hv.detach())
             return [torch.cat(out) if out else like] + [torch.cat(kept[i]) for i in keep]

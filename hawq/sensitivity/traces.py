@@ -38,6 +38,7 @@ from hawq.sensitivity.losses import OutputLoss
 TRACES_FORMAT_VERSION = 1
 ESTIMATORS = ("hutchinson", "gauss_newton", "gn_sampled")  # TraceEstimate.estimator
 CURVATURES = ("hessian", "gauss_newton")  # which matrix's block trace: sensitivity.curvature
+VARIANCE_REDUCTIONS = ("nystrom", "gauss_newton", "none")
 NEGATIVE_Z = 2.0  # a Hutchinson trace below -NEGATIVE_Z standard errors is "significantly negative"
 
 
@@ -149,8 +150,10 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"tol must be a finite number >= 0, got {tol!r}")
     if probing not in ("per_layer", "joint"):
         raise HawqError(f"probing must be 'per_layer' or 'joint', got {probing!r}")
-    if variance_reduction not in ("nystrom", "none"):
-        raise HawqError(f"variance_reduction must be 'nystrom' or 'none', got {variance_reduction!r}")
+    if variance_reduction not in VARIANCE_REDUCTIONS:
+        raise HawqError(f"variance_reduction must be 'nystrom', 'gauss_newton' or 'none', got {variance_reduction!r}")
+    if variance_reduction == "gauss_newton" and (not isinstance(loss_fn, OutputLoss) or probing != "per_layer"):
+        raise HawqError("variance_reduction='gauss_newton' needs an OutputLoss and per-layer probing")
     if estimator not in ("auto", "hutchinson"):
         raise HawqError(f"estimator must be 'auto' or 'hutchinson', got {estimator!r}")
     if curvature not in CURVATURES:
@@ -182,16 +185,28 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     if not names:
         return out
     known_max = max((abs(t.mean) for t in out.values()), default=0.0)
+    offsets: dict[int, tuple[float, float, int]] = {}  # Gauss-Newton control variate: (tr G_ll, var, passes)
+    if variance_reduction == "gauss_newton":
+        # tr(H_ll) = tr(G_ll) + E[v.(H_ll - G_ll)v]: G's trace from output-space probes (all layers at
+        # once, to half the tolerance), Hutchinson only on the residual block, which is small where
+        # the loss gradient in the outputs is (a trained network on its data)
+        got, _ = gauss_newton_traces(model, loss_fn, batches, names, weights, certify=False,
+                                     known_max=known_max, **{**gn_kwargs, "tol": tol / 2})
+        offsets = {i: (got[n][0], got[n][1] ** 2, got[n][2]) for i, n in enumerate(names) if n in got}
     with HessianOperator(model, loss_fn, batches, names, weights, method=method,
-                         probes_per_pass=probes_per_pass) as op:
+                         probes_per_pass=probes_per_pass, gn_control=list(offsets)) as op:
         if probing == "per_layer":
             samples, spent = _per_layer(op, names, weights, tol, max_probes, min_probes, seed, progress,
-                                        variance_reduction, known_max)
+                                        variance_reduction, known_max, offsets)
         else:
             samples = _joint(op, names, weights, tol, max_probes, min_probes, seed, progress, known_max)
             spent = [s.shape[0] for s in samples]
-    for name, s, n, w in zip(names, samples, spent, weights):
+        offsets = {i: o for i, o in offsets.items() if i in op.gn_control}  # none after a finite-difference fall-back
+    for i, (name, s, n, w) in enumerate(zip(names, samples, spent, weights)):
         mean, err = _summary(s[:, None])
+        if i in offsets:
+            mean, err = mean + offsets[i][0], (err.square() + offsets[i][1]).sqrt()
+            n += offsets[i][2]
         note = (f"no Gauss-Newton trace ({missing.get(name, 'not measured')}): Hessian trace"
                 if curvature == "gauss_newton" else "")
         out[name] = TraceEstimate(float(mean[0]), float(err[0]), int(n), w.numel(), note=note)
@@ -310,7 +325,8 @@ SKETCH_PROBES_PER_MIN = 3  # a plain layer may build its sketch from up to 3 * m
 
 def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float,
                max_probes: int, min_probes: int, seed: int, progress: bool,
-               variance_reduction: str = "none", known_max: float = 0.0) -> tuple[list[Tensor], list[int]]:
+               variance_reduction: str = "none", known_max: float = 0.0,
+               offsets: dict[int, tuple[float, float, int]] | None = None) -> tuple[list[Tensor], list[int]]:
     """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j).
 
     With ``variance_reduction="nystrom"`` a plain layer keeps the products of its probes (at most
@@ -330,9 +346,16 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     attempt_at: dict[int, int] = {}  # probe count at which a layer next tries its sketch
     sketch_cap = SKETCH_PROBES_PER_MIN * min_probes
 
+    offsets = offsets or {}
+
+    def offset(i: int) -> tuple[float, float]:
+        """(tr G_ll, its variance) for a layer on the Gauss-Newton control variate, else (0, 0)."""
+        return offsets[i][:2] if i in offsets and i in op.gn_control else (0.0, 0.0)
+
     def deciding(i: int) -> bool:
         """A plain layer that may still switch: it keeps its products for the sketch."""
-        return (variance_reduction == "nystrom" and i not in sketches and spent[i] < sketch_cap
+        return (variance_reduction == "nystrom" and i not in sketches and i not in op.gn_control
+                and spent[i] < sketch_cap
                 and attempt_at.get(i, min_probes) <= sketch_cap)
     chunks = {i: min_probes for i in range(len(weights))}
     total = len(weights) * max_probes
@@ -363,8 +386,11 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
             else:
                 samples[i] = torch.cat([samples[i], q])
         bar.update(sum(chunks.values()))
-        means = torch.stack([s.mean() for s in samples])
+        means = torch.stack([s.mean() + offset(i)[0] for i, s in enumerate(samples)])
         targets = _stopping_targets(means, tol, known_max)
+        # a control-variate layer's error adds the variance of tr(G_ll): the residual's share of the target
+        targets = torch.stack([(t.square() - offset(i)[1]).clamp_min(0.25 * t.square()).sqrt()
+                               for i, t in enumerate(targets)])
         nxt = {}
         for i in chunks:
             n = samples[i].shape[0]
