@@ -28,7 +28,7 @@ lint:
 	$(PY) -m ruff check hawq tests scripts
 
 bench:
-	$(PY) -m pip install -q -e ".[bench]"  # PyHessian, the sensitivity baseline
-	$(PY) scripts/bench_sensitivity.py
+	$(PY) -m pip install -q -e ".[bench]"  # PyHessian and BackPACK, the sensitivity baselines
+	$(PY) scripts/bench_sensitivity.py  # 1 thread; --cases KEY,... for a subset (--list)
 	$(PY) scripts/bench_search.py
 	$(PY) scripts/bench_integer.py
