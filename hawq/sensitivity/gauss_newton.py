@@ -85,6 +85,7 @@ BILINEAR_OPS = {
 }
 SUPPORTED_MODULES = (nn.Conv2d, nn.Linear, nn.Embedding)
 GENERIC_MAX_OUTPUTS = 1024  # a loss without a known factor needs C double backwards and an O(C^3) eigh per sample
+ROUNDING_ULPS = 64  # a sampled estimate's floor on its standard error, in units of eps * |trace|
 DIRECTION_RTOL = 1e-6  # output directions whose eigenvalues are all below this (relative) carry nothing
 _CHUNK_ELEMENTS = 1 << 25  # cap on intermediate tensors of the per-sample norms (128 MiB in float32)
 
@@ -609,7 +610,10 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
         tail_sum, tail_var = (float(v) for v in reduce_sum(torch.tensor(stats.summary(i), dtype=torch.float64)))
         mean = float(exact_sums[i] + tail_sum) / global_batches
         if int(stats.n[i]):
-            out[n] = (mean, math.sqrt(tail_var) / global_batches, passes, "gn_sampled")
+            # the probe spread misses the floating-point error of the backward passes, which dominates
+            # when the exact columns carry nearly all of a layer's trace (a saturated softmax)
+            rounding = ROUNDING_ULPS * torch.finfo(weights[i].dtype).eps * abs(mean)
+            out[n] = (mean, math.hypot(math.sqrt(tail_var) / global_batches, rounding), passes, "gn_sampled")
         else:
             out[n] = (mean, 0.0, passes, "gauss_newton")
     return out, reasons
