@@ -1,25 +1,12 @@
 """scripts/bench_sensitivity.py: its case builders and its smallest case, end to end (a few seconds)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_sensitivity")
+bench = load_script("bench_sensitivity")
 
 
 @pytest.fixture(scope="module")

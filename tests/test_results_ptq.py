@@ -1,32 +1,19 @@
 """scripts/results_ptq.py on a tiny setting: cells, budgets, resume, torn lines, the report."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, load_script
 
 from hawq import HawqError
 from hawq.data.fashion_mnist import make_fake_fashion_mnist
 from hawq.models.fashion import fashion_resnet
 from hawq.search import SearchConfig, build_search_problem, layer_costs, model_size_mb
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-results_fashion = _load("results_fashion")
-results_ptq = _load("results_ptq")
+results_fashion = load_script("results_fashion")
+results_ptq = load_script("results_ptq")
 
 TINY = ["run.progress=false", "run.threads=2", "model.checkpoint=null", "model.pretrain_epochs=0",
         "model.kwargs.width=4", "data.batch_size=32", "data.eval_batch_size=128", "sensitivity.batches=1",

@@ -1,12 +1,11 @@
 """The results scripts (scripts/results_fashion.py, scripts/results_minilm.py) on tiny settings."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_script
 
 from hawq import HawqError
 from hawq.data.fashion_mnist import make_fake_fashion_mnist
@@ -14,18 +13,7 @@ from hawq.models.fashion import fashion_resnet
 from hawq.search import SearchConfig, build_search_problem, layer_costs, model_size_mb
 from hawq.search.allocate import resolve_budgets
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-results_fashion = _load("results_fashion")
+results_fashion = load_script("results_fashion")
 
 
 def tiny_overrides(data_root: Path) -> list[str]:
@@ -129,7 +117,7 @@ def test_fashion_results_end_to_end_and_resume(tmp_path):
 
 
 def test_minilm_results_on_a_tiny_encoder(tmp_path):
-    results_minilm = _load("results_minilm")
+    results_minilm = load_script("results_minilm")
     tiny = ("{vocab_size: 30522, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
             "intermediate_size: 64, max_position_embeddings: 64}")
     overrides = ["run.progress=false", "run.threads=2", "model.name=bert_encoder", f"model.kwargs.config={tiny}",
