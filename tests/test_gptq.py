@@ -239,3 +239,19 @@ def test_results_script_rejects_an_unknown_variant(capsys):
     spec.loader.exec_module(module)
     assert module.main(["--variants", "nearest,gptqq"]) == 2
     assert "unknown 'gptqq'" in capsys.readouterr().err
+
+
+def test_layers_with_distinct_inputs_are_never_grouped():
+    """Layers share a pass only when they read the very same tensor: a freed input's address, reused
+    by the next layer's input, used to group them by chance of the allocator (GPTQ codes then
+    differed between runs)."""
+    from hawq.quant.gptq import _discover, gptq_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(64, 64), nn.ReLU())])
+    qmodel = quantize_model(model, {f"{2 * i}": LayerBits(4, 8) for i in range(6)})
+    set_act_quant(qmodel, False)  # as gptq_round_ runs it
+    with torch.no_grad():  # as in gptq_round_: each freed input's memory is free for the next one
+        order, passes, repeated = _discover(qmodel, gptq_layers(qmodel), torch.randn(32, 64), lambda m, b: m(b))
+    assert order == [f"{2 * i}" for i in range(6)] and not repeated
+    assert passes == [[n] for n in order]

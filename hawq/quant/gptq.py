@@ -455,12 +455,15 @@ def _discover(model: nn.Module, targets: dict[str, nn.Module], batch: Any,
     called more than once per forward (their pass runs the whole forward)."""
     seen: list[tuple[str, tuple]] = []
     calls: dict[str, int] = {}
+    alive: list[Tensor] = []  # inputs held until the grouping is done: a freed input's address can be
+    # reused by the next layer's (different) input, which would group them by chance of the allocator
 
     def hook(name: str) -> Callable:
         def fn(_module: nn.Module, args: tuple) -> None:
             calls[name] = calls.get(name, 0) + 1
             if calls[name] == 1:
                 seen.append((name, _input_key(args[0])))
+                alive.append(args[0])
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
