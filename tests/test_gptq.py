@@ -109,13 +109,19 @@ def test_gptq_codes_pins_range_and_exact_matrix():
     assert torch.equal(eye_codes, torch.clamp(torch.round(w / step), -3, 3))
 
 
-def _gptq_resnet(cfg: QuantConfig) -> tuple[nn.Module, dict, torch.Tensor, dict]:
+def _bn_resnet() -> nn.Module:
+    """The demo ResNet (width 8) with non-trivial BatchNorm statistics, the same for every seed-3 call."""
     torch.manual_seed(3)
     model = fashion_resnet(width=8).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _gptq_resnet(cfg: QuantConfig) -> tuple[nn.Module, dict, torch.Tensor, dict]:
+    model = _bn_resnet()
     names = quantizable_layers(model)
     bits = {n: LayerBits((2, 3, 4)[i % 3], 8) for i, n in enumerate(names)}
     quantize_model(model, bits, cfg)
@@ -161,12 +167,7 @@ def test_gptq_codes_travel_unchanged_through_integer_onnx_and_files(tmp_path, fo
 
 
 def _nearest_codes(bits: dict, cfg: QuantConfig) -> dict[str, torch.Tensor]:
-    torch.manual_seed(3)
-    model = fashion_resnet(width=8).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    model = _bn_resnet()
     quantize_model(model, bits, cfg)
     return {n: model.get_submodule(n).int_weight()[0] for n in bits}
 
