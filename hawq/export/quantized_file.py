@@ -284,31 +284,21 @@ def integer_tensors(model: nn.Module, packed: Mapping[str, torch.Tensor], packin
 
     Kept: dyadic multipliers/shifts (``in_mult``, ``in_shift``, ``mult_*``, ``shift_*``), int32
     biases, BN gains, activation and output scales. Dropped: each layer's ``weight_codes`` and the
-    buffers derived from them (``weight_mat_t``, ``weight_rowsum``). ``to_integer`` derives its
-    codes in float64, so a handful of codes (about 1 in 10^6 on ResNet-18) can round differently
-    from the packed float32 codes; those are kept as a sparse patch,
-    ``<module>.weight_codes_patch_index`` (flat int64 indices) and ``..._patch_value``.
+    buffers derived from them (``weight_mat_t``, ``weight_rowsum``): ``to_integer`` takes its codes
+    from ``int_weight()``, the same function that wrote the packed codes.
     """
     from hawq.quant import integer_layers, to_integer
 
     int_model = to_integer(model, example_input)
-    module_path = {id(m): n for n, m in int_model.named_modules()}
-    out: dict[str, torch.Tensor] = {}
     for name, layer in integer_layers(int_model).items():
         info = packing.get(name)
         if info is None:
             raise HawqError(f"integer model layer '{name}' has no packed weights")
         stored = unpack_codes(packed[info["codes"]], info["bits"], info["numel"])
-        codes = layer.weight_codes.reshape(-1)
-        index = (codes.to(torch.int32) != stored).nonzero().reshape(-1)
-        if index.numel():
-            prefix = module_path[id(layer)] + ".weight_codes_patch_"
-            out[prefix + "index"] = index.to(torch.int64)
-            out[prefix + "value"] = codes[index].clone()
-    for key, value in int_model.state_dict().items():
-        if key.rpartition(".")[2] not in _DERIVED_FROM_CODES:
-            out[key] = value.detach().cpu().contiguous().clone()
-    return out
+        if not torch.equal(layer.weight_codes.reshape(-1).to(torch.int32), stored):
+            raise HawqError(f"integer model layer '{name}' does not use the packed weight codes")
+    return {key: value.detach().cpu().contiguous().clone() for key, value in int_model.state_dict().items()
+            if key.rpartition(".")[2] not in _DERIVED_FROM_CODES}
 
 
 def _set_codes(layer: nn.Module, codes: torch.Tensor) -> None:
@@ -330,6 +320,8 @@ def _load_integer(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tens
     shape = info.get("example_shape")
     int_model = to_integer(model, None if shape is None else torch.zeros(shape))
     stored = {k[len(INTEGER_PREFIX):]: v for k, v in tensors.items() if k.startswith(INTEGER_PREFIX)}
+    # Files written before the codes were computed once (integer codes then came from float64) carry
+    # sparse "code patches" from the packed codes to their integer model's codes; new files have none.
     patches = {k: stored.pop(k) for k in [k for k in stored if ".weight_codes_patch_" in k]}
     module_path = {id(m): n for n, m in int_model.named_modules()}
     applied = set()

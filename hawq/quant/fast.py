@@ -76,7 +76,6 @@ from hawq.quant.fx_rewrite import (
     working_copy,
 )
 from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
-from hawq.quant.quantizers import quantize_to_int
 
 ENGINES = ("fbgemm", "x86", "onednn")
 QUINT8_MAX = 255
@@ -314,9 +313,8 @@ def _layer_weight(layer: QuantConv2d | QuantLinear, name: str, act: QuantAct,
     (``|g|``), the sign of the codes (exact: the grid is symmetric) and the bias.
     """
     check_weights(layer, name, _WHAT, "fbgemm needs per-channel scales")
-    w, b = source_weight_bias(layer)
-    w = w.detach().float()
-    codes, scale = quantize_to_int(w, layer.weight_bits, layer.per_channel, None)
+    codes, scale = layer.int_weight()  # the codes every other path uses (hawq.quant.quantizers)
+    _, b = source_weight_bias(layer)
     scale = scale.float().expand(codes.shape[0]).clone() if scale.dim() == 0 else scale.float()
     if b is not None:  # the fake-quant bias is rounded onto the accumulator grid s_in * s_w
         b = b.detach().float()

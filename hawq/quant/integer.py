@@ -82,7 +82,6 @@ from hawq.quant.ibert import (
     StaticGrid,
 )
 from hawq.quant.modules import QuantAct, QuantConv2d
-from hawq.quant.quantizers import quantize_to_int
 
 INT32_MAX = 2**31 - 1
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
@@ -395,11 +394,17 @@ class _Meta:
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Weight codes, compact weight scale and float bias of a quantized conv/linear (BN folded)."""
+    """Weight codes, compact weight scale (float64) and float64 bias of a quantized conv/linear (BN folded).
+
+    ``layer`` is the model's own module, not the float64 working copy: its ``int_weight()`` rounds
+    in the weight's dtype exactly as the fake-quant forward does, so the integer model, the packed
+    ``model.safetensors`` codes and every exporter share one set of codes.
+    """
     check_weights(layer, name, _WHAT, _GROUP_HINT)
-    w, b = source_weight_bias(layer)
-    codes, scale = quantize_to_int(w.detach().to(torch.float64), layer.weight_bits, layer.per_channel, None)
-    return codes, scale, None if b is None else b.detach().to(torch.float64)
+    codes, scale = layer.int_weight()
+    _, b = source_weight_bias(layer)
+    return (codes.cpu(), scale.detach().cpu().to(torch.float64),
+            None if b is None else b.detach().cpu().to(torch.float64))
 
 
 def _bias_codes(bias: Tensor | None, acc_scale: Tensor, name: str) -> Tensor | None:
@@ -437,8 +442,11 @@ class _Converter(GraphRewriter):
     graph_name = "IntegerModel"
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule, out_dtype: torch.dtype, float_ops: bool,
-                 ranges: dict[str, float] | None = None, attention_bits: int = 8) -> None:
+                 ranges: dict[str, float] | None = None, attention_bits: int = 8,
+                 source: nn.Module | None = None) -> None:
         super().__init__(model, gm)
+        # The caller's model (its own dtype and device): the weight codes come from its layers.
+        self.source_modules = dict((source or model).named_modules())
         self.out_dtype = out_dtype
         self.float_ops = float_ops
         self.ibert = ranges is not None  # transformer="ibert": integer kernels for transformer ops
@@ -756,7 +764,7 @@ class _Converter(GraphRewriter):
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         v, meta = self.value(node, node.args[0])
         act = check_input_quant(mod, name, _WHAT)
-        codes, w_scale, bias = _layer_codes(mod, name)
+        codes, w_scale, bias = _layer_codes(self.source_modules.get(name, mod), name)
         acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
         bias_int = _bias_codes(bias, acc_scale, name)
         bound = codes.to(torch.float64).abs().reshape(codes.shape[0], -1).sum(1) * max(-act.qmin, act.qmax)
@@ -916,7 +924,7 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
             ranges = observer.ranges
     params = list(model.parameters())
     return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops, ranges,
-                      attention_bits).rewrite()
+                      attention_bits, source=model).rewrite()
 
 
 def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -89,6 +89,17 @@ def expand_scale(scale: Tensor, shape: torch.Size | tuple[int, ...], group_size:
     return scale.reshape(scale.shape[0], *([1] * (len(shape) - 1)))
 
 
+def round_to_codes(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """The one rounding rule: ``clamp(round(w / scale), -Q, Q)`` as floats (``scale`` already expanded).
+
+    Fake-quant (:func:`quantize_weight`), the integer codes (:func:`quantize_to_int`, hence
+    ``int_weight()``, ``to_integer``, ``to_fbgemm``, the ONNX exports and ``model.safetensors``)
+    all round here, in the weight's own dtype, so they agree code for code.
+    """
+    q = qmax_signed(bits)
+    return torch.clamp(torch.round(w / scale), -q, q)
+
+
 def quantize_to_int(w: Tensor, bits: int, per_channel: bool = True,
                     group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Integer codes and compact scale: ``w ~= codes * expand_scale(scale)``.
@@ -100,8 +111,7 @@ def quantize_to_int(w: Tensor, bits: int, per_channel: bool = True,
     if bits > 16:
         raise HawqError(f"quantize_to_int: integer codes need bits <= 16, got {bits}")
     scale = weight_scale(w, bits, per_channel, group_size)
-    q = qmax_signed(bits)
-    codes = torch.clamp(torch.round(w.detach() / expand_scale(scale, w.shape, group_size)), -q, q)
+    codes = round_to_codes(w.detach(), expand_scale(scale, w.shape, group_size), bits)
     return codes.to(torch.int8 if bits <= 8 else torch.int16), scale
 
 
@@ -114,8 +124,7 @@ def quantize_weight(w: Tensor, bits: int, per_channel: bool = True, group_size: 
     if not isinstance(bits, bool) and isinstance(bits, int) and bits >= FLOAT_BITS:
         return w
     scale = expand_scale(weight_scale(w, bits, per_channel, group_size), w.shape, group_size).to(w.dtype)
-    q = qmax_signed(bits)
-    return torch.clamp(torch.round(w / scale), -q, q) * scale
+    return round_to_codes(w, scale, bits) * scale
 
 
 class FakeQuantSTE(torch.autograd.Function):
