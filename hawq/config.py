@@ -24,7 +24,7 @@ from hawq import HawqError
 from hawq.data.config import DataConfig
 from hawq.export.config import ExportConfig
 from hawq.models.config import ModelConfig
-from hawq.quant.config import QuantConfig, check_rounding
+from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.search.config import SearchConfig
 from hawq.sensitivity.config import SensitivityConfig
 from hawq.train.config import TrainConfig
@@ -332,7 +332,7 @@ def validate(cfg: Config) -> None:
     for key in ("batches", "batch_size", "spectrum_batches"):  # probes: _RANGES and max >= min above
         if getattr(cfg.sensitivity, key) < 1:
             raise HawqError(f"sensitivity.{key} must be >= 1")
-    check_rounding(cfg.quant)
+    check_quant_config(cfg.quant)
     if cfg.train.optimizer not in ("sgd", "adamw"):
         raise HawqError(f"train.optimizer must be 'sgd' or 'adamw', got '{cfg.train.optimizer}'")
     valid_stages = ["sensitivity", "search", "quantize", "finetune", "export"]

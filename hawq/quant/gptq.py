@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from hawq import HawqError
 from hawq.quant.config import QuantConfig
 from hawq.quant.modules import QuantBnConv2d, QuantConv2d, QuantLinear
-from hawq.quant.quantizers import FLOAT_BITS, expand_scale, qmax_signed, weight_scale
+from hawq.quant.quantizers import FLOAT_BITS, expand_scale, qmax_signed, weight_from_codes, weight_scale
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip search grid
 _DAMP_RETRIES = 6
@@ -333,8 +333,6 @@ def _unit_ids(w: Tensor, per_channel: bool, group: int | None) -> Tensor:
 @torch.no_grad()
 def _write_back(layer: nn.Module, codes: Tensor, scale: Tensor, name: str) -> None:
     """Store the GPTQ result as the layer's float weight; check it re-quantizes to exactly ``codes``."""
-    from hawq.export.quantized_file import weight_from_codes  # the helper load_quantized rebuilds with
-
     target = weight_from_codes(codes.to(torch.int32), scale, layer.weight_bits, layer.group_size)
     if isinstance(layer, QuantBnConv2d):
         g = layer._bn_factor(layer.bn.running_var).detach().reshape(-1, 1, 1, 1)

@@ -41,7 +41,6 @@ INNER_BITS = 16  # grids of the inputs of GELU and LayerNorm, and of a float inp
 INNER_MARGIN = 2.0  # those 16-bit grids cover twice the calibrated range (one bit of headroom)
 EXP_CLAMP = 2**40  # the softmax input on the ln2 / 2^K grid: int_exp saturates far below this
 MASK_MAX = -1e4  # an additive attention mask entry at or below this masks (HF: -10000 or finfo.min)
-TRANSFORMER_MODES = (None, "ibert")  # quantize_model / to_integer ``transformer=``
 # tensor methods that only move entries (integer tensors pass through them; grids go before them)
 SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
 
@@ -298,7 +297,7 @@ class StaticGrid(QuantAct):
     I-BERT quantizes where a fake-quant model has no layer input: matmul operands of two activations
     (``attention_bits``, margin 1), the inputs of GELU and LayerNorm and a float model input used by
     a residual add (16 bits, margin 2: one bit of headroom over the calibration set).
-    ``to_integer(..., transformer="ibert")`` requantizes to exactly this grid.
+    ``to_integer`` (``QuantConfig.transformer == "ibert"``) requantizes to exactly this grid.
     """
 
     def __init__(self, bits: int, margin: float = 1.0, cfg: QuantConfig | None = None) -> None:

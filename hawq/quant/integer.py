@@ -16,7 +16,7 @@ per-channel scale, a sign flip and an int32 bias); ReLU; residual add (both oper
 to a common scale with dyadic multipliers); max pool; global / non-overlapping average pool
 (integer sum then rounded integer division); flatten; dropout and identity.
 
-With ``transformer="ibert"``, transformer operators run in integer too (I-BERT kernels of
+With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT kernels of
 :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
 requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops.
 Their input grids are static, calibrated on ``example_input`` (see :func:`to_integer`).
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
+from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.fast import pair_safe_codes
 from hawq.quant.fx_rewrite import (
     ADD_FUNCS,
@@ -65,7 +66,6 @@ from hawq.quant.ibert import (
     INNER_BITS,
     INNER_MARGIN,
     SHAPE_METHODS,
-    TRANSFORMER_MODES,
     ExpConstants,
     GeluConstants,
     IntGELU,
@@ -81,6 +81,7 @@ from hawq.quant.ibert import (
     QuantSoftmax,
     StaticGrid,
 )
+from hawq.quant.model import infer_quant_config
 from hawq.quant.modules import QuantAct, QuantConv2d
 
 INT32_MAX = 2**31 - 1
@@ -454,7 +455,7 @@ class _Converter(GraphRewriter):
         self.attention_bits = attention_bits
         self._grids: dict[tuple[fx.Node, int], tuple[fx.Node, _Meta]] = {}
         if self.ibert:
-            self.supported += ("; with transformer='ibert' also GELU, softmax(dim=-1), LayerNorm, "
+            self.supported += ("; with quant.transformer='ibert' also GELU, softmax(dim=-1), LayerNorm, "
                                "activation matmul, / or * by a constant, mean, transpose/permute/view/reshape")
         self.float_nodes: list[str] = []
         self._dequantized: dict[tuple[fx.Node, torch.dtype | None], fx.Node] = {}
@@ -868,7 +869,7 @@ class _RangeObserver(fx.Interpreter):
 
 @torch.no_grad()
 def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | None = None, float_ops: bool = False,
-               transformer: str | None = None, attention_bits: int = 8) -> fx.GraphModule:
+               cfg: QuantConfig | None = None) -> fx.GraphModule:
     """Convert a calibrated fake-quant model into an integer-only ``fx.GraphModule`` (a new model).
 
     Every Conv2d/Linear on the path must be a calibrated ``QuantConv2d``/``QuantBnConv2d``/
@@ -883,10 +884,12 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
     names of those operators are listed in the result's ``float_nodes``. Without it, such an
     operator raises a HawqError naming it.
 
-    ``transformer="ibert"`` runs transformer operators in integer (I-BERT; docs/quant.md,
+    ``cfg`` is the model's :class:`~hawq.quant.QuantConfig` (default: read back from its modules,
+    :func:`hawq.quant.infer_quant_config`; only ``transformer`` and ``attention_bits`` matter here).
+    ``cfg.transformer == "ibert"`` runs transformer operators in integer (I-BERT; docs/quant.md,
     "Integer-only transformers"): GELU, softmax over the last dim, LayerNorm, matmuls of two
     activations, ``/`` or ``*`` by a constant, mean, and shape ops. Grids the fake-quant model
-    does not have -- matmul operands (``attention_bits``, per tensor; the softmax output is
+    does not have -- matmul operands (``cfg.attention_bits``, per tensor; the softmax output is
     unsigned ``attention_bits``), GELU/LayerNorm inputs and a float input used by a residual add
     (16 bits) -- are static, set from the max |value| seen on ``example_input`` (required; a
     tuple for a model with several inputs, e.g. ``(hidden, attention_mask)``).
@@ -903,10 +906,9 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
             check_input_quant(mod, name, _WHAT)
         elif isinstance(mod, StaticGrid) and not mod.calibrated:
             raise HawqError(f"to_integer: the grid '{name}' is not calibrated; run calibrate() first")
-    if transformer not in TRANSFORMER_MODES:
-        raise HawqError(f"to_integer: transformer must be None or 'ibert', got {transformer!r}")
-    if isinstance(attention_bits, bool) or not isinstance(attention_bits, int) or not 2 <= attention_bits <= 8:
-        raise HawqError(f"to_integer: attention_bits must be an integer in 2..8, got {attention_bits!r}")
+    cfg = infer_quant_config(model) if cfg is None else cfg
+    check_quant_config(cfg)
+    transformer = cfg.transformer
     if transformer == "ibert" and example_input is None:
         raise HawqError("to_integer: transformer='ibert' needs example_input (a batch that calibrates the "
                         "attention, GELU and LayerNorm input grids)")
@@ -924,7 +926,7 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
             ranges = observer.ranges
     params = list(model.parameters())
     return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops, ranges,
-                      attention_bits, source=model).rewrite()
+                      cfg.attention_bits, source=model).rewrite()
 
 
 def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:

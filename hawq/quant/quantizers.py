@@ -127,6 +127,39 @@ def quantize_weight(w: Tensor, bits: int, per_channel: bool = True, group_size: 
     return round_to_codes(w, scale, bits) * scale
 
 
+def _max_reproducing_scale(scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per scale entry a float ``m`` with ``fl(m / qmax) == scale`` (``qmax * scale`` give or take an ulp).
+
+    hawq's quantizers derive the scale from the weights (``max|w| / qmax``); storing ``m`` at the
+    positions of the largest codes makes the rebuilt layer derive the stored scale bit-exactly.
+    """
+    m = scale * qmax
+    best, found = m.clone(), (m / qmax) == scale
+    up, down = m, m
+    for _ in range(4):
+        up = torch.nextafter(up, torch.full_like(up, float("inf")))
+        down = torch.nextafter(down, torch.zeros_like(down))
+        for cand in (up, down):
+            hit = ~found & ((cand / qmax) == scale)
+            best, found = torch.where(hit, cand, best), found | hit
+    return best
+
+
+def weight_from_codes(codes: torch.Tensor, scale: torch.Tensor, bits: int,
+                      group_size: int | None) -> torch.Tensor:
+    """A float weight whose quantization gives back exactly ``codes`` and ``scale``.
+
+    It is ``codes * scale`` except at the largest codes (``|code| == 2^(bits-1) - 1``), which hold
+    the value whose ``max / qmax`` re-derives ``scale`` bit-exactly (see :func:`weight_scale`).
+    """
+    scale = scale.to(torch.float32)
+    qmax = qmax_signed(bits)
+    weight = codes.to(torch.float32) * expand_scale(scale, codes.shape, group_size)
+    peak = expand_scale(_max_reproducing_scale(scale, qmax), codes.shape, group_size)
+    at_peak = codes.abs() == qmax
+    return torch.where(at_peak, torch.sign(codes.to(torch.float32)) * peak, weight)
+
+
 class FakeQuantSTE(torch.autograd.Function):
     """Weight fake-quantization with the straight-through estimator: forward ``Q(w)``, backward identity.
 
