@@ -9,7 +9,7 @@ turns within every round, so load on a shared machine affects all of them alike)
 * ``fp32 onnxruntime``        the same model exported to ONNX, onnxruntime CPUExecutionProvider
 * ``torch int8 fbgemm``       ``torchvision.models.quantization.resnet18`` with the same weights, fused,
                               prepared and converted with the fbgemm qconfig (random calibration)
-* ``hawq <map> integer``      ``hawq.quant.to_integer`` model with the ``fast`` engine (torch._int_mm)
+* ``hawq <map> integer``      ``hawq.quant.to_integer`` model with the ``int_mm`` engine (torch._int_mm)
 * ``hawq <map> ort-qdq``      ``hawq.export.export_onnx`` QDQ graph (int8 weight containers) in onnxruntime
 * ``hawq <map> ort-int``      ``hawq.export.export_onnx_integer``: the integer model as ConvInteger/MatMulInteger
                               and INT64 rescaling in onnxruntime (bit-identical to ``hawq <map> integer``)
@@ -55,8 +55,8 @@ from hawq.bitmap import LayerBits  # noqa: E402
 from hawq.export.onnx_qdq import export_onnx, export_onnx_integer  # noqa: E402
 from hawq.layers import quantizable_layers  # noqa: E402
 from hawq.quant import QuantConfig, calibrate, quantize_model, set_integer_backend, to_integer  # noqa: E402
-from hawq.quant.fast import DuplicateChannels, to_fbgemm  # noqa: E402
 from hawq.quant.integer import int_mm_saturates  # noqa: E402
+from hawq.quant.torch_int8 import DuplicateChannels, to_fbgemm  # noqa: E402
 
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
@@ -201,7 +201,7 @@ def main() -> None:
         log(f"hawq {tag}: quantize + calibrate, to_integer, export_onnx(_integer), to_fbgemm")
         fq = hawq_model(fp32, wb, calib)
         if not args.fbgemm_only:
-            integer = set_integer_backend(to_integer(fq), "fast")
+            integer = set_integer_backend(to_integer(fq), "int_mm")
             stem = tmp / f"hawq_{tag.replace('/', '_')}"
             qdq = export_onnx(fq, calib[0][:1], stem.with_suffix(".onnx"), int4=False)
             int_onnx = export_onnx_integer(integer, calib[0][:1], stem.with_suffix(".int.onnx"))

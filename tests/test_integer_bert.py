@@ -192,7 +192,7 @@ def test_ibert_block_agrees_with_fake_quant(block) -> None:
     step = float(ref.abs().max()) / 127
     assert (out - ref).abs().max() <= 2 * step, float((out - ref).abs().max() / step)
     assert F.cosine_similarity(out, ref, dim=1).min() >= 0.995
-    assert torch.equal(set_integer_backend(int_model, "fast")(test), out.to(torch.float32))
+    assert torch.equal(set_integer_backend(int_model, "int_mm")(test), out.to(torch.float32))
 
 
 def _codes_by_grid(int_model: nn.Module, fake: nn.Module,
@@ -262,7 +262,7 @@ def test_ibert_fake_quant_block_equals_integer(ibert_block) -> None:
             assert differ == 0, name
         else:
             assert differ <= 1e-3 and int((a - b).abs().max()) <= 2, (name, float(differ))
-    assert torch.equal(set_integer_backend(int_model, "fast")(test), out.to(torch.float32))
+    assert torch.equal(set_integer_backend(int_model, "int_mm")(test), out.to(torch.float32))
 
 
 def test_ibert_fake_quant_trains(ibert_block) -> None:
@@ -369,7 +369,7 @@ def test_ibert_fake_quant_errors() -> None:
 @pytest.mark.parametrize("fixture", ["block", "ibert_block"])
 def test_ibert_block_has_no_float_op_between_input_and_output(fixture: str, request) -> None:
     model, calib, test = request.getfixturevalue(fixture)
-    int_model = set_integer_backend(to_integer(model, example_input=calib, cfg=IBERT), "fast")
+    int_model = set_integer_backend(to_integer(model, example_input=calib, cfg=IBERT), "int_mm")
     for node in int_model.graph.nodes:  # only integer modules and shape methods remain
         assert node.op in ("placeholder", "output", "call_module", "call_method"), node.format_node()
         if node.op == "call_method":

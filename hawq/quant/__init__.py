@@ -1,7 +1,6 @@
 """Quantization: weight/activation quantizers, quantized modules and integer-only inference."""
 
 from hawq.quant.config import QuantConfig, check_quant_config
-from hawq.quant.fast import to_fbgemm
 from hawq.quant.gptq import gptq_codes, gptq_round_
 from hawq.quant.ibert import (
     QuantGELU,
@@ -57,6 +56,7 @@ from hawq.quant.quantizers import (
     weight_from_codes,
     weight_scale,
 )
+from hawq.quant.torch_int8 import to_fbgemm
 
 __all__ = [
     "QUANT_MODULES",

@@ -25,12 +25,12 @@ With ``float_ops=True``, operators without an integer rule (GELU, softmax, Layer
 matmuls, embedding lookups) run as float64 islands on dequantized values (transformer blocks).
 
 Two engines compute the int32 accumulations: ``"reference"`` (float64 conv/matmul on integer
-values, exact below 2^53, checked against int32 overflow) and ``"fast"`` (``torch._int_mm``, a
+values, exact below 2^53, checked against int32 overflow) and ``"int_mm"`` (``torch._int_mm``, a
 real int8 x int8 -> int32 GEMM, with im2col for convs). Both feed the same integer rescaling,
 so their outputs are bit-identical. On a CPU without VNNI, oneDNN's int8 GEMM behind
 ``torch._int_mm`` shifts the input by +128 and adds u8 x s8 pairs in a saturating int16 (wrong
-sums for 8-bit weights); there (found by :func:`int_mm_saturates`) the fast engine multiplies the
-duplicated input by the weight codes split into 7-bit halves (:func:`hawq.quant.fast.pair_safe_codes`),
+sums for 8-bit weights); there (found by :func:`int_mm_saturates`) the int_mm engine multiplies the
+duplicated input by the weight codes split into 7-bit halves (:func:`hawq.quant.integer.pair_safe_codes`),
 which gives the exact sums.
 """
 
@@ -49,7 +49,6 @@ from torch import Tensor, nn
 
 from hawq import HawqError
 from hawq.quant.config import QuantConfig, check_quant_config
-from hawq.quant.fast import pair_safe_codes
 from hawq.quant.fx_rewrite import (
     ADD_FUNCS,
     QUANT_LAYERS,
@@ -86,7 +85,7 @@ from hawq.quant.modules import QuantAct, QuantConv2d
 
 INT32_MAX = 2**31 - 1
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
-BACKENDS = ("reference", "fast")
+BACKENDS = ("reference", "int_mm")
 
 
 # --- dyadic arithmetic (pure functions) ----------------------------------------------------------
@@ -122,6 +121,18 @@ def check_int32(v: Tensor, where: str) -> Tensor:
     if v.numel() and int(v.abs().max()) > INT32_MAX:
         raise HawqError(f"integer inference: int32 overflow in {where}")
     return v
+
+
+def pair_safe_codes(codes: Tensor) -> Tensor:
+    """Split ``(out, in, ...)`` weight codes into ``cat([w_hi, w_lo], dim=1)`` with ``w_hi + w_lo = w``.
+
+    ``w_hi = trunc(w / 2)``, so both halves lie in [-64, 64] for 8-bit codes and a u8 pair sum is at
+    most ``255 * 128 = 32640`` (no int16 saturation). Fed with the input twice (``[x, x]`` per group),
+    the layer accumulates exactly ``sum(x * w_hi) + sum(x * w_lo) = sum(x * w)``.
+    """
+    wide = codes.to(torch.int16)
+    hi = torch.div(wide, 2, rounding_mode="trunc")
+    return torch.cat([hi, wide - hi], dim=1).to(codes.dtype)
 
 
 @functools.cache
@@ -195,20 +206,20 @@ class IntConv2d(_InputRequant):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("bias_int", bias)
         self.backend = "reference"
-        self.fast_ok = codes.dtype == torch.int8 and act.bits <= 8 and conv.groups == 1
+        self.int_mm_ok = codes.dtype == torch.int8 and act.bits <= 8 and conv.groups == 1
         self.unsigned_shift = 128 if self.qmax > 127 else 0  # uint8 codes ride as int8 (q - 128)
         wmat = codes.reshape(codes.shape[0], -1)
-        self.register_buffer("weight_mat_t", wmat.t().contiguous() if self.fast_ok else None)
+        self.register_buffer("weight_mat_t", wmat.t().contiguous() if self.int_mm_ok else None)
         self.register_buffer("weight_rowsum", wmat.to(torch.int64).sum(1).to(torch.int32))
 
     def accumulate(self, q: Tensor) -> Tensor:
-        if self.backend == "fast" and self.fast_ok:
-            return self._accumulate_fast(q)
+        if self.backend == "int_mm" and self.int_mm_ok:
+            return self._accumulate_int_mm(q)
         acc = F.conv2d(q.to(torch.float64), self.weight_codes.to(torch.float64), None, self.stride,
                        self.padding, self.dilation, self.groups)
         return check_int32(acc.to(torch.int64), f"conv '{self.layer_name}'")
 
-    def _accumulate_fast(self, q: Tensor) -> Tensor:
+    def _accumulate_int_mm(self, q: Tensor) -> Tensor:
         kh, kw = self.weight_codes.shape[2:]
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         x8 = (q - self.unsigned_shift).to(torch.int8)
@@ -241,13 +252,13 @@ class IntLinear(_InputRequant):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("bias_int", bias)
         self.backend = "reference"
-        self.fast_ok = codes.dtype == torch.int8 and act.bits <= 8
+        self.int_mm_ok = codes.dtype == torch.int8 and act.bits <= 8
         self.unsigned_shift = 128 if self.qmax > 127 else 0
-        self.register_buffer("weight_mat_t", codes.t().contiguous() if self.fast_ok else None)
+        self.register_buffer("weight_mat_t", codes.t().contiguous() if self.int_mm_ok else None)
         self.register_buffer("weight_rowsum", codes.to(torch.int64).sum(1).to(torch.int32))
 
     def accumulate(self, q: Tensor) -> Tensor:
-        if self.backend == "fast" and self.fast_ok:
+        if self.backend == "int_mm" and self.int_mm_ok:
             lead = q.shape[:-1]
             x8 = (q - self.unsigned_shift).to(torch.int8).reshape(-1, q.shape[-1])
             acc = int_mm_exact(x8, self.weight_mat_t, self)
@@ -930,7 +941,7 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
 
 
 def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:
-    """``"reference"`` (float64-exact int arithmetic) or ``"fast"`` (torch._int_mm int8 GEMM)."""
+    """``"reference"`` (float64-exact int arithmetic) or ``"int_mm"`` (torch._int_mm int8 GEMM)."""
     if backend not in BACKENDS:
         raise HawqError(f"integer backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
     for m in model.modules():

@@ -75,6 +75,7 @@ from hawq.quant.fx_rewrite import (
     source_weight_bias,
     working_copy,
 )
+from hawq.quant.integer import pair_safe_codes
 from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
 
 ENGINES = ("fbgemm", "x86", "onednn")
@@ -107,18 +108,6 @@ def observed_qparams(lo: float, hi: float) -> tuple[float, int]:
 def may_saturate(code_max: int, codes: Tensor) -> bool:
     """Whether a pair sum ``a0*w0 + a1*w1`` of u8 codes ``<= code_max`` and these weight codes can exceed int16."""
     return 2 * code_max * int(codes.abs().max()) > INT16_MAX
-
-
-def pair_safe_codes(codes: Tensor) -> Tensor:
-    """Split ``(out, in, ...)`` weight codes into ``cat([w_hi, w_lo], dim=1)`` with ``w_hi + w_lo = w``.
-
-    ``w_hi = trunc(w / 2)``, so both halves lie in [-64, 64] for 8-bit codes and a u8 pair sum is at
-    most ``255 * 128 = 32640`` (no int16 saturation). Fed with the input twice (``[x, x]`` per group),
-    the layer accumulates exactly ``sum(x * w_hi) + sum(x * w_lo) = sum(x * w)``.
-    """
-    wide = codes.to(torch.int16)
-    hi = torch.div(wide, 2, rounding_mode="trunc")
-    return torch.cat([hi, wide - hi], dim=1).to(codes.dtype)
 
 
 @functools.cache
