@@ -34,8 +34,8 @@ Choices (each a documented GPTQ option or a deviation with its reason):
   quantization contract below exact.
 
 The contract (why no code buffer is needed): hawq computes integer codes in one place,
-``quantize_to_int(source weight)`` with the scale derived from the weight (``max|w| / qmax``) --
-the fake-quant forward, ``int_weight()``, ``to_integer``, ``to_fbgemm``, both ONNX exports and
+``quantize_to_int(source weight)`` (rounding by ``round_to_codes``) with the scale derived from the weight
+(``max|w| / qmax``) -- the fake-quant forward, ``int_weight()``, ``to_integer``, ``to_fbgemm``, both ONNX exports and
 ``save_quantized`` all go through it. :func:`gptq_round_` therefore writes the rounded result back
 as a float weight: ``weight_from_codes(codes, scale)`` (the helper ``load_quantized`` uses), which
 is ``codes * scale`` with the peak codes holding the value that re-derives ``scale`` bit-exactly.

@@ -82,8 +82,8 @@ from hawq.quant.ibert import (
 )
 from hawq.quant.model import infer_quant_config
 from hawq.quant.modules import QuantAct, QuantConv2d
+from hawq.quant.quantizers import INT32_MAX, check_overflow
 
-INT32_MAX = 2**31 - 1
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
 BACKENDS = ("reference", "int_mm")
 
@@ -115,12 +115,6 @@ def rescale(v: Tensor, m: Tensor, c: Tensor) -> Tensor:
     half = torch.where(c > 0, torch.bitwise_left_shift(torch.ones_like(c), (c - 1).clamp(min=0)),
                        torch.zeros_like(c))
     return torch.bitwise_right_shift(v.to(torch.int64) * m + half, c)
-
-
-def check_int32(v: Tensor, where: str) -> Tensor:
-    if v.numel() and int(v.abs().max()) > INT32_MAX:
-        raise HawqError(f"integer inference: int32 overflow in {where}")
-    return v
 
 
 def pair_safe_codes(codes: Tensor) -> Tensor:
@@ -217,7 +211,7 @@ class IntConv2d(_InputRequant):
             return self._accumulate_int_mm(q)
         acc = F.conv2d(q.to(torch.float64), self.weight_codes.to(torch.float64), None, self.stride,
                        self.padding, self.dilation, self.groups)
-        return check_int32(acc.to(torch.int64), f"conv '{self.layer_name}'")
+        return check_overflow(acc.to(torch.int64), f"conv '{self.layer_name}'")
 
     def _accumulate_int_mm(self, q: Tensor) -> Tensor:
         kh, kw = self.weight_codes.shape[2:]
@@ -266,7 +260,7 @@ class IntLinear(_InputRequant):
                 acc = acc + self.unsigned_shift * self.weight_rowsum
             return acc.reshape(*lead, -1).to(torch.int64)
         acc = q.to(torch.float64) @ self.weight_codes.to(torch.float64).t()
-        return check_int32(acc.to(torch.int64), f"linear '{self.layer_name}'")
+        return check_overflow(acc.to(torch.int64), f"linear '{self.layer_name}'")
 
     def forward(self, x: Tensor) -> Tensor:
         acc = self.accumulate(self.input_codes(x))
@@ -305,7 +299,7 @@ class IntAdd(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         out = rescale(a, self.mult_a, self.shift_a) + rescale(b, self.mult_b, self.shift_b)
-        return check_int32(out, f"add '{self.name}'")
+        return check_overflow(out, f"add '{self.name}'")
 
 
 class IntReLU(nn.Module):

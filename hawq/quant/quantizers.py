@@ -24,6 +24,7 @@ from torch import Tensor
 from hawq import HawqError
 
 FLOAT_BITS = 32
+INT32_MAX = 2**31 - 1  # the accumulator bound every integer kernel is checked against
 
 
 def _check_bits(bits: int) -> None:
@@ -158,6 +159,13 @@ def weight_from_codes(codes: torch.Tensor, scale: torch.Tensor, bits: int,
     peak = expand_scale(_max_reproducing_scale(scale, qmax), codes.shape, group_size)
     at_peak = codes.abs() == qmax
     return torch.where(at_peak, torch.sign(codes.to(torch.float32)) * peak, weight)
+
+
+def check_overflow(v: Tensor, where: str, limit: int = INT32_MAX) -> Tensor:
+    """``v`` unchanged, or a HawqError naming ``where`` if some ``|v| > limit`` (integer inference checks)."""
+    if v.numel() and int(v.abs().max()) > limit:
+        raise HawqError(f"integer inference: overflow in {where} (|value| > {limit})")
+    return v
 
 
 class FakeQuantSTE(torch.autograd.Function):
