@@ -40,7 +40,7 @@ import copy
 import functools
 import inspect
 import operator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
@@ -162,6 +162,23 @@ def int_mm_exact(x8: Tensor, weight_mat_t: Tensor, owner: nn.Module) -> Tensor:
     return torch._int_mm(torch.cat([x8, x8], dim=1), split)
 
 
+# --- ONNX lowering contract ----------------------------------------------------------------------
+class OnnxBuilder(Protocol):
+    """What an integer module's ``to_onnx(g, args, name)`` writes with (``hawq.export`` implements it).
+
+    Tensors are value names; integer tensors travel as INT64. ``const`` stores ``value`` as an
+    initializer of the torch ``dtype``; ``cast`` converts to a torch dtype; ``rescale`` is
+    :func:`rescale` (``floor((v * m + 2^(c-1)) / 2^c)``) and ``floor_div`` is ``floor(a / d)``, d > 0.
+    Each integer module lowers itself, so adding an integer op never touches the exporter.
+    """
+
+    def op(self, op_type: str, inputs: list[str], base: str, **attrs: Any) -> str: ...
+    def const(self, base: str, value: Tensor | int | float | list, dtype: torch.dtype) -> str: ...
+    def cast(self, v: str, dtype: torch.dtype, base: str) -> str: ...
+    def rescale(self, v: str, mult: Tensor, shift: Tensor, base: str) -> str: ...
+    def floor_div(self, a: str, d: str, base: str) -> str: ...
+
+
 # --- integer operators (thin modules) ------------------------------------------------------------
 class _InputRequant(nn.Module):
     """Entry of a quantized layer: int tensor (or the float model input) -> codes on its grid."""
@@ -183,6 +200,36 @@ class _InputRequant(nn.Module):
             q = torch.round(x.to(torch.float64) / self.act_scale)
             return q.clamp(self.qmin, self.qmax).to(torch.int64)
         return rescale(x, self.in_mult, self.in_shift).clamp(self.qmin, self.qmax)
+
+    def onnx_input_codes(self, g: OnnxBuilder, v: str, name: str) -> str:
+        """:meth:`input_codes` in ONNX, as INT8 codes (UINT8 for an unsigned 8-bit grid)."""
+        if self.from_float:  # round(x / s) in float64, as the PyTorch integer model does
+            x = g.cast(v, torch.float64, f"{name}_in_f64")
+            q = g.op("Round", [g.op("Div", [x, g.const(f"{name}_act_scale", self.act_scale, torch.float64)],
+                                    f"{name}_in_scaled")], f"{name}_in_round")
+            q = g.op("Clip", [q, g.const(f"{name}_qmin_f", self.qmin, torch.float64),
+                              g.const(f"{name}_qmax_f", self.qmax, torch.float64)], f"{name}_in_clip")
+        else:
+            q = g.rescale(v, self.in_mult, self.in_shift, f"{name}_requant")
+            q = g.op("Clip", [q, g.const(f"{name}_qmin", self.qmin, torch.int64),
+                              g.const(f"{name}_qmax", self.qmax, torch.int64)], f"{name}_in_clip")
+        return g.cast(q, torch.uint8 if self.qmax > 127 else torch.int8, f"{name}_codes")
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        """``ConvInteger`` / ``MatMulInteger`` on the input codes, widened to INT64, plus the int32 bias."""
+        x = self.onnx_input_codes(g, args[0], name)
+        codes = self.weight_codes
+        if codes.dtype != torch.int8:
+            raise HawqError(f"export_onnx_integer: layer '{name}' has weight codes wider than 8 bits")
+        acc, bias_shape = self.onnx_accumulate(g, x, name)
+        out = g.cast(acc, torch.int64, f"{name}_acc64")
+        if self.bias_int is not None:
+            out = g.op("Add", [out, g.const(f"{name}_bias_int", self.bias_int.reshape(bias_shape), torch.int64)],
+                       f"{name}_out")
+        return out
+
+    def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
+        raise NotImplementedError
 
 
 class IntConv2d(_InputRequant):
@@ -234,6 +281,14 @@ class IntConv2d(_InputRequant):
             acc = acc + self.bias_int.to(torch.int64).reshape(1, -1, 1, 1)
         return acc
 
+    def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
+        codes = self.weight_codes
+        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
+        acc = g.op("ConvInteger", [x, g.const(f"{name}_weight_codes", codes, torch.int8)], f"{name}_acc",
+                   pads=[ph, pw, ph, pw], strides=[sh, sw], dilations=[dh, dw], group=self.groups,
+                   kernel_shape=list(codes.shape[2:]))
+        return acc, (1, -1, 1, 1)
+
 
 class IntLinear(_InputRequant):
     """Integer linear layer (same contract as :class:`IntConv2d`), over the last dim."""
@@ -268,6 +323,10 @@ class IntLinear(_InputRequant):
             acc = acc + self.bias_int.to(torch.int64)
         return acc
 
+    def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
+        w = g.const(f"{name}_weight_codes_t", self.weight_codes.t(), torch.int8)
+        return g.op("MatMulInteger", [x, w], f"{name}_acc"), (-1,)
+
 
 class IntChannelAffine(nn.Module):
     """Eval BatchNorm on an integer tensor: ``v' = (+-2^k) * v + b``.
@@ -285,6 +344,10 @@ class IntChannelAffine(nn.Module):
     def forward(self, v: Tensor) -> Tensor:
         return v * self.mult + self.bias_int
 
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        scaled = g.op("Mul", [args[0], g.const(f"{name}_mult", self.mult, torch.int64)], f"{name}_scaled")
+        return g.op("Add", [scaled, g.const(f"{name}_bias_int", self.bias_int, torch.int64)], f"{name}_out")
+
 
 class IntAdd(nn.Module):
     """Residual add: both operands rescaled (dyadic) to the common, coarser scale, then added."""
@@ -301,10 +364,18 @@ class IntAdd(nn.Module):
         out = rescale(a, self.mult_a, self.shift_a) + rescale(b, self.mult_b, self.shift_b)
         return check_overflow(out, f"add '{self.name}'")
 
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        lhs = g.rescale(args[0], self.mult_a, self.shift_a, f"{name}_a")
+        rhs = g.rescale(args[1], self.mult_b, self.shift_b, f"{name}_b")
+        return g.op("Add", [lhs, rhs], f"{name}_out")
+
 
 class IntReLU(nn.Module):
     def forward(self, v: Tensor) -> Tensor:
         return v.clamp_min(0)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        return g.op("Max", [args[0], g.const(f"{name}_zero", 0, torch.int64)], f"{name}_out")
 
 
 class IntMaxPool2d(nn.Module):
@@ -314,6 +385,19 @@ class IntMaxPool2d(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         return self.pool(v)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        pool = self.pool
+        if pool.return_indices:
+            raise HawqError(f"export_onnx_integer: max pool '{name}' returns indices")
+        pair = nn.modules.utils._pair
+        k, s = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
+        p, d = pair(pool.padding), pair(pool.dilation)
+        # DOUBLE holds every int32 value exactly; onnxruntime has no INT64 MaxPool.
+        x = g.cast(args[0], torch.float64, f"{name}_f64")
+        y = g.op("MaxPool", [x], f"{name}_pool", kernel_shape=list(k), strides=list(s),
+                 pads=[p[0], p[1], p[0], p[1]], dilations=list(d), ceil_mode=int(pool.ceil_mode))
+        return g.cast(y, torch.int64, f"{name}_out")
 
 
 class IntSumPool2d(nn.Module):
@@ -332,6 +416,18 @@ class IntSumPool2d(nn.Module):
             s = F.avg_pool2d(v.to(torch.float64), self.kernel, self.stride, divisor_override=1).to(torch.int64)
         return torch.div(s + n // 2, n, rounding_mode="floor")
 
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        if self.kernel is not None:
+            raise HawqError(f"export_onnx_integer: windowed average pool '{name}' is not supported "
+                            "(global average pooling is)")
+        total = g.op("ReduceSum", [args[0], g.const(f"{name}_axes", [2, 3], torch.int64)], f"{name}_sum",
+                     keepdims=1)
+        hw = g.op("Slice", [g.op("Shape", [args[0]], f"{name}_shape"), g.const(f"{name}_start", [2], torch.int64),
+                            g.const(f"{name}_end", [4], torch.int64)], f"{name}_hw")
+        n = g.op("ReduceProd", [hw], f"{name}_n", keepdims=0)
+        half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")
+        return g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, name)
+
 
 class IntFlatten(nn.Module):
     def __init__(self, start_dim: int, end_dim: int) -> None:
@@ -340,6 +436,9 @@ class IntFlatten(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         return torch.flatten(v, self.start_dim, self.end_dim)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        return g.op("Flatten", [args[0]], f"{name}_out", axis=self.start_dim)
 
 
 class IntRequant(nn.Module):
@@ -380,6 +479,11 @@ class Dequantize(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         return (v.to(torch.float64) * self.scale).to(self.out_dtype)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x = g.cast(args[0], torch.float64, f"{name}_f64")
+        y = g.op("Mul", [x, g.const(f"{name}_scale", self.scale, torch.float64)], f"{name}_real")
+        return g.cast(y, self.out_dtype, f"{name}_out")
 
 
 # --- conversion -----------------------------------------------------------------------------------
