@@ -50,9 +50,6 @@ from torch import Tensor, nn
 from hawq import HawqError
 from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.fx_rewrite import (
-    ADD_FUNCS,
-    QUANT_LAYERS,
-    RELU_FUNCS,
     GraphRewriter,
     check_input_quant,
     check_weights,
@@ -64,7 +61,6 @@ from hawq.quant.ibert import (
     EXP_CLAMP,
     INNER_BITS,
     INNER_MARGIN,
-    SHAPE_METHODS,
     ExpConstants,
     GeluConstants,
     IntGELU,
@@ -82,6 +78,7 @@ from hawq.quant.ibert import (
 )
 from hawq.quant.model import infer_quant_config
 from hawq.quant.modules import QuantAct, QuantConv2d
+from hawq.quant.ops import QUANT_LAYERS, handles
 from hawq.quant.quantizers import INT32_MAX, check_overflow
 
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
@@ -547,6 +544,7 @@ class _Converter(GraphRewriter):
     """
 
     what = _WHAT
+    target = "integer"
     supported = "quantized Conv2d/Linear, BatchNorm2d, ReLU, add, max/avg pool, flatten, dropout"
     float_layer_hint = "integer inference needs every conv/linear quantized"
     graph_name = "IntegerModel"
@@ -646,52 +644,6 @@ class _Converter(GraphRewriter):
     def _shape(self, node: fx.Node) -> torch.Size | None:
         tm = getattr(node, "meta", {}).get("tensor_meta")
         return None if tm is None else tm.shape
-
-    def _ibert_function(self, node: fx.Node, fn: Any) -> bool:
-        """The integer rule for a transformer op (call_function / call_method), or False if none applies."""
-        method = node.target if node.op == "call_method" else None
-        first = node.args[0] if node.args else None
-        if not isinstance(first, fx.Node) or first not in self.info:
-            return False
-        if fn is F.gelu and node.kwargs.get("approximate", "none") == "none" and len(node.args) == 1:
-            self._gelu(node, node.name, first)
-        elif fn in (torch.softmax, F.softmax) or method == "softmax":
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            if node.kwargs.get("dtype") is not None or len(node.args) > 2:
-                return False
-            self._softmax(node, node.name, first, dim)
-        elif fn in (operator.matmul, torch.matmul, torch.bmm) or method in ("matmul", "bmm"):
-            if len(node.args) != 2 or node.kwargs:
-                return False
-            self._matmul(node, node.args[0], node.args[1])
-        elif fn in (operator.truediv, operator.mul, torch.div, torch.mul) or method in ("div", "mul"):
-            divide = fn in (operator.truediv, torch.div) or method == "div"
-            return self._scale_const(node, divide)
-        elif fn is torch.mean or method == "mean":
-            return self._mean(node)
-        elif method in SHAPE_METHODS or fn in (torch.transpose, torch.permute, torch.reshape):
-            return self._shape_op(node)
-        else:
-            return False
-        return True
-
-    def _ibert_module(self, node: fx.Node, name: str, mod: nn.Module) -> bool:
-        arg = node.args[0]
-        if isinstance(mod, QuantAct):  # a StaticGrid of the I-BERT-aware fake-quant model
-            self.bind(node, *self._act_grid(arg, mod, name))
-        elif isinstance(mod, QuantGELU):
-            self._gelu(node, name, arg, mod.input_quant)
-        elif isinstance(mod, QuantSoftmax):
-            self._softmax(node, name, arg, -1, mod.out_bits)
-        elif isinstance(mod, nn.GELU) and mod.approximate == "none":
-            self._gelu(node, name, arg)
-        elif isinstance(mod, nn.Softmax):
-            self._softmax(node, name, arg, mod.dim)
-        elif isinstance(mod, nn.LayerNorm):
-            self._layernorm(node, name, mod, arg)
-        else:
-            return False
-        return True
 
     def _gelu(self, node: fx.Node, name: str, arg: fx.Node, act: QuantAct | None = None) -> None:
         if act is not None:
@@ -839,38 +791,6 @@ class _Converter(GraphRewriter):
 
         self.graph.output(fx.node.map_arg(node.args[0], out))
 
-    def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
-        if self.ibert and isinstance(mod, QuantSoftmax) and len(node.args) == 2 and not node.kwargs:
-            scores, mask = node.args
-            if self.info[mask].scale is not None or self.info[scores].scale is None:
-                raise self.unsupported(node, ": the attention mask must be a float model input added to "
-                                       "integer scores", module=mod)
-            self._softmax(node, name, scores, -1, mod.out_bits, mask)
-            return
-        if self.ibert and len(node.args) == 1 and self._all_int(node, lift=True) \
-                and self._ibert_module(node, name, mod):
-            return
-        if not self._all_int(node) or len(node.args) != 1:
-            self._float_op(node, mod)
-            return
-        v, meta = self.env[node.args[0]], self.info[node.args[0]]
-        if isinstance(mod, nn.BatchNorm2d):
-            self._batchnorm(node, name, mod, v, meta)
-        elif isinstance(mod, nn.ReLU):
-            self._emit(node, name, IntReLU(), (v,), meta)
-        elif isinstance(mod, nn.MaxPool2d):
-            self._emit(node, name, IntMaxPool2d(mod), (v,), meta)
-        elif isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
-            self._emit(node, name, IntSumPool2d(None, None), (v,), _Meta(meta.scale, True, meta.bound))
-        elif isinstance(mod, nn.AvgPool2d) and mod.padding in (0, (0, 0)) and not mod.ceil_mode:
-            k = nn.modules.utils._pair(mod.kernel_size)
-            s = nn.modules.utils._pair(mod.stride or mod.kernel_size)
-            self._emit(node, name, IntSumPool2d(k, s), (v,), meta)
-        elif isinstance(mod, nn.Flatten):
-            self._flatten(node, name, v, meta, mod.start_dim, mod.end_dim)
-        else:
-            self._float_op(node, mod)
-
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         v, meta = self.value(node, node.args[0])
         act = check_input_quant(mod, name, _WHAT)
@@ -931,34 +851,160 @@ class _Converter(GraphRewriter):
 
         self._emit(node, name, IntFlatten(start, end), (v,), _Meta(flat(meta.scale), bound=flat(meta.bound)))
 
-    def on_function(self, node: fx.Node, fn: Any) -> None:
-        if self.ibert and self._all_int(node, lift=True) and self._ibert_function(node, fn):
-            return
-        int_ok = fn is not None and self._all_int(node)
-        if fn in ADD_FUNCS and self.ibert:
-            int_ok = self._all_int(node, lift=True)  # a residual of the (float) model input
-        if int_ok and fn in RELU_FUNCS and len(node.args) == 1:
-            self._emit(node, node.name, IntReLU(), (self.env[node.args[0]],), self.info[node.args[0]])
-        elif int_ok and fn in ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
-            (va, ma), (vb, mb) = self._operand(node.args[0]), self._operand(node.args[1])
-            # Common scale: the finer operand's, refined by up to FRACTION_BITS while the static
-            # bound of the sum stays below 2^30 (so the adds' rounding is negligible and int32 safe).
-            real_bound = ma.bound * ma.scale + mb.bound * mb.scale
-            out = torch.maximum(torch.minimum(ma.scale, mb.scale) / 2.0**FRACTION_BITS, real_bound / 2.0**30)
-            # (+ 0 * out broadcasts each operand's scale to the common scale's shape)
-            module = IntAdd((ma.scale + 0 * out), (mb.scale + 0 * out), out, node.name)
-            bound = real_bound / out + 2
-            args = (va, vb)
-            self._emit(node, node.name, module, args, _Meta(out, ma.spatial_one and mb.spatial_one, bound))
-        elif int_ok and fn is torch.flatten and not node.kwargs:
-            start = node.args[1] if len(node.args) > 1 else 0
-            end = node.args[2] if len(node.args) > 2 else -1
-            self._flatten(node, node.name, self.env[node.args[0]], self.info[node.args[0]], start, end)
-        elif int_ok and fn is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
-            meta = self.info[node.args[0]]
-            self._emit(node, node.name, IntSumPool2d(None, None), (self.env[node.args[0]],),
-                       _Meta(meta.scale, True, meta.bound))
+    # --- op rules (hawq.quant.ops.RULES): what each op becomes in integer arithmetic --------------
+    def on_unmatched(self, node: fx.Node, mod: nn.Module | None) -> None:
+        self._float_op(node, mod)  # no integer rule: a float island, or an error without float_ops
+
+    def _ibert_ok(self, node: fx.Node) -> bool:
+        """I-BERT mode and every tensor input integer (or a float model input it quantizes)."""
+        first = node.args[0] if node.args else None
+        return (self.ibert and isinstance(first, fx.Node) and first in self.info
+                and self._all_int(node, lift=True))
+
+    def _unary_int(self, node: fx.Node) -> tuple[fx.Node, _Meta] | None:
+        """``(value, meta)`` of the one integer input of ``node``, or None (then it runs in float)."""
+        if len(node.args) != 1 or not self._all_int(node):
+            return None
+        return self.env[node.args[0]], self.info[node.args[0]]
+
+    @handles("batchnorm", "integer")
+    def _rule_batchnorm(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node)
+        if unary is None:
+            return self._float_op(node, mod)
+        self._batchnorm(node, node.target, mod, *unary)
+
+    @handles("relu", "integer")
+    def _rule_relu(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node)
+        if unary is None:
+            return self._float_op(node, mod)
+        self._emit(node, node.target if mod is not None else node.name, IntReLU(), (unary[0],), unary[1])
+
+    @handles("add", "integer")
+    def _rule_add(self, node: fx.Node, mod: nn.Module | None) -> None:
+        int_ok = self._all_int(node, lift=self.ibert)  # ibert: a residual of the (float) model input
+        if not int_ok or len(node.args) != 2 or node.kwargs:
+            return self._float_op(node, mod)
+        (va, ma), (vb, mb) = self._operand(node.args[0]), self._operand(node.args[1])
+        # Common scale: the finer operand's, refined by up to FRACTION_BITS while the static
+        # bound of the sum stays below 2^30 (so the adds' rounding is negligible and int32 safe).
+        real_bound = ma.bound * ma.scale + mb.bound * mb.scale
+        out = torch.maximum(torch.minimum(ma.scale, mb.scale) / 2.0**FRACTION_BITS, real_bound / 2.0**30)
+        # (+ 0 * out broadcasts each operand's scale to the common scale's shape)
+        module = IntAdd((ma.scale + 0 * out), (mb.scale + 0 * out), out, node.name)
+        bound = real_bound / out + 2
+        self._emit(node, node.name, module, (va, vb), _Meta(out, ma.spatial_one and mb.spatial_one, bound))
+
+    @handles("flatten", "integer")
+    def _rule_flatten(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            unary = self._unary_int(node)
+            if unary is None:
+                return self._float_op(node, mod)
+            return self._flatten(node, node.target, *unary, mod.start_dim, mod.end_dim)
+        if node.op == "call_method" and self._ibert_ok(node) and self._shape_op(node):
+            return None  # x.flatten() on a per-tensor grid: a shape op
+        if not self._all_int(node) or node.kwargs:
+            return self._float_op(node)
+        start = node.args[1] if len(node.args) > 1 else 0
+        end = node.args[2] if len(node.args) > 2 else -1
+        self._flatten(node, node.name, self.env[node.args[0]], self.info[node.args[0]], start, end)
+
+    @handles("max_pool", "integer")
+    def _rule_max_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node) if mod is not None else None
+        if unary is None:
+            return self._float_op(node, mod)
+        self._emit(node, node.target, IntMaxPool2d(mod), (unary[0],), unary[1])
+
+    @handles("avg_pool", "integer")
+    def _rule_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node) if mod is not None else None
+        if unary is None or mod.padding not in (0, (0, 0)) or mod.ceil_mode:
+            return self._float_op(node, mod)
+        k = nn.modules.utils._pair(mod.kernel_size)
+        s = nn.modules.utils._pair(mod.stride or mod.kernel_size)
+        self._emit(node, node.target, IntSumPool2d(k, s), (unary[0],), unary[1])
+
+    @handles("adaptive_avg_pool", "integer")
+    def _rule_adaptive_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            unary = self._unary_int(node)
+            is_global = mod.output_size in (1, (1, 1))
+            name = node.target
         else:
+            unary = (self.env[node.args[0]], self.info[node.args[0]]) if self._all_int(node) else None
+            is_global = node.args[1:] in ((1,), ((1, 1),))
+            name = node.name
+        if unary is None or not is_global:
+            return self._float_op(node, mod)
+        v, meta = unary
+        self._emit(node, name, IntSumPool2d(None, None), (v,), _Meta(meta.scale, True, meta.bound))
+
+    @handles("grid", "integer")
+    def _rule_grid(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or not self._ibert_ok(node):
+            return self._float_op(node, mod)
+        self.bind(node, *self._act_grid(node.args[0], mod, node.target))  # a StaticGrid of I-BERT fake-quant
+
+    @handles("gelu", "integer")
+    def _rule_gelu(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or not self._ibert_ok(node):
+            return self._float_op(node, mod)
+        if isinstance(mod, QuantGELU):
+            return self._gelu(node, node.target, node.args[0], mod.input_quant)
+        exact = (mod.approximate == "none" if mod is not None
+                 else node.op == "call_function" and node.kwargs.get("approximate", "none") == "none")
+        if not exact:
+            return self._float_op(node, mod)  # i-GELU approximates the exact (erf) GELU only
+        self._gelu(node, node.target if mod is not None else node.name, node.args[0])
+
+    @handles("softmax", "integer")
+    def _rule_softmax(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if self.ibert and isinstance(mod, QuantSoftmax) and len(node.args) == 2 and not node.kwargs:
+            scores, mask = node.args
+            if self.info[mask].scale is not None or self.info[scores].scale is None:
+                raise self.unsupported(node, ": the attention mask must be a float model input added to "
+                                       "integer scores", module=mod)
+            return self._softmax(node, node.target, scores, -1, mod.out_bits, mask)
+        if mod is not None:
+            if len(node.args) != 1 or not self._ibert_ok(node):
+                return self._float_op(node, mod)
+            if isinstance(mod, QuantSoftmax):
+                return self._softmax(node, node.target, node.args[0], -1, mod.out_bits)
+            return self._softmax(node, node.target, node.args[0], mod.dim)
+        if not self._ibert_ok(node) or node.kwargs.get("dtype") is not None or len(node.args) > 2:
+            return self._float_op(node)
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        self._softmax(node, node.name, node.args[0], dim)
+
+    @handles("layernorm", "integer")
+    def _rule_layernorm(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or not self._ibert_ok(node):
+            return self._float_op(node, mod)
+        self._layernorm(node, node.target, mod, node.args[0])
+
+    @handles("matmul", "integer")
+    def _rule_matmul(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if not self._ibert_ok(node) or len(node.args) != 2 or node.kwargs:
+            return self._float_op(node)
+        self._matmul(node, node.args[0], node.args[1])
+
+    @handles("scale", "integer")
+    def _rule_scale(self, node: fx.Node, mod: nn.Module | None) -> None:
+        divide = node.target in (operator.truediv, torch.div, "div")
+        if not (self._ibert_ok(node) and self._scale_const(node, divide)):
+            self._float_op(node)
+
+    @handles("mean", "integer")
+    def _rule_mean(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if not (self._ibert_ok(node) and self._mean(node)):
+            self._float_op(node)
+
+    @handles("shape", "integer")
+    def _rule_shape(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if not (self._ibert_ok(node) and self._shape_op(node)):
             self._float_op(node)
 
 
