@@ -10,14 +10,16 @@ multiplier ``m / 2^c`` (integer multiply, add half, arithmetic shift). The only 
 operations are quantizing the model input (``round(x / s)``) and the final dequantization
 ``v * s`` of the outputs.
 
-Operators: QuantConv2d / QuantBnConv2d / QuantLinear (int8 codes x int8 codes -> int32, bias in
-int32 at ``s_in * s_w``); BatchNorm2d on an integer tensor (eval statistics; folded into the
-per-channel scale, a sign flip and an int32 bias); ReLU; residual add (both operands rescaled
-to a common scale with dyadic multipliers); max pool; global / non-overlapping average pool
-(integer sum then rounded integer division); flatten; dropout and identity.
+Operators (the ``"integer"`` handlers of :data:`hawq.quant.ops.RULES`; each integer module lowers
+itself to ONNX with ``to_onnx``): QuantConv2d / QuantBnConv2d / QuantLinear (the layer's own
+``int_weight()`` codes x int8 input codes -> int32, bias in int32 at ``s_in * s_w``); BatchNorm2d
+on an integer tensor (eval statistics; folded into the per-channel scale, a sign flip and an int32
+bias); ReLU; residual add (both operands rescaled to a common scale with dyadic multipliers); max
+pool; global / non-overlapping average pool (integer sum then rounded integer division); flatten;
+dropout and identity.
 
-With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT kernels of
-:mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
+With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT
+kernels of :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
 requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops.
 Their input grids are static, calibrated on ``example_input`` (see :func:`to_integer`).
 
@@ -30,8 +32,8 @@ real int8 x int8 -> int32 GEMM, with im2col for convs). Both feed the same integ
 so their outputs are bit-identical. On a CPU without VNNI, oneDNN's int8 GEMM behind
 ``torch._int_mm`` shifts the input by +128 and adds u8 x s8 pairs in a saturating int16 (wrong
 sums for 8-bit weights); there (found by :func:`int_mm_saturates`) the int_mm engine multiplies the
-duplicated input by the weight codes split into 7-bit halves (:func:`hawq.quant.integer.pair_safe_codes`),
-which gives the exact sums.
+duplicated input by the weight codes split into 7-bit halves (:func:`pair_safe_codes`), which
+gives the exact sums.
 """
 
 from __future__ import annotations
