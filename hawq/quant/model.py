@@ -34,6 +34,7 @@ from hawq.quant.modules import (
     QuantEmbedding,
     QuantLinear,
 )
+from hawq.quant.ops import RULES_BY_OP
 from hawq.quant.quantizers import FLOAT_BITS
 
 
@@ -141,11 +142,10 @@ def quantize_(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) ->
 
 # --- transformer="ibert": fake-quant transformer ops that compute what the integer kernels compute ---
 _SHAPE_FUNCS = (torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten)
-_MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm)
-_SOFTMAX_FUNCS = (torch.softmax, F.softmax)
-_INPUT_GRID_FUNCS = (operator.add, torch.add, operator.iadd, operator.mul, torch.mul, operator.truediv, torch.div,
-                     torch.mean)
-_INPUT_GRID_METHODS = ("add", "mul", "div", "mean")
+# Which nodes are matmuls, softmaxes, adds, constant scales and means: hawq.quant.ops.RULES (one table).
+_MATMUL, _SOFTMAX = RULES_BY_OP["matmul"], RULES_BY_OP["softmax"]
+_INPUT_GRID_FUNCS = tuple(f for op in ("add", "scale", "mean") for f in RULES_BY_OP[op].functions)
+_INPUT_GRID_METHODS = tuple(m for op in ("add", "scale", "mean") for m in RULES_BY_OP[op].methods)
 
 
 def _is_call(node: fx.Node, funcs: tuple, methods: tuple) -> bool:
@@ -222,7 +222,7 @@ def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None) -
             if node.kwargs.get("approximate", "none") != "none" or len(node.args) != 1:
                 raise HawqError(f"quantize_transformer_ops: GELU '{node.name}' must be the exact (erf) form")
             _replace_with_module(graph, node, add_module(node.name, QuantGELU(cfg)))
-        elif _is_call(node, _SOFTMAX_FUNCS, ("softmax",)):
+        elif _is_call(node, _SOFTMAX.functions, _SOFTMAX.methods):
             if node.kwargs.get("dtype") is not None or len(node.args) > 2:
                 raise HawqError(f"quantize_transformer_ops: softmax '{node.name}' with a dtype is not supported")
             check_softmax_dim(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
@@ -235,7 +235,7 @@ def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None) -
             and bool(node.args) and isinstance(node.args[0], fx.Node)
 
     for node in list(graph.nodes):
-        if not _is_call(node, _MATMUL_FUNCS, ("matmul", "bmm")) or len(node.args) != 2:
+        if not _is_call(node, _MATMUL.functions, _MATMUL.methods) or len(node.args) != 2:
             continue
         if not all(isinstance(a, fx.Node) for a in node.args):
             continue  # a matmul with a constant is not an activation x activation product
