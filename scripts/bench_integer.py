@@ -176,8 +176,8 @@ def speedup_summary(results: dict[tuple[str, int], float], engines: list[str], b
                 s = ref / hawq
                 if tag == "W8A8":
                     w8.append((s, e, b))
-                lines.append(f"hawq {tag} vs torch int8 on {e}, batch {b}: {s:.2f}x "
-                             + ("(hawq faster)" if s > 1 else "(hawq SLOWER)"))
+                verdict = "same speed" if round(s, 2) == 1.0 else ("hawq faster" if s > 1 else "hawq SLOWER")
+                lines.append(f"hawq {tag} vs torch int8 on {e}, batch {b}: {s:.2f}x ({verdict})")
     for b in batches:
         best_t = min(((results[(f"torch int8 {e}", b)], e) for e in engines if (f"torch int8 {e}", b) in results),
                      default=None)
