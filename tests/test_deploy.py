@@ -138,14 +138,25 @@ def test_bert_qdq_export_of_the_logits_with_verdict(tmp_path):
 # devices: ONNX and integer work on CPU copies; the run's model stays where it is
 
 
-def test_cpu_copy_leaves_the_callers_model_alone():
+class _MovesLogged(nn.Linear):
+    """A layer that logs which instance is moved to the CPU (and stays put: its tensors are on the
+    meta device, standing in for a GPU on a machine without one)."""
+
+    moved: list[nn.Module] = []
+
+    def cpu(self) -> nn.Module:
+        _MovesLogged.moved.append(self)
+        return self
+
+
+def test_cpu_copy_copies_a_model_on_another_device_and_never_moves_it():
     model, _ = _fashion()
-    assert cpu_copy(model) is model  # already on the CPU: nothing copied
-    meta = nn.Linear(3, 2, device="meta")
-    # a model elsewhere (a GPU; here the meta device) is copied, never moved
-    with pytest.raises(NotImplementedError):  # meta tensors hold no data to copy to the CPU
-        cpu_copy(meta)
-    assert meta.weight.device.type == "meta"
+    assert cpu_copy(model) is model  # already on the CPU: nothing copied, nothing moved
+    elsewhere = _MovesLogged(3, 2, device="meta")
+    _MovesLogged.moved.clear()
+    copied = cpu_copy(elsewhere)
+    assert copied is not elsewhere and _MovesLogged.moved == [copied]  # the copy went to the CPU
+    assert elsewhere.weight.device.type == "meta" and elsewhere.training  # the run's model: untouched
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
