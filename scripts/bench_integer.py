@@ -190,7 +190,7 @@ def speedup_summary(results: dict[tuple[str, int], float], engines: list[str], b
         s, e, b = min(w8)
         lines.append(f"headline (minimum over engines and batches, W8A8): hawq is {s:.2f}x the speed of PyTorch "
                      f"int8 (worst case: {e}, batch {b})")
-        slower = [f"{e} batch {b} ({s:.2f}x)" for s, e, b in sorted(w8) if s < 1]
+        slower = [f"{e} batch {b} ({s:.2f}x)" for s, e, b in sorted(w8) if round(s, 2) < 1]
         lines.append("hawq W8A8 slower than PyTorch int8 in: " + (", ".join(slower) if slower else "none"))
     return lines
 

@@ -219,6 +219,7 @@ def export_artifacts(qmodel: nn.Module, bits: Any, run_dir: Path, ecfg: Any, mod
     file that was written but could not be checked keeps its ``path`` and records ``check_error``.
     """
     out: dict[str, Any] = {}
+    qmodel = cpu_copy(qmodel)  # the integer constants in the checkpoint are computed on the CPU too
     if ecfg.safetensors:
         summary = save_deployable(qmodel, bits, run_dir / "model.safetensors", model_info, quant_config,
                                   ecfg.integer, training_only, deploy_kwargs)
@@ -229,7 +230,7 @@ def export_artifacts(qmodel: nn.Module, bits: Any, run_dir: Path, ecfg: Any, mod
         return out
     if batch is None:
         raise HawqError("export_artifacts: ONNX export needs an example batch")
-    model = export_view(cpu_copy(qmodel), batch)
+    model = export_view(qmodel, batch)
     inputs = cpu_inputs(export_inputs(batch))
     if ecfg.onnx:
         out["onnx"] = _export_qdq(model, inputs, run_dir / "model.onnx", ecfg, logits)
