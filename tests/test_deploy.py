@@ -72,6 +72,16 @@ def test_all_zero_outputs_are_checked_not_reported_unwritten(tmp_path):
     assert out["onnx_integer"]["check"]["verdict"] == "pass", out["onnx_integer"]
 
 
+def test_list_inputs_are_recorded_not_fatal(tmp_path):
+    """Detection batches hold a list of images: no ONNX export yet, recorded as such (the run goes on)."""
+    model, x = _fashion()
+    batch = ([x[0], x[1]], [{}, {}])
+    out = export_artifacts(model, {}, tmp_path, ExportConfig(safetensors=False), {"name": "x", "kwargs": {}},
+                           QuantConfig(), batch)
+    assert "error" in out["onnx"] and not (tmp_path / "model.onnx").exists()
+    assert "single tensor input" in out["onnx_integer"]["skipped"]
+
+
 def test_qdq_verdict_passes_a_faithful_export_and_fails_a_broken_one(tmp_path):
     model, x = _fashion(lambda i: 4 if i % 2 else 8)
     path = export_onnx(model, x[:2], tmp_path / "model.onnx", int4=False)

@@ -50,9 +50,11 @@ def cpu_copy(model: nn.Module) -> nn.Module:
     return model.eval() if on_cpu else copy.deepcopy(model).cpu().eval()
 
 
-def cpu_inputs(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """The example inputs on the CPU, detached."""
-    return tuple(t.detach().cpu() for t in inputs)
+def cpu_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The example inputs on the CPU (tensors detached; lists of images, as detection takes, too)."""
+    from hawq.models.tasks import move_to
+
+    return tuple(t.detach().cpu() if isinstance(t, Tensor) else move_to(t, "cpu") for t in inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def _export_integer(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, op
     from hawq.export import export_onnx_integer
     from hawq.quant import to_integer
 
-    if len(inputs) != 1:
+    if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
         return {"skipped": "the integer ONNX export takes models with a single tensor input"}
     try:
         int_model = to_integer(model, inputs[0])
