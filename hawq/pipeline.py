@@ -484,11 +484,11 @@ def uniform_bits_same_size(run: Run, bits: BitMap) -> tuple[int, BitMap]:
     b = run.cfg.search.budget
     w = b.size_uniform_bits or b.bops_uniform_bits
     if w is None:
-        from hawq.search import model_size_mb
+        from hawq.report import quantized_size_mb
 
-        target = model_size_mb(run.fp32, bits, run.layers)
+        target = quantized_size_mb(run.fp32, bits, run.layers, run.cfg.quant)
         fitting = [o for o in sorted(run.cfg.search.weight_bits)
-                   if model_size_mb(run.fp32, _uniform(run, bits, o), run.layers) <= target * 1.0001]
+                   if quantized_size_mb(run.fp32, _uniform(run, bits, o), run.layers, run.cfg.quant) <= target * 1.0001]
         w = fitting[-1] if fitting else min(run.cfg.search.weight_bits)
     return w, _uniform(run, bits, w)
 
@@ -704,48 +704,15 @@ def _evaluate_quantized(run: Run, bits: BitMap, desc: str) -> dict[str, float]:
 
 
 def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
-    from hawq.export import export_onnx, save_quantized
+    """model.safetensors, model.onnx and model_int.onnx with their verdicts (hawq.export.deploy);
+    the ONNX work runs on CPU copies whatever run.device is."""
+    from hawq.export.deploy import export_artifacts
 
-    out: dict[str, Any] = {}
     ecfg = run.cfg.export
-    example = run.task.model_inputs(run.batches("test", 1, 8)[0]) if ecfg.onnx or ecfg.onnx_integer else ()
-    if ecfg.safetensors:
-        summary = save_quantized(qmodel, bits, run.run_dir / "model.safetensors", run.results["model_info"],
-                                 quant_config=run.cfg.quant, integer=ecfg.integer)
-        out["safetensors"] = {"path": "model.safetensors", **summary}
-    if ecfg.onnx:
-        from hawq.export import compare_onnx
-
-        path = run.run_dir / "model.onnx"
-        try:
-            export_onnx(qmodel, example if len(example) > 1 else example[0], path, opset=ecfg.onnx_opset,
-                        int4=ecfg.onnx_int4)
-            out["onnx"] = {"path": "model.onnx", "check": compare_onnx(qmodel, path, example)}
-        except Exception as e:  # noqa: BLE001
-            # Some graphs (detection post-processing, HF model outputs) have no QDQ export yet; the
-            # finetuned model and its safetensors are already saved, so record the reason and go on.
-            out["onnx"] = {"error": f"{type(e).__name__}: {e}"}
-            log.warning("onnx export skipped: %s", e)
-    if ecfg.onnx_integer:
-        out["onnx_integer"] = _export_onnx_integer(run, qmodel, example)
-    return out
-
-
-def _export_onnx_integer(run: Run, qmodel: nn.Module, example: tuple[Any, ...]) -> dict[str, Any]:
-    """``model_int.onnx``: the integer-only model (ConvInteger/MatMulInteger + dyadic rescales)."""
-    from hawq.export import compare_onnx_integer, export_onnx_integer
-    from hawq.quant import to_integer
-
-    if len(example) != 1:
-        return {"skipped": "the integer ONNX export takes models with a single tensor input"}
-    try:
-        int_model = to_integer(qmodel, example[0])
-    except HawqError as e:  # e.g. float-only ops (transformers) or layers above 8 bits
-        log.info("integer onnx export skipped: %s", e)
-        return {"skipped": str(e)}
-    path = run.run_dir / "model_int.onnx"
-    export_onnx_integer(int_model, example[0], path, opset=run.cfg.export.onnx_opset)
-    return {"path": "model_int.onnx", "check": compare_onnx_integer(int_model, path, example[0])}
+    batch = run.batches("test", 1, 8)[0] if ecfg.onnx or ecfg.onnx_integer else None
+    return export_artifacts(qmodel, bits, run.run_dir, ecfg, run.results["model_info"], run.cfg.quant, batch,
+                            logits=run.task.logits_output, training_only=run.spec.training_only,
+                            deploy_kwargs=run.spec.deploy_kwargs)
 
 
 def _finish(run: Run, report: dict[str, Any], traces: Any, bits: BitMap | None, t_start: float) -> dict[str, Any]:

@@ -362,7 +362,10 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike, inputs: Tensor | tup
     got, ref = _onnx_and_torch_outputs(model, path, _as_tuple(inputs), threads, "compare_onnx")
     diff = (got - ref).abs()
     step, lsb = output_step(ref), accumulator_lsb(model)
-    out = {"max_abs_diff": float(diff.max()), "step": step, "max_diff_in_steps": float(diff.max()) / step,
+    worst = float(diff.max())
+    # all-zero reference outputs have no step: equal outputs are 0 steps apart, others have no figure
+    in_steps = worst / step if step > 0 else (0.0 if worst == 0 else None)
+    out = {"max_abs_diff": worst, "step": step, "max_diff_in_steps": in_steps,
            "within_one_step": float((diff <= step).float().mean()), "lsb": lsb,
            "within_one_lsb": float((diff <= lsb).float().mean())}
     if ref.dim() == 2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -26,6 +27,10 @@ class ModelSpec:
     default_pins: dict[str, dict[str, int]] = field(default_factory=dict)
     layers: Callable[[nn.Module], list[str]] = quantizable_layers
     description: str = ""
+    # Submodules that only exist for training (Inception-V3's auxiliary head): left out of the
+    # deployable checkpoint, whose model_info gets ``deploy_kwargs`` so the rebuilt model lacks them.
+    training_only: tuple[str, ...] = ()
+    deploy_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 MODELS: dict[str, ModelSpec] = {}

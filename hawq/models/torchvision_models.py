@@ -162,5 +162,6 @@ for _name, _builder, _desc in (
 register_model(ModelSpec(
     name="inception_v3", builder=inception_v3, task=AuxClassificationTask.name, input_shape=(3, 299, 299),
     default_pins={"Conv2d_1a_3x3.conv": PIN_8BIT, "fc": PIN_8BIT}, layers=inception_layers,
+    training_only=("AuxLogits",), deploy_kwargs={"aux_logits": False},
     description="torchvision Inception-V3 (27.2M params), 299x299; aux head (loss weight 0.4) in training only",
 ))
