@@ -548,3 +548,41 @@ def test_sampled_errors_cover_float32_rounding_on_a_saturated_softmax() -> None:
         assert exact[name].estimator == "gauss_newton" and t.estimator == "gn_sampled"
         assert t.std_err >= ROUNDING_ULPS * torch.finfo(torch.float32).eps * abs(t.mean) * 0.999
         assert abs(t.mean - exact[name].mean) <= 4 * t.std_err, (name, t, exact[name])
+
+
+def test_auto_chooses_exact_or_sampled_by_predicted_backward_passes() -> None:
+    """Under the direction cap the default costs both: a label-free loss on 48 outputs per sample takes
+    the sampled estimate (~8 probes predicted, against 48 exact passes), unbiased against dense Hessian
+    blocks; a 10-class head stays exact (9 directions against at least 8 probes, times the margin)."""
+    from hawq.models.tasks import ClassificationTask
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 12), nn.Tanh(),
+                          nn.Linear(12, 48)).double()
+    batches = [(torch.randn(16, 5, dtype=torch.float64), torch.zeros(16, dtype=torch.long))]
+    loss_fn = label_free_loss(ClassificationTask(), model)
+    names = ["0", "2", "4", "6"]  # cap 2 * 8 * 4 = 64 >= 48 outputs: the exact path is allowed
+    want = dense_block_traces(model, loss_fn, batches, names)
+    info: dict = {}
+    got = hessian_traces(model, loss_fn, batches, tol=0.2, progress=False, info=info)
+    choice = info["output_space"]
+    assert choice["mode"] == "sampled" and choice["exact_passes"] == 48
+    assert choice["sampled_passes_predicted"] * 2 < 48 and "sampled" in choice["why"]
+    assert all(got[n].estimator == "gn_sampled" and got[n].n < 48 for n in names)
+    z = z_scores(model, loss_fn, batches, want, seeds=6, tol=0.2)
+    assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+    # tol 0: no probe count is enough, so the exact path
+    exact = hessian_traces(model, loss_fn, batches, tol=0.0, progress=False, info=info)
+    assert info["output_space"]["mode"] == "exact"
+    for n in names:
+        assert exact[n].estimator == "gauss_newton" and exact[n].mean == pytest.approx(want[n], rel=1e-9)
+
+    ten = wide_relu_cnn(10)
+    ten_batches = image_batches(n=1, size=32, classes=10)
+    info = {}
+    got = hessian_traces(ten, CE, ten_batches, tol=0.1, progress=False, info=info)
+    assert info["output_space"]["mode"] == "exact" and info["output_space"]["exact_passes"] == 9
+    want = dense_block_traces(ten, CE, ten_batches, ["c1", "fc"])
+    for n in ("c1", "fc"):
+        assert got[n].estimator == "gauss_newton" and got[n].std_err == 0
+        assert got[n].mean == pytest.approx(want[n], rel=1e-10)
