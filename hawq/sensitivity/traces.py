@@ -385,7 +385,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
             requests[i] = (functools.partial(make, i=i, start=start), c)
         got = op.block_quadratic_forms(requests, return_hvps=[i for i in chunks if deciding(i)])
         for i, hv in op.last_hvps.items():
-            products.setdefault(i, []).append(hv.cpu())
+            products.setdefault(i, []).extend(h.cpu() for h in hv)
         for i, q in got.items():
             q = q.cpu()
             spent[i] += q.shape[0]
