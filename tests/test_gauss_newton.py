@@ -251,9 +251,9 @@ def test_label_free_loss_is_exact_at_its_reference_point() -> None:
 class PositionTokens(nn.Module):
     """Token + position embeddings, as BERT: the position ids are broadcast over the batch (shape (1, T))."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: int = 3) -> None:
         super().__init__()
-        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, outputs)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1])[None]
@@ -656,3 +656,28 @@ def test_transformer_traces_are_unbiased_on_both_paths() -> None:
     zs = torch.tensor(zs)
     assert zs.numel() >= 10, zs  # the others went to the negative-trace rule (checked above)
     assert float(zs.abs().mean()) < 1.5 and float(zs.abs().max()) < 5, zs
+
+
+def test_a_layer_shared_by_the_batch_is_sampled_at_the_batch_level() -> None:
+    """Position ids of shape (1, T) give no per-sample norms; on Rademacher output tails the batch-level
+    norm is unbiased (independent signs per sample cancel the cross terms), so the label-free sampled path
+    measures it too instead of sending it to Hutchinson (MiniLM's position embeddings)."""
+    from hawq.models.tasks import ClassificationTask
+
+    torch.manual_seed(11)
+    model = PositionTokens(outputs=30).double()
+    ids = torch.randint(0, 9, (12, 5), generator=torch.Generator().manual_seed(4))
+    task = ClassificationTask()
+    task.forward = lambda m, b: m(b[0])
+    loss_fn = label_free_loss(task, model)
+    batches = [(ids, None)]
+    want = dense_block_traces(model, loss_fn, batches, ["tok", "pos", "head"])
+    info: dict = {}
+    got = hessian_traces(model, loss_fn, batches, tol=0.2, progress=False, info=info)
+    assert info["output_space"]["mode"] == "sampled" and info["output_space"]["exact_columns"] == 0
+    assert got["pos"].estimator == "gn_sampled" and got["pos"].std_err > 0
+    z = z_scores(model, loss_fn, batches, {"pos": want["pos"], "tok": want["tok"]}, seeds=10, tol=0.2)
+    assert z.numel() == 20 and float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+    # with exact directions (a tolerance of 0) the batch-level norm would be biased: Hutchinson again
+    exact = hessian_traces(model, loss_fn, batches, tol=0.0, max_probes=8, progress=False)
+    assert exact["pos"].estimator == "hutchinson" and exact["tok"].estimator == "gauss_newton"

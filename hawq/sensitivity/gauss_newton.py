@@ -664,6 +664,7 @@ class _Prepared:
         # plan: (tol, min_probes, batches over all ranks), what the exact-or-sampled choice is costed with
         self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
         self.exact_m, self.choice = 0, {}
+        self.shared: set[str] = set()  # layers whose input is broadcast over the batch (see _gather)
         self.bi, self.rank = bi, dist.get_rank() if _distributed() else 0
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
 
@@ -740,8 +741,12 @@ class _Prepared:
             self.passes += 1
             for n, gr in zip(live, grads):
                 x = seen[n][0][0]
-                if gr is not None and (gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any())
-                                       or bool(gr[j + 1:].any())):
+                if gr is not None and gr.shape[0] == 1 and x.shape[0] == 1:
+                    # one input for the whole batch (BERT's position ids): no per-sample norms, but with
+                    # independent Rademacher tails per sample the batch-level norm is unbiased too
+                    self.shared.add(n)
+                elif gr is not None and (gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any())
+                                         or bool(gr[j + 1:].any())):
                     reasons[n] = "dim 0 of its input does not index the samples"
             live = [n for n in live if n not in reasons]
             if not live:
@@ -763,6 +768,7 @@ class _Prepared:
             if SAMPLED_MARGIN * cost >= directions:
                 self.mode, self.hess = "exact", hess
                 self.choice["mode"] = "exact"
+                self._drop_shared(reasons, "exact")
                 return
             self.choice["mode"] = "sampled"
         else:
@@ -776,6 +782,18 @@ class _Prepared:
         self.tail_passes = 1 + int(bool((self.factor.sign < 0).any()))
         self.exact_m = exact_columns(self.factor.masses, tol, min_probes, max_directions, samples)
         self.choice["exact_columns"] = self.exact_m
+        if self.exact_m:
+            self._drop_shared(reasons, f"{self.exact_m} exact column(s)")
+
+    def _drop_shared(self, reasons: dict[str, str], why: str) -> None:
+        """A batch-level norm is unbiased only for Rademacher tails (independent signs per sample cancel
+        the cross-sample terms in expectation); a deterministic direction keeps them: Hutchinson then."""
+        for n in self.shared:
+            reasons[n] = f"its input is shared by the batch (no per-sample norms) and the output space is {why}"
+        self.live = [n for n in self.live if n not in self.shared]
+        self.shared = set()
+        if not self.live:
+            self.mode = "none"
 
     def _norms(self, cot: Tensor, names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Per-sample squared weight-gradient norms ``(B,)`` of ``<f_i, cot_i>`` for each live layer (one backward)."""
@@ -796,7 +814,12 @@ class _Prepared:
         """``(layers,)`` sums over samples of ``weight * norms`` (or ``(samples, layers)`` with ``per_sample``)."""
         vals = torch.zeros(self.samples, len(index), dtype=torch.float64, device=self.outputs.device)
         for n, v in per.items():
-            vals[:, index[n]] = v * weight
+            if n in self.shared:
+                # one batch-level value (only on Rademacher tails, whose weight is one sign): it goes to
+                # sample 0's slot, so the pooled per-sample variance is that of the batch-level values
+                vals[0, index[n]] = v.sum() * weight
+            else:
+                vals[:, index[n]] = v * weight
         out = vals.cpu()
         if not math.isfinite(float(out.sum())):
             raise HawqError(f"hessian traces: non-finite per-sample gradients on batch {self.bi}")
