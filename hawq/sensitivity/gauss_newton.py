@@ -442,6 +442,9 @@ def sampled_plan(masses: Tensor, tol: float, min_probes: int, cap: int, samples:
 # backward passes: the exact traces carry no error at all, and the probe count is a prediction (the
 # stopping rule may need more, e.g. where a layer's share of the columns differs from their masses).
 SAMPLED_MARGIN = 2.0
+# ... and is never planned on fewer than 8 probes, whatever min_probes says: a standard error read off
+# fewer is unreliable (docs/sensitivity.md), so a 10-class head (9 directions) stays exact
+PLAN_MIN_PROBES = 8
 
 
 class _PerSampleStats:
@@ -761,7 +764,8 @@ class _Prepared:
             top = float(self.evals.abs().max()) if self.evals.numel() else 0.0
             live_dirs = self.evals.abs() > DIRECTION_RTOL * top
             directions = int(live_dirs.any(0).sum())
-            m, cost = sampled_plan(self.evals.abs() * live_dirs, tol, min_probes, max_directions, samples)
+            m, cost = sampled_plan(self.evals.abs() * live_dirs, tol, max(min_probes, PLAN_MIN_PROBES),
+                                   max_directions, samples)
             cost = m + (1 + int(bool((self.evals * live_dirs < 0).any()))) * (cost - m)
             self.choice = {"outputs_per_sample": per_sample, "exact_passes": directions,
                            "sampled_passes_predicted": round(cost, 1)}
