@@ -332,7 +332,9 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
         loss_fn = task_loss(run.task)  # outputs and a loss on them: exact Gauss-Newton traces where they apply
     kwargs = {**scfg.hutchinson_kwargs(), "seed": run.cfg.run.seed + scfg.seed}
     t0 = time.perf_counter()
-    traces = hessian_traces(model, loss_fn, batches, layers=run.layers, progress=run.progress, **kwargs)
+    choice: dict[str, Any] = {}  # the estimator's exact-or-sampled decision and why
+    traces = hessian_traces(model, loss_fn, batches, layers=run.layers, progress=run.progress, info=choice,
+                            **kwargs)
     elapsed = time.perf_counter() - t0
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     meta = {"key": key, "bn_mode": scfg.bn_mode if has_bn else None, "label_free": scfg.label_free,
@@ -343,6 +345,7 @@ def stage_sensitivity(run: Run) -> dict[str, Any]:
             "exact_layers": sorted(n for n, t in traces.items() if t.estimator == "gauss_newton"),
             "sampled_layers": sorted(n for n, t in traces.items() if t.estimator == "gn_sampled"),
             "curvature_notes": {n: t.note for n, t in traces.items() if t.note},
+            "output_space": choice.get("output_space"),
             "hvps": sum(t.n for t in traces.values() if t.estimator == "hutchinson"),
             "backward_passes": max((t.n for t in traces.values() if t.estimator in ("gauss_newton", "gn_sampled")),
                                    default=0),

@@ -201,6 +201,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         if sampled:
             parts.append(f"- sampled output-space probes (estimator gn_sampled, unbiased, tol {sens.get('tol')}): "
                          f"{len(sampled)} layer(s), {sens.get('backward_passes')} backward pass(es) in all")
+        choice = sens.get("output_space") or {}
+        if choice.get("mode") and (exact or sampled):
+            parts.append(f"- output space: {choice['mode']} ({choice.get('why') or 'the only option'})")
         for name, note in (sens.get("curvature_notes") or {}).items():
             parts.append(f"- `{name}`: {note}")
         if sens.get("hvps", 0) or not exact:

@@ -251,9 +251,9 @@ def test_label_free_loss_is_exact_at_its_reference_point() -> None:
 class PositionTokens(nn.Module):
     """Token + position embeddings, as BERT: the position ids are broadcast over the batch (shape (1, T))."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: int = 3) -> None:
         super().__init__()
-        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, outputs)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1])[None]
@@ -548,3 +548,139 @@ def test_sampled_errors_cover_float32_rounding_on_a_saturated_softmax() -> None:
         assert exact[name].estimator == "gauss_newton" and t.estimator == "gn_sampled"
         assert t.std_err >= ROUNDING_ULPS * torch.finfo(torch.float32).eps * abs(t.mean) * 0.999
         assert abs(t.mean - exact[name].mean) <= 4 * t.std_err, (name, t, exact[name])
+
+
+def test_auto_chooses_exact_or_sampled_by_predicted_backward_passes() -> None:
+    """Under the direction cap the default costs both: a label-free loss on 48 outputs per sample takes
+    the sampled estimate (~8 probes predicted, against 48 exact passes), unbiased against dense Hessian
+    blocks; a 10-class head stays exact (9 directions against at least 8 probes, times the margin)."""
+    from hawq.models.tasks import ClassificationTask
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 12), nn.Tanh(),
+                          nn.Linear(12, 48)).double()
+    batches = [(torch.randn(16, 5, dtype=torch.float64), torch.zeros(16, dtype=torch.long))]
+    loss_fn = label_free_loss(ClassificationTask(), model)
+    names = ["0", "2", "4", "6"]  # cap 2 * 8 * 4 = 64 >= 48 outputs: the exact path is allowed
+    want = dense_block_traces(model, loss_fn, batches, names)
+    info: dict = {}
+    got = hessian_traces(model, loss_fn, batches, tol=0.2, progress=False, info=info)
+    choice = info["output_space"]
+    assert choice["mode"] == "sampled" and choice["exact_passes"] == 48
+    assert choice["sampled_passes_predicted"] * 2 < 48 and "sampled" in choice["why"]
+    assert all(got[n].estimator == "gn_sampled" and got[n].n < 48 for n in names)
+    z = z_scores(model, loss_fn, batches, want, seeds=6, tol=0.2)
+    assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+    # tol 0: no probe count is enough, so the exact path
+    exact = hessian_traces(model, loss_fn, batches, tol=0.0, progress=False, info=info)
+    assert info["output_space"]["mode"] == "exact"
+    for n in names:
+        assert exact[n].estimator == "gauss_newton" and exact[n].mean == pytest.approx(want[n], rel=1e-9)
+
+    ten = wide_relu_cnn(10)
+    ten_batches = image_batches(n=1, size=32, classes=10)
+    info = {}
+    got = hessian_traces(ten, CE, ten_batches, tol=0.1, progress=False, info=info)
+    assert info["output_space"]["mode"] == "exact" and info["output_space"]["exact_passes"] == 9
+    want = dense_block_traces(ten, CE, ten_batches, ["c1", "fc"])
+    for n in ("c1", "fc"):
+        assert got[n].estimator == "gauss_newton" and got[n].std_err == 0
+        assert got[n].mean == pytest.approx(want[n], rel=1e-10)
+    # a loose tolerance and min_probes 3 would predict ~3 probes; plans use at least 8: still exact
+    loose = hessian_traces(ten, CE, ten_batches, tol=0.3, min_probes=3, progress=False, info=info)
+    assert info["output_space"]["mode"] == "exact" and loose["c1"].mean == got["c1"].mean
+
+
+class TinyAttention(nn.Module):
+    """Token embeddings, one softmax-attention head, a residual LayerNorm and a GELU MLP, mean over tokens:
+    no layer is piecewise linear (the transformer case of scripts/bench_sensitivity.py, in small)."""
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.ln = nn.LayerNorm(6)
+        self.ff1, self.ff2 = nn.Linear(6, 8), nn.Linear(8, outputs)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / 6 ** 0.5, dim=-1)
+        h = self.ln(h + att @ self.v(h))
+        return self.ff2(F.gelu(self.ff1(h))).mean(1)
+
+
+def test_transformer_traces_are_unbiased_on_both_paths() -> None:
+    """Softmax attention, LayerNorm, GELU. A label-free loss on 40 outputs: the default picks the sampled
+    output-space estimate (cheaper than 40 exact passes) for every layer, unbiased against dense Hessian
+    blocks (H = G at the reference point). Cross-entropy: nothing is certified, per-layer Hutchinson +
+    Nystrom++ on one graph, unbiased with honest errors too."""
+    from hawq.models.tasks import ClassificationTask
+
+    torch.manual_seed(6)
+    model = TinyAttention(40).double().eval()
+    ids = torch.randint(0, 11, (16, 5), generator=torch.Generator().manual_seed(2))
+    task = ClassificationTask()
+    task.forward = lambda m, b: m(b[0])
+    loss_fn = label_free_loss(task, model)
+    names = ["emb", "q", "k", "v", "ff1", "ff2"]
+    batches = [(ids, None)]
+    want = dense_block_traces(model, loss_fn, batches, names)
+    info: dict = {}
+    hessian_traces(model, loss_fn, batches, tol=0.2, progress=False, info=info)
+    assert info["output_space"]["mode"] == "sampled"
+    z = z_scores(model, loss_fn, batches, want, seeds=6, tol=0.2)
+    assert z.numel() >= 30  # ff2 (the head) has no variance under this isotropic loss: checked as exact
+    assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+
+    head = TinyAttention(5).double().eval()
+    labels = torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(3))
+    ce = OutputLoss(lambda m, b: m(b[0]), lambda o, b: F.cross_entropy(o, b[1]))
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(60):  # partly fitted, as the benchmark's BERT classifier: fewer indefinite blocks
+        opt.zero_grad()
+        ce(head, (ids, labels)).backward()
+        opt.step()
+    want = dense_block_traces(head, ce, [(ids, labels)], names)
+    want_gn = dense_gn_traces(head, ce, [(ids, labels)], names)
+    zs = []
+    for seed in range(6):
+        got = hessian_traces(head, ce, [(ids, labels)], tol=0.1, seed=seed, progress=False)
+        for n in names:
+            t = got[n]
+            if t.curvature == "gauss_newton":  # an indefinite block (the negative-trace rule): its exact GN trace
+                assert want[n] < 0 and t.estimator == "gauss_newton" and "negative" in t.note
+                assert t.mean == pytest.approx(want_gn[n], rel=1e-8)
+                continue
+            if n == "ff2":  # the head is linear in its own weight: certified, exact
+                assert t.estimator == "gauss_newton" and t.mean == pytest.approx(want[n], rel=1e-8)
+                continue
+            assert t.estimator == "hutchinson" and t.std_err > 0, (n, t)
+            zs.append((t.mean - want[n]) / t.std_err)
+    zs = torch.tensor(zs)
+    assert zs.numel() >= 10, zs  # the others went to the negative-trace rule (checked above)
+    assert float(zs.abs().mean()) < 1.5 and float(zs.abs().max()) < 5, zs
+
+
+def test_a_layer_shared_by_the_batch_is_sampled_at_the_batch_level() -> None:
+    """Position ids of shape (1, T) give no per-sample norms; on Rademacher output tails the batch-level
+    norm is unbiased (independent signs per sample cancel the cross terms), so the label-free sampled path
+    measures it too instead of sending it to Hutchinson (MiniLM's position embeddings)."""
+    from hawq.models.tasks import ClassificationTask
+
+    torch.manual_seed(11)
+    model = PositionTokens(outputs=30).double()
+    ids = torch.randint(0, 9, (12, 5), generator=torch.Generator().manual_seed(4))
+    task = ClassificationTask()
+    task.forward = lambda m, b: m(b[0])
+    loss_fn = label_free_loss(task, model)
+    batches = [(ids, None)]
+    want = dense_block_traces(model, loss_fn, batches, ["tok", "pos", "head"])
+    info: dict = {}
+    got = hessian_traces(model, loss_fn, batches, tol=0.2, progress=False, info=info)
+    assert info["output_space"]["mode"] == "sampled" and info["output_space"]["exact_columns"] == 0
+    assert got["pos"].estimator == "gn_sampled" and got["pos"].std_err > 0
+    z = z_scores(model, loss_fn, batches, {"pos": want["pos"], "tok": want["tok"]}, seeds=10, tol=0.2)
+    assert z.numel() == 20 and float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+    # with exact directions (a tolerance of 0) the batch-level norm would be biased: Hutchinson again
+    exact = hessian_traces(model, loss_fn, batches, tol=0.0, max_probes=8, progress=False)
+    assert exact["pos"].estimator == "hutchinson" and exact["tok"].estimator == "gauss_newton"

@@ -103,9 +103,12 @@ def test_curvature_option_reaches_traces_and_report(tiny_run, tiny_data, tmp_pat
     assert rc == 0
     data = json.loads((tmp_path / "gn" / "traces.json").read_text())
     assert data["meta"]["curvature"] == "gauss_newton" and data["meta"]["sampled_layers"] == sorted(data["layers"])
+    assert data["meta"]["output_space"]["mode"] == "sampled"
+    assert "direction cap (4)" in data["meta"]["output_space"]["why"]
     assert all(t["curvature"] == "gauss_newton" and t["mean"] > 0 for t in data["layers"].values())
     report = (tmp_path / "gn" / "report.md").read_text()
     assert "Gauss-Newton traces (curvature: gauss_newton)" in report and "gn_sampled" in report
+    assert "- output space: sampled (more outputs per sample than the direction cap (4)" in report
 
 
 @pytest.mark.parametrize("args, message", [

@@ -410,12 +410,19 @@ def exact_columns(masses: Tensor, tol: float, min_probes: int, cap: int, samples
     output-space masses stand in for each column's share of a layer's trace; ``m`` minimises
     ``m + probes(m)`` over ``0..cap``.
     """
+    return sampled_plan(masses, tol, min_probes, cap, samples)[0]
+
+
+def sampled_plan(masses: Tensor, tol: float, min_probes: int, cap: int, samples: int) -> tuple[int, float]:
+    """:func:`exact_columns`' ``m`` and the backward passes per batch it predicts for the sampled estimate,
+    ``m + probes(m)`` (``inf`` where no finite number of probes reaches ``tol``)."""
     ordered = masses.sort(dim=1, descending=True).values
     total = float(ordered.sum())
     if total <= 0:
-        return 0
+        return 0, 0.0
     if tol <= 0:  # no tolerance: every probe count is too few, so take as much exactly as allowed
-        return min(cap, ordered.shape[1])
+        m = min(cap, ordered.shape[1])
+        return m, (float(m) if m == ordered.shape[1] else math.inf)
     # tail[m] = mass left after the m heaviest columns of every sample
     per_rank = ordered.sum(0)
     tail = torch.cat([per_rank.flip(0).cumsum(0).flip(0), per_rank.new_zeros(1)]).tolist()
@@ -425,10 +432,19 @@ def exact_columns(masses: Tensor, tol: float, min_probes: int, cap: int, samples
         if frac <= 1e-12:
             probes = 0.0
         else:
-            probes = max(min_probes, 2 * frac * frac / (max(samples, 1) * tol * tol)) if tol > 0 else math.inf
+            probes = max(min_probes, 2 * frac * frac / (max(samples, 1) * tol * tol))
         if m + probes < best_cost:
             best, best_cost = m, m + probes
-    return best
+    return best, best_cost
+
+
+# The sampled estimate is chosen over the exact one only where it is predicted to cost at most half the
+# backward passes: the exact traces carry no error at all, and the probe count is a prediction (the
+# stopping rule may need more, e.g. where a layer's share of the columns differs from their masses).
+SAMPLED_MARGIN = 2.0
+# ... and is never planned on fewer than 8 probes, whatever min_probes says: a standard error read off
+# fewer is unreliable (docs/sensitivity.md), so a 10-class head (9 directions) stays exact
+PLAN_MIN_PROBES = 8
 
 
 class _PerSampleStats:
@@ -472,7 +488,7 @@ class _PerSampleStats:
 def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence[Any], names: Sequence[str],
                         weights: Sequence[nn.Parameter], max_directions: int, seed: int = 0,
                         progress: bool = True, tol: float = 0.05, min_probes: int = 8, max_probes: int = 200,
-                        certify: bool = True, known_max: float = 0.0,
+                        certify: bool = True, known_max: float = 0.0, info: dict[str, Any] | None = None,
                         ) -> tuple[dict[str, tuple[float, float, int, str]], dict[str, str]]:
     """``tr(G_ll)``, the Gauss-Newton block trace (mean over batches), for every layer with a per-sample norm
     formula -- with ``certify=True`` only for the layers the graph certifies piecewise linear, where it
@@ -515,6 +531,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     keep_graph = global_batches == 1
     saved = snapshot_buffers(model)
     exact_cols: dict[int, int] = {}
+    choices: list[dict[str, Any]] = []  # each batch's exact-or-sampled decision, for info
     stats = _PerSampleStats(len(names))
     sampled_here = False
     bar = tqdm(total=len(batches), desc="gauss-newton traces", unit="batch", disable=not progress, leave=False)
@@ -535,15 +552,16 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
             if len(reasons) == len(names):
                 break
             prep = _Prepared(model, loss_fn, batch, bi, names, weights, modules, reasons, max_directions,
-                             seed, certify)
+                             seed, certify, (tol, min_probes, global_batches))
+            if prep.choice:
+                choices.append(prep.choice)
             passes += prep.passes
             if prep.mode == "exact":
                 exact_sums += prep.exact_sums(index)
                 passes += prep.passes_exact
             elif prep.mode == "sampled":
                 sampled_here = True
-                m = exact_columns(prep.factor.masses, tol, min_probes, max_directions,
-                                  prep.samples * global_batches)
+                m = prep.exact_m
                 exact_cols[bi] = m
                 exact_sums += prep.column_sums(m, index)
                 passes += m
@@ -588,7 +606,8 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
             chunks = []
             for bi, batch in enumerate(batches):
                 prep = kept if kept is not None else _Prepared(
-                    model, loss_fn, batch, bi, names, weights, modules, {}, max_directions, seed, certify)
+                    model, loss_fn, batch, bi, names, weights, modules, {}, max_directions, seed, certify,
+                    (tol, min_probes, global_batches))
                 if prep.mode != "sampled" or bi not in exact_cols:
                     continue
                 chunks.append(prep.tail_values(range(start, start + chunk), exact_cols[bi], index, probe_seed, seed,
@@ -601,6 +620,8 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     finally:
         bar.close()
         restore_buffers(saved)
+    if info is not None and choices:
+        info["output_space"] = _summarise_choices(choices, max_directions)
     exact_sums = reduce_sum(exact_sums)
     passes = int(reduce_sum(torch.tensor([float(passes)], dtype=torch.float64))[0])
     out: dict[str, tuple[float, float, int, str]] = {}
@@ -619,6 +640,22 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     return out, reasons
 
 
+def _summarise_choices(choices: list[dict[str, Any]], cap: int) -> dict[str, Any]:
+    """The exact-or-sampled decisions of the batches, in one record (the first batch's numbers, and the
+    batch counts per mode), with a sentence saying why."""
+    first = dict(choices[0])
+    modes = [c["mode"] for c in choices]
+    out = {**first, "batches_exact": modes.count("exact"), "batches_sampled": modes.count("sampled"),
+           "direction_cap": cap}
+    if first.get("why"):
+        return out
+    if "exact_passes" in first:
+        verb = "<" if first["mode"] == "sampled" else ">="
+        out["why"] = (f"predicted backward passes per batch: sampled {first['sampled_passes_predicted']} x "
+                      f"{SAMPLED_MARGIN:g} {verb} exact {first['exact_passes']}")
+    return out
+
+
 class _Prepared:
     """One batch's forward graph, readied for output-space probing: the layers' inputs and outputs
     (hooks), the checks, and either the exact eigen-directions (``mode == "exact"``) or an output
@@ -626,8 +663,11 @@ class _Prepared:
 
     def __init__(self, model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names: Sequence[str],
                  weights: Sequence[nn.Parameter], modules: dict[str, nn.Module], reasons: dict[str, str],
-                 max_directions: int, seed: int, certify: bool) -> None:
+                 max_directions: int, seed: int, certify: bool, plan: tuple[float, int, int] = (0.05, 8, 1)) -> None:
+        # plan: (tol, min_probes, batches over all ranks), what the exact-or-sampled choice is costed with
         self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
+        self.exact_m, self.choice = 0, {}
+        self.shared: set[str] = set()  # layers whose input is broadcast over the batch (see _gather)
         self.bi, self.rank = bi, dist.get_rank() if _distributed() else 0
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
 
@@ -704,21 +744,60 @@ class _Prepared:
             self.passes += 1
             for n, gr in zip(live, grads):
                 x = seen[n][0][0]
-                if gr is not None and (gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any())
-                                       or bool(gr[j + 1:].any())):
+                if gr is not None and gr.shape[0] == 1 and x.shape[0] == 1:
+                    # one input for the whole batch (BERT's position ids): no per-sample norms, but with
+                    # independent Rademacher tails per sample the batch-level norm is unbiased too
+                    self.shared.add(n)
+                elif gr is not None and (gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any())
+                                         or bool(gr[j + 1:].any())):
                     reasons[n] = "dim 0 of its input does not index the samples"
             live = [n for n in live if n not in reasons]
             if not live:
                 return
         self.live, self.seen = live, seen
+        tol, min_probes, global_batches = plan
+        samples = self.samples * global_batches
         if hess is not None and per_sample <= max_directions:
-            self.mode, self.hess = "exact", hess
-            return
+            # exact or sampled, whichever is predicted to take fewer backward passes (with a margin for the
+            # exact one, which has no error): one per output direction, against exact_columns' plan
+            self.evals, self.evecs = torch.linalg.eigh(hess.double())
+            top = float(self.evals.abs().max()) if self.evals.numel() else 0.0
+            live_dirs = self.evals.abs() > DIRECTION_RTOL * top
+            directions = int(live_dirs.any(0).sum())
+            m, cost = sampled_plan(self.evals.abs() * live_dirs, tol, max(min_probes, PLAN_MIN_PROBES),
+                                   max_directions, samples)
+            cost = m + (1 + int(bool((self.evals * live_dirs < 0).any()))) * (cost - m)
+            self.choice = {"outputs_per_sample": per_sample, "exact_passes": directions,
+                           "sampled_passes_predicted": round(cost, 1)}
+            if SAMPLED_MARGIN * cost >= directions:
+                self.mode, self.hess = "exact", hess
+                self.choice["mode"] = "exact"
+                self._drop_shared(reasons, "exact")
+                return
+            self.choice["mode"] = "sampled"
+        else:
+            self.choice = {"outputs_per_sample": per_sample, "mode": "sampled",
+                           "why": f"more outputs per sample than the direction cap ({max_directions}): exact is not "
+                                  "allowed"}
         self.mode = "sampled"
         self.factor = factor if factor is not None else EigenFactor(hess)
         # the heaviest columns first, per sample
         self.order = self.factor.masses.argsort(dim=1, descending=True)
         self.tail_passes = 1 + int(bool((self.factor.sign < 0).any()))
+        self.exact_m = exact_columns(self.factor.masses, tol, min_probes, max_directions, samples)
+        self.choice["exact_columns"] = self.exact_m
+        if self.exact_m:
+            self._drop_shared(reasons, f"{self.exact_m} exact column(s)")
+
+    def _drop_shared(self, reasons: dict[str, str], why: str) -> None:
+        """A batch-level norm is unbiased only for Rademacher tails (independent signs per sample cancel
+        the cross-sample terms in expectation); a deterministic direction keeps them: Hutchinson then."""
+        for n in self.shared:
+            reasons[n] = f"its input is shared by the batch (no per-sample norms) and the output space is {why}"
+        self.live = [n for n in self.live if n not in self.shared]
+        self.shared = set()
+        if not self.live:
+            self.mode = "none"
 
     def _norms(self, cot: Tensor, names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Per-sample squared weight-gradient norms ``(B,)`` of ``<f_i, cot_i>`` for each live layer (one backward)."""
@@ -739,7 +818,12 @@ class _Prepared:
         """``(layers,)`` sums over samples of ``weight * norms`` (or ``(samples, layers)`` with ``per_sample``)."""
         vals = torch.zeros(self.samples, len(index), dtype=torch.float64, device=self.outputs.device)
         for n, v in per.items():
-            vals[:, index[n]] = v * weight
+            if n in self.shared:
+                # one batch-level value (only on Rademacher tails, whose weight is one sign): it goes to
+                # sample 0's slot, so the pooled per-sample variance is that of the batch-level values
+                vals[0, index[n]] = v.sum() * weight
+            else:
+                vals[:, index[n]] = v * weight
         out = vals.cpu()
         if not math.isfinite(float(out.sum())):
             raise HawqError(f"hessian traces: non-finite per-sample gradients on batch {self.bi}")
@@ -747,7 +831,7 @@ class _Prepared:
 
     def exact_sums(self, index: dict[str, int]) -> Tensor:
         """This batch's exact traces: one backward pass per kept eigen-direction."""
-        evals, evecs = torch.linalg.eigh(self.hess.double())
+        evals, evecs = self.evals, self.evecs
         top = float(evals.abs().max()) if evals.numel() else 0.0
         keep = [k for k in range(evals.shape[1]) if float(evals[:, k].abs().max()) > DIRECTION_RTOL * top]
         total = torch.zeros(len(index), dtype=torch.float64)

@@ -374,7 +374,7 @@ class HessianOperator:
         self.weights_at_start: list[Tensor] = (
             [w.detach().clone() for w in weights] if self.method == "finite_difference" else [])
         self._buffers: list[tuple[Tensor, Tensor]] = []
-        self.last_hvps: dict[int, Tensor] = {}
+        self.last_hvps: dict[int, list[Tensor]] = {}  # per layer: chunks [k, *weight.shape] of products
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> HessianOperator:
@@ -503,16 +503,16 @@ class HessianOperator:
         layer alone, so no other layer's block leaks into the estimate. Every batch's graph is
         built once and serves every layer and probe of the request. For the layers listed in
         ``return_hvps`` the products themselves (mean over batches and ranks) are kept too and
-        stored in :attr:`last_hvps` as ``{layer: [count, *weight.shape]}`` (the weight's dtype).
+        stored in :attr:`last_hvps` as ``{layer: chunks}``, chunks of shape ``[k, *weight.shape]`` (the
+        weight's dtype) that ``torch.cat`` joins to ``[count, *weight.shape]``.
         """
         order = sorted(requests)
         sizes = [requests[i][1] for i in order]
         keep = [i for i in order if i in set(return_hvps)]
         like = torch.zeros(sum(sizes), dtype=torch.float64, device=self.weights[0].device)
-        like_hv = [torch.zeros(requests[i][1], *self.weights[i].shape, device=self.weights[0].device,
-                               dtype=self.weights[i].dtype) for i in keep]
 
         per_pass = self.probes_per_pass
+        single = len(self.batches) == 1 and not self.distributed  # per-batch results need no sum
 
         def per_batch(session: _AutogradBatch | _FiniteDifferenceBatch) -> list[Tensor]:
             out, kept = [], {i: [] for i in keep}
@@ -527,18 +527,26 @@ class HessianOperator:
                     else:
                         vs = torch.stack([probe(j0 + j) for j in range(k)])
                         hv = session.hvp_block_many(i, vs)
-                    forms = (vs.double() * hv.double()).reshape(k, -1).sum(1)
+                    # the product in the weights' dtype (exact for +-1 probes), summed in float64: no
+                    # float64 copies of both operands (2M-entry embedding tables)
+                    forms = (vs * hv).reshape(k, -1).sum(1, dtype=torch.float64)
                     if i in self.gn_control and isinstance(session, _AutogradBatch):
                         forms = forms - session.gauss_newton_forms(i, vs)
                     out.append(forms)
                     if i in kept:
                         kept[i].append(hv.detach())
-            return [torch.cat(out) if out else like] + [torch.cat(kept[i]) for i in keep]
+            return [torch.cat(out) if out else like] + [kept[i] if single else torch.cat(kept[i]) for i in keep]
 
         sums = self._run(per_batch) if self.batches else None
         flat = self._reduce_mean(sums[0] if sums else None, like)
-        self.last_hvps = {i: self._reduce_mean(sums[1 + n] if sums else None, like_hv[n])
-                          for n, i in enumerate(keep)}
+        if single and sums:
+            # one batch, one process: the products are the mean already; no copy of them (a word-embedding
+            # table's products are 8 x 2M floats per round)
+            self.last_hvps = {i: sums[1 + n] for n, i in enumerate(keep)}
+        else:
+            self.last_hvps = {i: [self._reduce_mean(sums[1 + n] if sums else None, torch.zeros(
+                requests[i][1], *self.weights[i].shape, device=self.weights[0].device, dtype=self.weights[i].dtype))]
+                for n, i in enumerate(keep)}
         return dict(zip(order, flat.split(sizes)))
 
     def hvp(self, vs: list[Tensor]) -> list[Tensor]:

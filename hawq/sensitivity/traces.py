@@ -96,7 +96,8 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    meta: dict | None = None, method: str = "auto",
                    probing: str = "per_layer", probes_per_pass: int = 1,
                    variance_reduction: str = "nystrom", estimator: str = "auto",
-                   exact_directions: int | None = None, curvature: str = "hessian") -> dict[str, TraceEstimate]:
+                   exact_directions: int | None = None, curvature: str = "hessian",
+                   info: dict[str, Any] | None = None) -> dict[str, TraceEstimate]:
     """``tr(H_ll)`` for each layer's ``.weight`` block of the Hessian: exact where the network allows,
     Hutchinson's estimate elsewhere.
 
@@ -131,7 +132,12 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     same layers get ``estimator="gn_sampled"``: each sample's heaviest output directions exactly, the
     rest from Rademacher output-space probes ``v_i = A_i r_i`` (``A_i A_i^T`` the loss Hessian in sample
     ``i``'s outputs; one backward pass per probe for all layers), unbiased, each layer stopping on the
-    rule above; the cost does not grow with the number of outputs.
+    rule above; the cost does not grow with the number of outputs. Below the cap the choice is by cost:
+    the sampled estimate is used where its predicted backward passes (``exact_columns``' plan, at least
+    ``min_probes``) are under half the exact path's one per output direction (a label-free loss on a
+    384-wide embedding: ~25 instead of 384), the exact one elsewhere (a 10-class head: 9 directions
+    against at least 8 probes). ``info``, if given, receives ``info["output_space"]``: that decision, its
+    predicted costs and why.
 
     ``curvature``: "hessian" (default) measures ``tr(H_ll)``; a layer whose Hutchinson estimate is
     significantly negative (below ``-NEGATIVE_Z`` standard errors: an indefinite block, which the
@@ -180,7 +186,7 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     missing: dict[str, str] = {}
     if estimator == "auto" and isinstance(loss_fn, OutputLoss):
         got, missing = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights,
-                                           certify=curvature == "hessian", **gn_kwargs)
+                                           certify=curvature == "hessian", info=info, **gn_kwargs)
         for name, w in zip(all_names, all_weights):
             if name in got:
                 mean, err, n, kind = got[name]
@@ -379,7 +385,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
             requests[i] = (functools.partial(make, i=i, start=start), c)
         got = op.block_quadratic_forms(requests, return_hvps=[i for i in chunks if deciding(i)])
         for i, hv in op.last_hvps.items():
-            products.setdefault(i, []).append(hv.cpu())
+            products.setdefault(i, []).extend(h.cpu() for h in hv)
         for i, q in got.items():
             q = q.cpu()
             spent[i] += q.shape[0]
