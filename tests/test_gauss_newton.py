@@ -576,6 +576,12 @@ def test_auto_chooses_exact_or_sampled_by_predicted_backward_passes() -> None:
     assert info["output_space"]["mode"] == "exact"
     for n in names:
         assert exact[n].estimator == "gauss_newton" and exact[n].mean == pytest.approx(want[n], rel=1e-9)
+    # a cap the caller names is a budget for exact traces: exact wherever the directions fit it
+    named = hessian_traces(model, loss_fn, batches, tol=0.2, exact_directions=48, progress=False, info=info)
+    assert info["output_space"]["mode"] == "exact" and "exact_directions=48" in info["output_space"]["why"]
+    assert all(named[n].estimator == "gauss_newton" and named[n].mean == exact[n].mean for n in names)
+    hessian_traces(model, loss_fn, batches, tol=0.2, exact_directions=47, progress=False, info=info)
+    assert info["output_space"]["mode"] == "sampled"
 
     ten = wide_relu_cnn(10)
     ten_batches = image_batches(n=1, size=32, classes=10)

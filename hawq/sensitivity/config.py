@@ -20,7 +20,8 @@ class SensitivityConfig:
     estimator: str = "auto"  # "auto" (exact Gauss-Newton traces where the network is piecewise linear in a
     # layer, Hutchinson elsewhere) or "hutchinson" (every layer)
     exact_directions: int | None = None  # most output directions (backward passes per batch) an exact trace
-    # may spend; None: 2 * min_probes * layers. Raise it for 1000-class heads on a GPU.
+    # may spend; None: 2 * min_probes * layers, exact or sampled by predicted cost; set: exact wherever the
+    # directions fit it (e.g. 1000 for 1000-class heads on a GPU)
     variance_reduction: str = "nystrom"  # "nystrom" (Nyström++ control variate for slow layers), "gauss_newton"
     # (Hutchinson on H - G only, tr G from output-space probes: pays on trained networks) or "none"
     curvature: Literal["hessian", "gauss_newton"] = "hessian"  # "hessian": tr(H_ll), except that a layer whose

@@ -489,7 +489,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
                         weights: Sequence[nn.Parameter], max_directions: int, seed: int = 0,
                         progress: bool = True, tol: float = 0.05, min_probes: int = 8, max_probes: int = 200,
                         certify: bool = True, known_max: float = 0.0, info: dict[str, Any] | None = None,
-                        ) -> tuple[dict[str, tuple[float, float, int, str]], dict[str, str]]:
+                        prefer_exact: bool = False) -> tuple[dict[str, tuple[float, float, int, str]], dict[str, str]]:
     """``tr(G_ll)``, the Gauss-Newton block trace (mean over batches), for every layer with a per-sample norm
     formula -- with ``certify=True`` only for the layers the graph certifies piecewise linear, where it
     equals the Hessian block's trace.
@@ -497,7 +497,9 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     Returns ``({name: (trace, std_err, backward passes, estimator)}, {name: reason})``: each layer is in
     exactly one of the two (the second for layers left to Hutchinson's estimator). With at most
     ``max_directions`` outputs per sample the trace is exact (one backward pass per output direction,
-    ``std_err`` 0, estimator ``"gauss_newton"``); with more, each sample's heaviest output directions are
+    ``std_err`` 0, estimator ``"gauss_newton"``) where that is predicted to cost no more than about twice
+    the sampled estimate, or always with ``prefer_exact`` (the caller named the cap); with more, each
+    sample's heaviest output directions are
     exact and the rest is sampled (``"gn_sampled"``: Rademacher probes of the output-space factor, one
     backward pass each for all layers; :class:`_PerSampleStats` for the standard error), and each layer
     stops once ``std_err <= tol * |trace|`` (with the usual absolute floor, relative to ``known_max``
@@ -552,7 +554,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
             if len(reasons) == len(names):
                 break
             prep = _Prepared(model, loss_fn, batch, bi, names, weights, modules, reasons, max_directions,
-                             seed, certify, (tol, min_probes, global_batches))
+                             seed, certify, (tol, min_probes, global_batches), prefer_exact)
             if prep.choice:
                 choices.append(prep.choice)
             passes += prep.passes
@@ -607,7 +609,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
             for bi, batch in enumerate(batches):
                 prep = kept if kept is not None else _Prepared(
                     model, loss_fn, batch, bi, names, weights, modules, {}, max_directions, seed, certify,
-                    (tol, min_probes, global_batches))
+                    (tol, min_probes, global_batches), prefer_exact)
                 if prep.mode != "sampled" or bi not in exact_cols:
                     continue
                 chunks.append(prep.tail_values(range(start, start + chunk), exact_cols[bi], index, probe_seed, seed,
@@ -663,8 +665,10 @@ class _Prepared:
 
     def __init__(self, model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names: Sequence[str],
                  weights: Sequence[nn.Parameter], modules: dict[str, nn.Module], reasons: dict[str, str],
-                 max_directions: int, seed: int, certify: bool, plan: tuple[float, int, int] = (0.05, 8, 1)) -> None:
-        # plan: (tol, min_probes, batches over all ranks), what the exact-or-sampled choice is costed with
+                 max_directions: int, seed: int, certify: bool, plan: tuple[float, int, int] = (0.05, 8, 1),
+                 prefer_exact: bool = False) -> None:
+        # plan: (tol, min_probes, batches over all ranks), what the exact-or-sampled choice is costed with;
+        # prefer_exact: exact wherever the directions fit max_directions (a cap the caller named)
         self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
         self.exact_m, self.choice = 0, {}
         self.shared: set[str] = set()  # layers whose input is broadcast over the batch (see _gather)
@@ -769,9 +773,11 @@ class _Prepared:
             cost = m + (1 + int(bool((self.evals * live_dirs < 0).any()))) * (cost - m)
             self.choice = {"outputs_per_sample": per_sample, "exact_passes": directions,
                            "sampled_passes_predicted": round(cost, 1)}
-            if SAMPLED_MARGIN * cost >= directions:
+            if prefer_exact or SAMPLED_MARGIN * cost >= directions:
                 self.mode, self.hess = "exact", hess
                 self.choice["mode"] = "exact"
+                if prefer_exact:
+                    self.choice["why"] = f"exact_directions={max_directions} was set: exact wherever it fits"
                 self._drop_shared(reasons, "exact")
                 return
             self.choice["mode"] = "sampled"

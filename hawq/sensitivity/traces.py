@@ -182,7 +182,7 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     # min_probes HVPs per layer, one HVP about 2.2 gradients (scripts/bench_sensitivity.py)
     cap = exact_directions if exact_directions is not None else 2 * min_probes * len(all_names)
     gn_kwargs = {"max_directions": cap, "seed": seed, "progress": progress, "tol": tol,
-                 "min_probes": min_probes, "max_probes": max_probes}
+                 "min_probes": min_probes, "max_probes": max_probes, "prefer_exact": exact_directions is not None}
     missing: dict[str, str] = {}
     if estimator == "auto" and isinstance(loss_fn, OutputLoss):
         got, missing = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights,
