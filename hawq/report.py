@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hawq.bitmap import BitMap, atomic_write_text
-
-if TYPE_CHECKING:
-    from hawq.pipeline import Run
+from hawq.run import Run, write_json
+from hawq.search import bops_g, model_size_mb
+from hawq.train import plot_history
 
 SCORE_KEYS = {
     "fp32_top1": "fp32_score",
@@ -35,8 +35,6 @@ def _trace_fields(t: Any) -> dict[str, float]:
 def build_report(run: Run, partial: dict[str, Any], traces: dict[str, Any] | None,
                  bits: BitMap | None) -> dict[str, Any]:
     """Combine the stage results into the report dictionary (pure: writes nothing)."""
-    from hawq.search import bops_g, model_size_mb
-
     report: dict[str, Any] = {"run": run.cfg.run.name, "model": run.spec.name, "task": run.spec.task,
                               "primary_metric": run.task.primary_metric}
     metric = run.task.primary_metric
@@ -115,6 +113,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def plot_traces_and_bits(report: dict[str, Any], path: Path) -> None:
     """Per-layer trace (log scale bars) with the chosen weight bits on a second axis."""
+    # local: the headless backend must be chosen before pyplot loads, and only a plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,8 +229,6 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def write_report(run: Run, report: dict[str, Any], traces: dict[str, Any] | None, bits: BitMap | None) -> None:
     """Write plots, metrics, report.md and, last, report.json (its presence marks a finished run)."""
-    from hawq.pipeline import write_json
-
     out = run.run_dir
     plots = []
     if traces:
@@ -244,8 +241,6 @@ def write_report(run: Run, report: dict[str, Any], traces: dict[str, Any] | None
     history = report.get("history")
     if history:
         try:
-            from hawq.train import plot_history
-
             plot_history(history, out / "training.png")
             plots.append("training.png")
         except ImportError:
