@@ -55,15 +55,8 @@ from results_fashion import _seed_run, build_config, evaluate_cell, random_alloc
 from hawq import HawqError  # noqa: E402
 from hawq.bitmap import FLOAT_BITS, BitMap, LayerBits, bitmap_to_dict  # noqa: E402
 from hawq.config import Config, config_to_dict  # noqa: E402
-from hawq.pipeline import (  # noqa: E402
-    Run,
-    _example_forward,
-    build_model_and_data,
-    digest,
-    effective_pins,
-    quantized_copy,
-    seed_everything,
-)
+from hawq.quant.stage import quantized_copy  # noqa: E402
+from hawq.run import Run, build_model_and_data, digest, example_forward, seed_everything  # noqa: E402
 from hawq.search import (  # noqa: E402
     SearchProblem,
     build_search_problem,
@@ -73,6 +66,7 @@ from hawq.search import (  # noqa: E402
     weight_perturbations,
 )
 from hawq.search.allocate import resolve_budgets  # noqa: E402
+from hawq.search.stage import effective_pins  # noqa: E402
 from hawq.sensitivity import criteria as C  # noqa: E402
 
 log = logging.getLogger("hawq.results_ptq")
@@ -220,7 +214,7 @@ def build_context(name: str, cfg: Config, work_dir: Path, config_dir: Path | Non
     base.run = dataclasses.replace(base.run, seed=0, progress=progress)
     run = build_model_and_data(base, work_dir, config_dir)  # data subsets fixed by seed 0
     run.task.bind_reference(run.fp32)
-    costs = layer_costs(run.fp32, _example_forward(run), run.layers)
+    costs = layer_costs(run.fp32, example_forward(run), run.layers)
     pins = effective_pins(run)
     search_cfg = dataclasses.replace(cfg.search, pins=pins)
     free = [n for n in run.layers if "weight" not in pins.get(n, {})]
