@@ -8,7 +8,6 @@ saved into the run folder, so a run documents exactly what it did.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import types
@@ -20,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from hawq import HawqError
+from hawq import HawqError, did_you_mean
 from hawq.data.config import DataConfig
 from hawq.export.config import ExportConfig
 from hawq.models.config import ModelConfig
@@ -80,8 +79,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         allowed = typing.get_args(tp)
         if any(value == a and type(value) is type(a) for a in allowed):
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(value, allowed)
         raise HawqError(f"config key '{key}': expected one of {', '.join(repr(a) for a in allowed)}, "
                         f"got {value!r}{hint}")
     if origin in (Union, types.UnionType):
@@ -151,8 +149,7 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{(prefix + '.' if prefix else '') + close[0]}'?)" if close else ""
+            hint = did_you_mean(key, names, prefix + "." if prefix else "")
             valid = ", ".join(names)
             raise HawqError(f"unknown config key '{full}'{hint}; valid keys here: {valid}")
         kwargs[key] = _coerce(value, hints[key], full)
@@ -210,8 +207,7 @@ def _check_paths_exist(data: dict, overrides: list[str]) -> None:
             names = [f.name for f in dataclasses.fields(cls)]
             if part not in names:
                 prefix = ".".join(walked)
-                close = difflib.get_close_matches(part, names, n=1)
-                hint = f" (did you mean '{(prefix + '.' if prefix else '') + close[0]}'?)" if close else ""
+                hint = did_you_mean(part, names, prefix + "." if prefix else "")
                 raise HawqError(f"--set: unknown config key '{'.'.join(path)}'{hint}")
             walked.append(part)
             tp = typing.get_type_hints(cls)[part]
@@ -338,8 +334,7 @@ def validate(cfg: Config) -> None:
     valid_stages = ["sensitivity", "search", "quantize", "finetune", "export"]
     for s in cfg.run.stages:
         if s not in valid_stages:
-            close = difflib.get_close_matches(s, valid_stages, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(s, valid_stages)
             raise HawqError(f"run.stages: unknown stage '{s}'{hint}")
     for name, value in vars(cfg.search.budget).items():
         if value is not None and value <= 0:

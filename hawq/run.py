@@ -33,6 +33,7 @@ from hawq.data import DataBundle, build_data
 from hawq.data.checks import check_compatible, configure_task
 from hawq.models import ModelSpec, Task, get_model_spec, get_task
 from hawq.models.compat import build_model
+from hawq.models.registry import shipped_tokenizer
 from hawq.train import distributed as D
 
 log = logging.getLogger("hawq")
@@ -198,7 +199,7 @@ def build_model_and_data(cfg: Config, run_dir: Path, config_dir: Path | None) ->
     data_cfg.root = resolve_path(data_cfg.root, config_dir)
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.checkpoint = resolve_path(model_cfg.checkpoint, config_dir)
-    if data_cfg.tokenizer is not None and not is_builtin_tokenizer(data_cfg.tokenizer):
+    if data_cfg.tokenizer is not None and shipped_tokenizer(data_cfg.tokenizer) is None:
         data_cfg.tokenizer = resolve_path(data_cfg.tokenizer, config_dir)
     data = build_data(data_cfg, seed=cfg.run.seed)
     spec, model = build_model(model_cfg, data.num_classes)
@@ -216,11 +217,6 @@ def build_model_and_data(cfg: Config, run_dir: Path, config_dir: Path | None) ->
         kwargs["num_classes"] = num_classes
     run.results["model_info"] = {"name": spec.name, "kwargs": kwargs, "checkpoint": model_cfg.checkpoint}
     return run
-
-
-def is_builtin_tokenizer(name: str) -> bool:
-    """A tokenizer named by a registered model (e.g. ``minilm``), not a path to resolve."""
-    return name == "minilm"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,8 +322,8 @@ def test_accuracy_at_chance_after_finetune_is_divergence():
 
 
 def test_uninformative_sensitivity():
-    from hawq.sensitivity.stage import check_informative
     from hawq.sensitivity import TraceEstimate
+    from hawq.sensitivity.stage import check_informative
 
     zero = {n: TraceEstimate(0.0, 0.0, 4, 10) for n in ("a", "b")}
     check_informative(zero)  # warns (logged), the run goes on

@@ -21,7 +21,7 @@ log = logging.getLogger("hawq")
 def stage_export(run: Run, qmodel: nn.Module, bits: BitMap) -> dict[str, Any]:
     out: dict[str, Any] = {}
     ecfg = run.cfg.export
-    example = run.task.model_inputs(run.batches("test", 1, 8)[0]) if ecfg.onnx or ecfg.onnx_integer else ()
+    example = run.spec.model_inputs(run.batches("test", 1, 8)[0]) if ecfg.onnx or ecfg.onnx_integer else ()
     if ecfg.safetensors:
         summary = save_quantized(qmodel, bits, run.run_dir / "model.safetensors", run.results["model_info"],
                                  quant_config=run.cfg.quant, integer=ecfg.integer)
