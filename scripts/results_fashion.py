@@ -40,7 +40,8 @@ if str(REPO) not in sys.path:
 
 from hawq import HawqError  # noqa: E402
 from hawq.bitmap import BitMap, LayerBits, bitmap_to_dict  # noqa: E402
-from hawq.config import Config, config_to_dict, load_config  # noqa: E402
+from hawq.config import Config, load_config  # noqa: E402
+from hawq.keys import config_key  # noqa: E402
 from hawq.quant.stage import quantized_copy  # noqa: E402
 from hawq.run import (  # noqa: E402
     Run,
@@ -195,9 +196,9 @@ def evaluate_cell(run: Run, bits: BitMap, work_dir: Path) -> dict[str, Any]:
 
 def settings_key(cfg: Config) -> dict[str, Any]:
     """What every cell depends on apart from its seed, budget and method."""
-    keep = {k: v for k, v in config_to_dict(cfg).items() if k in ("model", "data", "sensitivity", "quant",
+    keep = {k: v for k, v in config_key(cfg).items() if k in ("model", "data", "sensitivity", "quant",
                                                                    "train")}
-    keep["search"] = {k: v for k, v in config_to_dict(cfg.search).items() if k not in ("budget", "pareto_points")}
+    keep["search"] = {k: v for k, v in config_key(cfg.search).items() if k not in ("budget", "pareto_points")}
     # whole-model spectrum summaries do not change the traces, hence no cell
     keep["sensitivity"] = {k: v for k, v in keep["sensitivity"].items()
                            if k not in ("top_eigen", "density_iter", "spectrum_batches")}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from hawq import HawqError
 
@@ -13,7 +14,7 @@ class QuantConfig:
 
     per_channel: bool = True  # symmetric per-output-channel weight scales
     group_size: int | None = None  # per-group weights for Linear/Embedding (Q-BERT); None = per-channel
-    act_calibration: str = "minmax"  # "minmax", "ema" or "percentile"
+    act_calibration: Literal["minmax", "ema", "percentile"] = "minmax"
     act_percentile: float = 99.99
     ema_decay: float = 0.99
     calib_batches: int = 8

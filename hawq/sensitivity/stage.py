@@ -108,7 +108,7 @@ def _compute_traces(run: Run, all_batches: list[Any], key: str) -> tuple[dict[st
     elapsed = time.perf_counter() - t0
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     meta = {"key": key, "bn_mode": scfg.bn_mode if has_bn else None, "label_free": scfg.label_free,
-            "normalize": scfg.normalize,
+            "normalize": "per_param",  # what the search does with a trace (kept: traces.json's meta keys)
             "batches": len(all_batches), "batch_size": scfg.batch_size, "seed": kwargs["seed"],
             "tol": scfg.tol, "min_probes": scfg.min_probes, "max_probes": scfg.max_probes,
             "variance_reduction": scfg.variance_reduction, "estimator": scfg.estimator, "curvature": scfg.curvature,
