@@ -20,14 +20,17 @@ from typing import Any, Literal, Union
 import yaml
 
 from hawq import HawqError, did_you_mean
+from hawq.bitmap import atomic_write_text
 from hawq.choices import check_choice, check_literals
 from hawq.data.config import DataConfig
-from hawq.export.config import ExportConfig
+from hawq.export.config import ExportConfig, check_opset
 from hawq.models.config import ModelConfig
 from hawq.quant.config import QuantConfig, check_rounding
+from hawq.search.allocate import validate_search_config
 from hawq.search.config import SearchConfig
 from hawq.sensitivity.config import SensitivityConfig
 from hawq.train.config import TrainConfig
+from hawq.train.loop import validate_config
 
 StageName = Literal["sensitivity", "search", "quantize", "finetune", "export"]  # the stages run.stages turns on
 
@@ -313,16 +316,12 @@ def validate(cfg: Config) -> None:
         raise HawqError(f"sensitivity.max_probes ({cfg.sensitivity.max_probes}) must be >= sensitivity.min_probes "
                         f"({cfg.sensitivity.min_probes})")
     stages = set(cfg.run.stages)
-    from hawq.train.loop import validate_config  # the trainer's own checks, now rather than mid-run
-
     if cfg.train.epochs > 0 and "finetune" in stages:
-        validate_config(cfg.train)
+        validate_config(cfg.train)  # the trainer's own checks, now rather than mid-run
     m = cfg.model
     if m.checkpoint is None and m.weights is None and m.pretrain_epochs > 0:  # the pipeline's pretraining
         validate_config(dataclasses.replace(cfg.train, epochs=m.pretrain_epochs, lr=m.pretrain_lr))
     if "export" in stages and (cfg.export.onnx or cfg.export.onnx_integer):
-        from hawq.export.config import check_opset
-
         check_opset(cfg.export.onnx_opset, "export.onnx_opset")
     directions = cfg.sensitivity.exact_directions
     if directions is not None and (isinstance(directions, bool) or not isinstance(directions, int) or directions < 1):
@@ -335,12 +334,8 @@ def validate(cfg: Config) -> None:
         if value is not None and value <= 0:
             raise HawqError(f"search.budget.{name} must be positive, got {value}")
     if "search" in cfg.run.stages:
-        from hawq.search.allocate import validate_search_config
-
         validate_search_config(cfg.search, None)  # pins and ties name layers: checked once the model exists
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from hawq.bitmap import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

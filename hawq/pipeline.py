@@ -122,7 +122,7 @@ STAGES: list[Stage] = [
     Stage("eval_uniform", _stage_uniform, inputs=("bits",), outputs=("uniform_weight_bits", "uniform"),
           enabled_by="quantize", where="main"),
     Stage("finetune", _stage_finetune, inputs=("qmodel", "bits", "before"), outputs=("history", "after"),
-          enabled_by="finetune", artifacts=("checkpoints/finetune_*", "metrics.json", "training.png")),
+          enabled_by="finetune", artifacts=("checkpoints/finetune_*", "checkpoints/finetune.key")),
     Stage("export", stage_export, inputs=("qmodel", "bits"), enabled_by="export", where="main",
           outputs=("export",), artifacts=("model.safetensors", "model.onnx", "model_int.onnx")),
 ]
