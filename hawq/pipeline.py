@@ -56,7 +56,7 @@ from hawq.train.stage import check_not_at_chance, pretrain_if_needed, stage_fine
 
 log = logging.getLogger("hawq")
 
-_example_forward = example_forward  # the old private name, still imported by the results scripts
+_example_forward = example_forward  # the old private name, for callers written against the old module
 
 
 # ---------------------------------------------------------------------------------------------
