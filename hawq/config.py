@@ -25,7 +25,7 @@ from hawq.choices import check_choice, check_literals
 from hawq.data.config import DataConfig
 from hawq.export.config import ExportConfig, check_opset
 from hawq.models.config import ModelConfig
-from hawq.quant.config import QuantConfig, check_rounding
+from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.search.allocate import validate_search_config
 from hawq.search.config import SearchConfig
 from hawq.sensitivity.config import SensitivityConfig
@@ -329,7 +329,7 @@ def validate(cfg: Config) -> None:
     for key in ("batches", "batch_size", "spectrum_batches"):  # probes: _RANGES and max >= min above
         if getattr(cfg.sensitivity, key) < 1:
             raise HawqError(f"sensitivity.{key} must be >= 1")
-    check_rounding(cfg.quant)
+    check_quant_config(cfg.quant)
     for name, value in vars(cfg.search.budget).items():
         if value is not None and value <= 0:
             raise HawqError(f"search.budget.{name} must be positive, got {value}")

@@ -27,6 +27,23 @@ SCORE_KEYS = {
 }
 
 
+# Metrics in percent (two decimals are 1e-4 of the range); the others (cosine similarity, Matthews
+# correlation) live in [-1, 1], where two decimals hide the differences that matter.
+PERCENT_METRICS = frozenset({"top1", "top5", "accuracy", "f1", "map", "map50"})
+
+
+def score_digits(metric: str) -> int:
+    """Decimals the summary prints for ``metric``: 2 for percentages, 4 otherwise."""
+    return 2 if metric in PERCENT_METRICS else 4
+
+
+def quantized_size_mb(model: Any, bits: BitMap | int, layers: list[str], quant_config: Any) -> float:
+    """The model size in MB with the scales the quantizer really stores (per channel, per tensor or
+    per group), the same figure the bit search budgets and reports in ``search.json``."""
+    return model_size_mb(model, bits, layers, per_channel=quant_config.per_channel,
+                         group_size=quant_config.group_size)
+
+
 def _trace_fields(t: Any) -> dict[str, float]:
     d = dataclasses.asdict(t) if dataclasses.is_dataclass(t) else dict(t)
     return {k: d[k] for k in ("mean", "std_err", "n", "numel") if k in d}
@@ -68,7 +85,7 @@ def build_report(run: Run, partial: dict[str, Any], traces: dict[str, Any] | Non
         report["fp32_bops_g"] = bops_g(run.fp32, 32, costs=costs)
     if bits:
         report["bits"] = {n: b.as_dict() for n, b in bits.items()}
-        report["size_mb"] = model_size_mb(run.fp32, bits, run.layers)
+        report["size_mb"] = quantized_size_mb(run.fp32, bits, run.layers, run.cfg.quant)
         if costs:
             report["bops_g"] = bops_g(run.fp32, bits, costs=costs)
     return report
@@ -96,14 +113,15 @@ def summary_table(report: dict[str, Any]) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     metric = report.get("primary_metric", "score")
+    d = score_digits(metric)
     totals = [
         ("size MB (fp32 -> quantized)", f"{_fmt(report.get('fp32_size_mb'), 4)} -> {_fmt(report.get('size_mb'), 4)}"),
         ("BOPS G (fp32 -> quantized)", f"{_fmt(report.get('fp32_bops_g'), 3)} -> {_fmt(report.get('bops_g'), 3)}"),
-        (f"fp32 {metric}", _fmt(report.get("fp32_score"))),
+        (f"fp32 {metric}", _fmt(report.get("fp32_score"), d)),
         (f"uniform {report.get('uniform_weight_bits', '?')}-bit {metric} (same size, no finetune)",
-         _fmt(report.get("uniform_score_same_size"))),
-        (f"hawq {metric} before finetune", _fmt(report.get("quant_score_before_finetune"))),
-        (f"hawq {metric} after finetune", _fmt(report.get("quant_score_after_finetune"))),
+         _fmt(report.get("uniform_score_same_size"), d)),
+        (f"hawq {metric} before finetune", _fmt(report.get("quant_score_before_finetune"), d)),
+        (f"hawq {metric} after finetune", _fmt(report.get("quant_score_after_finetune"), d)),
     ]
     width = max(len(k) for k, _ in totals)
     lines.append("")
@@ -212,8 +230,14 @@ def markdown_report(report: dict[str, Any]) -> str:
                 continue
             if "path" in item:
                 check = item.get("check") or {}
-                checks = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items())
-                parts.append(f"- `{item['path']}` ({what}): {checks}")
+                if "check_error" in item:
+                    parts.append(f"- `{item['path']}` ({what}): written; **check failed**: {item['check_error']}")
+                    continue
+                verdict = check.get("verdict")
+                head = f"**{verdict.upper()}** ({check.get('verdict_reason')}); " if verdict else ""
+                checks = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items()
+                                   if k not in ("verdict", "verdict_reason"))
+                parts.append(f"- `{item['path']}` ({what}): {head}{checks}")
             else:
                 parts.append(f"- {key}: not written ({item.get('error') or item.get('skipped')})")
         parts.append("")

@@ -1,6 +1,6 @@
 """to_fbgemm vs the fake-quant model on the demo ResNet, one JSON line per (seed, bits, BN folding, engine).
 
-The model is test_quant_fast's fixture (width-8 ResNet trained 40 steps on fake Fashion-MNIST) for
+The model is test_quant_torch_int8's fixture (width-8 ResNet trained 40 steps on fake Fashion-MNIST) for
 each seed; TRAIN_THREADS (default 1) sets the threads it trains on (its float summation order).
 Fields: agree (top-1 agreement), flip_margins (fake-quant top-2 margins of the disagreeing samples,
 in classifier-input steps), emax/emean (|logit error| in steps), ref_vs_64 (argmax differences between
@@ -32,7 +32,7 @@ from hawq.data.fashion_mnist import load_fashion_mnist, make_fake_fashion_mnist
 from hawq.layers import quantizable_layers
 from hawq.models.fashion import fashion_resnet
 from hawq.quant import QuantConfig, calibrate, quantize_model
-from hawq.quant.fast import to_fbgemm
+from hawq.quant.torch_int8 import to_fbgemm
 
 CACHE = os.path.join(tempfile.gettempdir(), "hawq_isa")
 CASES = [(8, True, "fbgemm"), (4, True, "fbgemm"), (8, False, "fbgemm"), (4, False, "fbgemm"),
@@ -40,7 +40,7 @@ CASES = [(8, True, "fbgemm"), (4, True, "fbgemm"), (8, False, "fbgemm"), (4, Fal
 
 
 def trained(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """test_quant_fast's fixture model for ``seed`` (cached per seed and training thread count)."""
+    """test_quant_torch_int8's fixture model for ``seed`` (cached per seed and training thread count)."""
     torch.manual_seed(seed)
     root = make_fake_fashion_mnist(tempfile.mkdtemp(), n_train=512, n_test=256)
     train_x, train_y = load_fashion_mnist(root, "train").tensors

@@ -74,3 +74,14 @@ def test_resolved_config_round_trips(tmp_path):
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_quant_transformer_mode_is_a_quant_config_key():
+    """The I-BERT mode lives in QuantConfig (YAML ``quant.transformer``), checked before any work."""
+    cfg = load_config(None, ["quant.transformer=ibert", "quant.attention_bits=6"])
+    assert (cfg.quant.transformer, cfg.quant.attention_bits) == ("ibert", 6)
+    assert load_config(None, []).quant.transformer == "float"
+    with pytest.raises(HawqError, match="did you mean 'ibert'"):
+        load_config(None, ["quant.transformer=ibret"])
+    with pytest.raises(HawqError, match="quant.attention_bits must be an integer in 2..8"):
+        load_config(None, ["quant.attention_bits=16"])

@@ -279,6 +279,20 @@ def test_integer_model_roundtrip_is_bit_identical(tmp_path, cfg):
     loaded = load_quantized(path, build=_resnet_build, integer=True)
     with torch.no_grad():
         assert torch.equal(reference(x), loaded(x))
+    # Not only the outputs on this batch: every constant (with fold_bn the residual adds' dyadic
+    # multipliers once differed, from BN folded in float64 by to_integer and in float32 on save).
+    ref_state, loaded_state = reference.state_dict(), loaded.state_dict()
+    assert ref_state.keys() == loaded_state.keys()
+    assert [k for k in ref_state if not torch.equal(ref_state[k], loaded_state[k])] == []
+
+
+def test_integer_codes_are_the_fake_quant_codes():
+    """to_integer, to_fbgemm and the packed file take one set of codes: the layers' int_weight()."""
+    from hawq.quant import integer_layers, to_integer
+
+    model, _, _ = _quantized_resnet((4, 8), QuantConfig(fold_bn=True))
+    for name, layer in integer_layers(to_integer(model)).items():
+        assert torch.equal(layer.weight_codes, model.get_submodule(name).int_weight()[0]), name
 
 
 def test_integer_unavailable_is_recorded_and_requesting_it_fails(tmp_path):
@@ -292,28 +306,28 @@ def test_integer_unavailable_is_recorded_and_requesting_it_fails(tmp_path):
         save_quantized(model, bits, path, {"name": "fashion_resnet", "kwargs": {"width": WIDTH}}, integer=True)
 
 
-def test_integer_codes_that_round_differently_travel_as_a_patch(tmp_path, monkeypatch):
-    """to_integer derives codes in float64; where one rounds differently the file must carry it."""
-    import hawq.quant.integer as integer_mod
-    from hawq.quant import to_integer
+def test_legacy_file_with_integer_code_patches_still_loads(tmp_path):
+    """Files written when to_integer derived codes in float64 carry sparse code patches; they still load."""
+    from hawq.quant import integer_layers, to_integer
 
     model, bits, x = _quantized_resnet((8,))
-    original = integer_mod.quantize_to_int
-
-    def one_code_off(w, b, per_channel=True, group_size=None):
-        codes, scale = original(w, b, per_channel, group_size)
-        codes = codes.clone()
-        codes.view(-1)[0] = 0 if int(codes.view(-1)[0]) != 0 else 1
-        return codes, scale
-
-    monkeypatch.setattr(integer_mod, "quantize_to_int", one_code_off)
     path = tmp_path / "m.safetensors"
     _save(model, bits, path)
-    reference = to_integer(model)
-    monkeypatch.undo()
     raw = load_file(path)
-    assert any(k.endswith("weight_codes_patch_index") for k in raw)
+    assert not any("weight_codes_patch" in k for k in raw)  # new files need none
+    name = next(iter(integer_layers(to_integer(model))))
+    old_code = int(model.get_submodule(name).int_weight()[0].reshape(-1)[0])
+    raw[f"integer/{name}.weight_codes_patch_index"] = torch.tensor([0], dtype=torch.int64)
+    raw[f"integer/{name}.weight_codes_patch_value"] = torch.tensor([0 if old_code else 1], dtype=torch.int8)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        metadata = json.loads(f.read(n))["__metadata__"]
+    save_file(raw, path, metadata=metadata)
     loaded = load_quantized(path, build=_resnet_build, integer=True)
+    assert int(integer_layers(loaded)[name].weight_codes.reshape(-1)[0]) == (0 if old_code else 1)
     with torch.no_grad():
-        assert torch.equal(reference(x), loaded(x))
-        assert not torch.equal(to_integer(model)(x), reference(x))  # the patch mattered
+        assert not torch.equal(to_integer(model)(x), loaded(x))  # the patch mattered
+    raw[f"integer/{name}.weight_codes_patch_index"] = torch.tensor([10**9], dtype=torch.int64)
+    save_file(raw, path, metadata=metadata)
+    with pytest.raises(HawqError, match="invalid integer code patch"):
+        load_quantized(path, build=_resnet_build, integer=True)

@@ -111,10 +111,10 @@ def test_reference_equals_int8_engine_including_int4_and_uint8(trained) -> None:
     int_model = to_integer(q)
     layers = integer_layers(int_model)
     assert {m.unsigned_shift for m in layers.values()} == {0, 128}  # signed input, unsigned after ReLU
-    assert all(m.fast_ok and m.weight_codes.dtype == torch.int8 for m in layers.values())
+    assert all(m.int_mm_ok and m.weight_codes.dtype == torch.int8 for m in layers.values())
     assert int(layers["layer1.0.conv1"].weight_codes.abs().max()) <= 7  # int4 codes widened to int8
     ref = set_integer_backend(int_model, "reference")(images)
-    fast = set_integer_backend(int_model, "fast")(images)
+    fast = set_integer_backend(int_model, "int_mm")(images)
     assert torch.equal(ref, fast)
     for name, layer in layers.items():  # and layer by layer on the accumulators
         shape = (2, layer.weight_codes.shape[1], 9, 9) if isinstance(layer, IntConv2d) \
@@ -122,7 +122,7 @@ def test_reference_equals_int8_engine_including_int4_and_uint8(trained) -> None:
         codes = torch.randint(layer.qmin, layer.qmax + 1, shape)
         layer.backend = "reference"
         a = layer.accumulate(codes)
-        layer.backend = "fast"
+        layer.backend = "int_mm"
         assert torch.equal(a, layer.accumulate(codes)), name
 
 
@@ -140,7 +140,7 @@ q = quantize_model(model, uniform_bitmap(quantizable_layers(model), 8, 8))
 calibrate(q, [x], lambda m, b: m(b), progress=False)
 int_model = to_integer(q)
 ref = set_integer_backend(int_model, "reference")(x)
-fast = set_integer_backend(int_model, "fast")(x)
+fast = set_integer_backend(int_model, "int_mm")(x)
 assert int_mm_saturates(), "ONEDNN_MAX_CPU_ISA=AVX2 should select a saturating int8 GEMM"
 assert torch.equal(ref, fast), float((ref - fast).abs().max())
 """
@@ -149,9 +149,9 @@ assert torch.equal(ref, fast), float((ref - fast).abs().max())
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
                     or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
                     reason="forces oneDNN's x86 AVX2 kernels: needs an x86 CPU with AVX2 or better")
-def test_fast_engine_exact_on_non_vnni_int8_gemm() -> None:
+def test_int_mm_engine_exact_on_non_vnni_int8_gemm() -> None:
     """torch._int_mm on oneDNN without VNNI adds u8 x s8 pairs in a saturating int16; forced to AVX2
-    in a subprocess, the fast engine still equals the reference engine (W8A8, 8-bit grids)."""
+    in a subprocess, the int_mm engine still equals the reference engine (W8A8, 8-bit grids)."""
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", _NON_VNNI_SCRIPT], env=env, check=True, timeout=300)
@@ -245,4 +245,4 @@ def test_bert_style_block_with_float_islands() -> None:
     ref = copy.deepcopy(model).double()(ids)
     # Islands see exactly the dequantized accumulators, so only float rounding separates the two.
     assert (out.double() - ref).abs().max() < 1e-6 * ref.abs().max()
-    assert torch.equal(set_integer_backend(int_model, "fast")(ids), out)
+    assert torch.equal(set_integer_backend(int_model, "int_mm")(ids), out)

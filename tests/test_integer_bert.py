@@ -18,6 +18,7 @@ from hawq.layers import quantizable_layers
 from hawq.quant import (
     Dequantize,
     QuantAct,
+    QuantConfig,
     QuantGELU,
     QuantLayerNorm,
     QuantSoftmax,
@@ -44,6 +45,8 @@ from hawq.quant.ibert import (
     isqrt,
 )
 from hawq.quant.integer import IntLinear, IntRequant, QuantizeInput
+
+IBERT = QuantConfig(transformer="ibert")  # I-BERT integer kernels for the transformer ops
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +146,7 @@ class _Classifier(nn.Module):
         return self.head(self.block(x).mean(dim=1))
 
 
-def _calibrated_classifier(transformer: str | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _calibrated_classifier(transformer: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A calibrated w8a8 fake-quant classifier, its calibration batch and 512 random test inputs."""
     torch.manual_seed(0)
     model = _Classifier().eval()
@@ -153,7 +156,8 @@ def _calibrated_classifier(transformer: str | None) -> tuple[nn.Module, torch.Te
         ln.bias.data.normal_(0, 0.1, generator=g)
     calib = torch.randn(64, 12, 16, generator=g)
     test = torch.randn(512, 12, 16, generator=g)
-    model = quantize_model(model, uniform_bitmap(quantizable_layers(model), 8, 8), transformer=transformer)
+    model = quantize_model(model, uniform_bitmap(quantizable_layers(model), 8, 8),
+                           QuantConfig(transformer=transformer))
     calibrate(model, [calib], lambda m, b: m(b), progress=False)
     return model, calib, test
 
@@ -161,18 +165,18 @@ def _calibrated_classifier(transformer: str | None) -> tuple[nn.Module, torch.Te
 @pytest.fixture(scope="module")
 def block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """Float GELU / softmax / LayerNorm in the fake-quant model (the default mode)."""
-    return _calibrated_classifier(None)
+    return _calibrated_classifier("float")
 
 
 @pytest.fixture(scope="module")
 def ibert_block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """The same classifier with I-BERT-aware fake-quant (``quantize_model(..., transformer="ibert")``)."""
+    """The same classifier with I-BERT-aware fake-quant (``QuantConfig(transformer="ibert")``)."""
     return _calibrated_classifier("ibert")
 
 
 def test_ibert_block_agrees_with_fake_quant(block) -> None:
     model, calib, test = block
-    int_model = to_integer(model, example_input=calib, transformer="ibert")
+    int_model = to_integer(model, example_input=calib, cfg=IBERT)
     assert set(integer_layers(int_model)) == {"block.q", "block.k", "block.v", "block.o", "block.fc1",
                                               "block.fc2", "head"}
     assert not getattr(int_model, "float_nodes", [])
@@ -188,7 +192,7 @@ def test_ibert_block_agrees_with_fake_quant(block) -> None:
     step = float(ref.abs().max()) / 127
     assert (out - ref).abs().max() <= 2 * step, float((out - ref).abs().max() / step)
     assert F.cosine_similarity(out, ref, dim=1).min() >= 0.995
-    assert torch.equal(set_integer_backend(int_model, "fast")(test), out.to(torch.float32))
+    assert torch.equal(set_integer_backend(int_model, "int_mm")(test), out.to(torch.float32))
 
 
 def _codes_by_grid(int_model: nn.Module, fake: nn.Module,
@@ -227,7 +231,7 @@ def test_ibert_fake_quant_block_equals_integer(ibert_block) -> None:
                                                            "QuantLayerNorm"}
     # A smaller example batch than the calibration one: grids re-derived from it would differ, but the
     # integer model takes the fake-quant model's calibrated grids (the code comparison below shows it).
-    int_model = to_integer(model, example_input=calib[:4], transformer="ibert")
+    int_model = to_integer(model, example_input=calib[:4], cfg=IBERT)
     assert not getattr(int_model, "float_nodes", [])
     grids = [name for name, m in model.named_modules() if isinstance(m, StaticGrid)]
     assert sorted(grids) == ["block.ln1.input_quant", "block.ln2.input_quant", "gelu.input_quant", "matmul_1_grid1",
@@ -258,7 +262,7 @@ def test_ibert_fake_quant_block_equals_integer(ibert_block) -> None:
             assert differ == 0, name
         else:
             assert differ <= 1e-3 and int((a - b).abs().max()) <= 2, (name, float(differ))
-    assert torch.equal(set_integer_backend(int_model, "fast")(test), out.to(torch.float32))
+    assert torch.equal(set_integer_backend(int_model, "int_mm")(test), out.to(torch.float32))
 
 
 def test_ibert_fake_quant_trains(ibert_block) -> None:
@@ -283,7 +287,7 @@ def test_ibert_fake_quant_trains(ibert_block) -> None:
         after = float(F.cross_entropy(model(calib), labels))
     assert after < before - 0.05, (before, after)  # measured 1.63 -> 1.48
     # The trained model still converts to the same integer model.
-    int_model = to_integer(model, example_input=calib, transformer="ibert")
+    int_model = to_integer(model, example_input=calib, cfg=IBERT)
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(calib.double())
     out = int_model(calib).double()
@@ -345,19 +349,19 @@ def test_ibert_fake_quant_errors() -> None:
 
     bits = uniform_bitmap(["fc"], 8, 8)
     with pytest.raises(HawqError, match="softmax .* dim=-1"):
-        quantize_model(_Soft(0), bits, transformer="ibert")
+        quantize_model(_Soft(0), bits, IBERT)
     with pytest.raises(HawqError, match="exact .erf. form"):
-        quantize_model(_Soft(-1, "tanh"), bits, transformer="ibert")
+        quantize_model(_Soft(-1, "tanh"), bits, IBERT)
     with pytest.raises(HawqError, match="transformer must be"):
-        quantize_model(_Soft(-1), bits, transformer="i-bert")
+        quantize_model(_Soft(-1), bits, QuantConfig(transformer="i-bert"))
     with pytest.raises(HawqError, match="attention_bits"):
-        quantize_transformer_ops(_Soft(-1), attention_bits=12)
-    model = quantize_model(_Soft(-1), bits, transformer="ibert")
+        quantize_transformer_ops(_Soft(-1), QuantConfig(transformer="ibert", attention_bits=12))
+    model = quantize_model(_Soft(-1), bits, IBERT)
     x = torch.randn(8, 4)
     calibrate(model, [x], lambda m, b: m(b), progress=False)
     model.gelu.input_quant.reset()
     with pytest.raises(HawqError, match="grid 'gelu.input_quant' is not calibrated"):
-        to_integer(model, example_input=x, transformer="ibert")
+        to_integer(model, example_input=x, cfg=IBERT)
     with pytest.raises(HawqError, match="attention mask: entries must be 0"):
         QuantSoftmax()(x, torch.full((8, 4), -1.0))
 
@@ -365,7 +369,7 @@ def test_ibert_fake_quant_errors() -> None:
 @pytest.mark.parametrize("fixture", ["block", "ibert_block"])
 def test_ibert_block_has_no_float_op_between_input_and_output(fixture: str, request) -> None:
     model, calib, test = request.getfixturevalue(fixture)
-    int_model = set_integer_backend(to_integer(model, example_input=calib, transformer="ibert"), "fast")
+    int_model = set_integer_backend(to_integer(model, example_input=calib, cfg=IBERT), "int_mm")
     for node in int_model.graph.nodes:  # only integer modules and shape methods remain
         assert node.op in ("placeholder", "output", "call_module", "call_method"), node.format_node()
         if node.op == "call_method":
@@ -418,25 +422,26 @@ def test_ibert_block_has_no_float_op_between_input_and_output(fixture: str, requ
 def test_ibert_errors_name_the_problem(block) -> None:
     model, calib, _ = block
     with pytest.raises(HawqError, match="needs example_input"):
-        to_integer(model, transformer="ibert")
+        to_integer(model, cfg=IBERT)
     with pytest.raises(HawqError, match="transformer must be"):
-        to_integer(model, example_input=calib, transformer="int")
+        to_integer(model, example_input=calib, cfg=QuantConfig(transformer="int"))
     with pytest.raises(HawqError, match="attention_bits"):
-        to_integer(model, example_input=calib, transformer="ibert", attention_bits=16)
+        to_integer(model, example_input=calib, cfg=QuantConfig(transformer="ibert", attention_bits=16))
     with pytest.raises(HawqError, match="cannot convert .*float_ops=True"):
         to_integer(model, example_input=calib)  # without ibert the transformer ops still need float_ops
 
 
 # --- Hugging Face BertLayer ---------------------------------------------------------------------------
 def _int_vs_fake_quant(layer: nn.Module, calib: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...],
-                       transformer: str | None = None) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+                       transformer: str = "float") -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     """Quantize (w8a8) the layer, convert with I-BERT kernels: (integer out, float64 fake-quant out, int model).
 
-    ``transformer=None``: float GELU / softmax / LayerNorm in the fake-quant model; ``"ibert"``: I-BERT-aware.
+    ``transformer="float"``: float GELU / softmax / LayerNorm in the fake-quant model; ``"ibert"``: I-BERT-aware.
     """
-    q = quantize_model(copy.deepcopy(layer), uniform_bitmap(quantizable_layers(layer), 8, 8), transformer=transformer)
+    q = quantize_model(copy.deepcopy(layer), uniform_bitmap(quantizable_layers(layer), 8, 8),
+                       QuantConfig(transformer=transformer))
     calibrate(q, [calib], lambda m, b: m(*b), progress=False)
-    int_model = to_integer(q, example_input=calib, transformer="ibert")
+    int_model = to_integer(q, example_input=calib, cfg=IBERT)
     assert len(integer_layers(int_model)) == 6 and not getattr(int_model, "float_nodes", [])
     with torch.no_grad():
         out = int_model(*test).double()
@@ -569,7 +574,7 @@ def test_negative_constant_scale_and_softmax_dim_error() -> None:
     model = _NegScaleMLP().eval()
     quantize_model(model, uniform_bitmap(["fc1", "fc2"], 8, 8))
     calibrate(model, [x], lambda m, b: m(b), progress=False)
-    int_model = to_integer(model, example_input=x, transformer="ibert")
+    int_model = to_integer(model, example_input=x, cfg=IBERT)
     assert "IntScale" in {type(m).__name__ for m in int_model.modules()}  # the sign flip of * -0.5
     with torch.no_grad():
         ref = copy.deepcopy(model).double()(x.double())
@@ -579,4 +584,17 @@ def test_negative_constant_scale_and_softmax_dim_error() -> None:
     assert 0 < (int_model(x).double() - ref).abs().max() <= bound
     model.softmax_dim = 0
     with pytest.raises(HawqError, match="softmax.*last dim only"):
-        to_integer(model, example_input=x, transformer="ibert")
+        to_integer(model, example_input=x, cfg=IBERT)
+
+
+def test_quant_config_reads_back_the_ibert_mode(block, ibert_block) -> None:
+    """to_integer's default cfg is read from the modules: I-BERT fake-quant converts in ibert mode."""
+    from hawq.quant import infer_quant_config
+
+    assert infer_quant_config(block[0]).transformer == "float"
+    cfg = infer_quant_config(ibert_block[0])
+    assert (cfg.transformer, cfg.attention_bits) == ("ibert", 8)
+    model, calib, test = ibert_block
+    with torch.no_grad():
+        assert torch.equal(to_integer(model, example_input=calib)(test[:16]),
+                           to_integer(model, example_input=calib, cfg=IBERT)(test[:16]))

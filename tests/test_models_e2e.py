@@ -69,14 +69,18 @@ def test_resnet18_all_stages(tmp_path, images):
 def test_image_families(tmp_path, images, overrides):
     report = _run(tmp_path, [*overrides, "data.name=imagenet_folder", f"data.root={images}"])
     assert 0.0 <= report["quant_top1_before_finetune"] <= 100.0
+    assert "top5" not in report["quant_before_finetune"]  # 3 classes: every label is in the top 5
 
 
 def test_bert_sst2(tmp_path):
     root = write_fake_glue(tmp_path / "sst2", "sst2", n_train=16, n_dev=8)
     report = _run(tmp_path, ["model.name=bert", f"model.kwargs={{config: {json.dumps(TINY_BERT)}}}",
                              "data.name=glue_tsv", f"data.root={root}", "data.task=sst2", "data.tokenizer=minilm",
-                             "data.max_length=16"])
+                             "data.max_length=16"], stages="[sensitivity,search,quantize,export]")
     assert "accuracy" in report["quant_before_finetune"]
+    # the QDQ export of the logits (inputs ids / mask / token types) is written and passes its check
+    assert report["export"]["onnx"]["check"]["verdict"] == "pass", report["export"]["onnx"]
+    assert (tmp_path / "runs" / "e2e" / "model.onnx").is_file()
 
 
 def test_bert_encoder_label_free(tmp_path):

@@ -48,6 +48,10 @@ def test_run_folder_has_every_artifact(tiny_run):
     # the integer-only ONNX model computes exactly what hawq's PyTorch integer model computes
     assert export["onnx_integer"]["check"]["exact_fraction"] == 1.0
     assert export["onnx_integer"]["check"]["max_diff_in_steps"] == 0.0
+    assert export["onnx_integer"]["check"]["verdict"] == "pass"
+    assert export["onnx"]["check"]["verdict"] == "pass", export["onnx"]["check"]
+    md = (tiny_run / "report.md").read_text()
+    assert md.count("**PASS**") == 2 and "**FAIL**" not in md
 
 
 def test_report_keys_and_values(tiny_run):

@@ -37,6 +37,15 @@ import hawq
 from hawq import HawqError
 from hawq.bitmap import FLOAT_BITS, BitMap, as_bitmap, atomic_write_bytes, bitmap_from_dict, bitmap_to_dict
 from hawq.export.packing import pack_codes, packed_dtype, packed_nbytes, packing_layout, unpack_codes
+from hawq.quant import (
+    QuantConfig,
+    fold_bn,
+    infer_quant_config,
+    integer_layers,
+    quantize_model,
+    to_integer,
+    weight_from_codes,
+)
 
 FORMAT_NAME = "hawq.quantized"
 FORMAT_VERSION = 1
@@ -65,74 +74,11 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
             and getattr(m, "weight_bits", FLOAT_BITS) < FLOAT_BITS}
 
 
-def _max_reproducing_scale(scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per scale entry a float ``m`` with ``fl(m / qmax) == scale`` (``qmax * scale`` give or take an ulp).
-
-    hawq's quantizers derive the scale from the weights (``max|w| / qmax``); storing ``m`` at the
-    positions of the largest codes makes the rebuilt layer derive the stored scale bit-exactly.
-    """
-    m = scale * qmax
-    best, found = m.clone(), (m / qmax) == scale
-    up, down = m, m
-    for _ in range(4):
-        up = torch.nextafter(up, torch.full_like(up, float("inf")))
-        down = torch.nextafter(down, torch.zeros_like(down))
-        for cand in (up, down):
-            hit = ~found & ((cand / qmax) == scale)
-            best, found = torch.where(hit, cand, best), found | hit
-    return best
-
-
-def weight_from_codes(codes: torch.Tensor, scale: torch.Tensor, bits: int,
-                      group_size: int | None) -> torch.Tensor:
-    """A float weight whose quantization gives back exactly ``codes`` and ``scale``.
-
-    It is ``codes * scale`` except at the largest codes (``|code| == 2^(bits-1) - 1``), which hold
-    the value whose ``max / qmax`` re-derives ``scale`` bit-exactly (see ``hawq.quant.weight_scale``).
-    """
-    from hawq.quant.quantizers import expand_scale, qmax_signed
-
-    scale = scale.to(torch.float32)
-    qmax = qmax_signed(bits)
-    weight = codes.to(torch.float32) * expand_scale(scale, codes.shape, group_size)
-    peak = expand_scale(_max_reproducing_scale(scale, qmax), codes.shape, group_size)
-    at_peak = codes.abs() == qmax
-    return torch.where(at_peak, torch.sign(codes.to(torch.float32)) * peak, weight)
-
-
-def _has_bn_folding(model: nn.Module) -> bool:
-    from hawq.quant.modules import QuantBnConv2d
-
-    return any(isinstance(m, QuantBnConv2d) for m in model.modules())
-
-
 def _json_meta(value: Any, what: str) -> str:
     try:
         return json.dumps(value, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise HawqError(f"{what} must be JSON-serializable ({e})") from None
-
-
-def infer_quant_config(model: nn.Module) -> Any:
-    """The ``QuantConfig`` a quantized model was built with, read back from its modules.
-
-    Weight granularity from the quantized layers, ``fold_bn`` from ``QuantBnConv2d``, the
-    calibration method from the activation quantizers; other fields keep their defaults.
-    """
-    from hawq.quant.config import QuantConfig
-    from hawq.quant.modules import QuantAct, QuantBnConv2d
-
-    cfg = QuantConfig()
-    layers = [m for _, m in model.named_modules() if callable(getattr(m, "int_weight", None))]
-    if layers:
-        cfg.per_channel = bool(getattr(layers[0], "per_channel", cfg.per_channel))
-        groups = [m.group_size for m in layers if getattr(m, "group_size", None) is not None]
-        cfg.group_size = groups[0] if groups else None
-    cfg.fold_bn = any(isinstance(m, QuantBnConv2d) for m in model.modules())
-    acts = [m for m in model.modules() if isinstance(m, QuantAct)]
-    if acts:
-        cfg.act_calibration, cfg.act_percentile, cfg.ema_decay = acts[0].method, acts[0].percentile, acts[0].ema_decay
-    return cfg
 
 
 def _quant_config_dict(quant_config: Any) -> dict:
@@ -193,12 +139,10 @@ def save_quantized(model: nn.Module, bits: BitMap, path: str | os.PathLike, mode
         raise HawqError("model_info['kwargs'] must be a dict of builder keyword arguments")
     if quant_config is None:
         quant_config = infer_quant_config(model)
-    bn_folded = _has_bn_folding(model)
+    bn_folded = infer_quant_config(model).fold_bn
     if bn_folded:
         # A QuantBnConv2d quantizes ``W * gamma / sigma``, not its stored ``W``: export the folded
         # convs (what inference runs) and fold the same way again when loading.
-        from hawq.quant.model import fold_bn
-
         model = fold_bn(copy.deepcopy(model))
     layers = quantized_layers(model)
     expected = {name for name, b in bits.items() if b.weight != FLOAT_BITS}
@@ -284,31 +228,19 @@ def integer_tensors(model: nn.Module, packed: Mapping[str, torch.Tensor], packin
 
     Kept: dyadic multipliers/shifts (``in_mult``, ``in_shift``, ``mult_*``, ``shift_*``), int32
     biases, BN gains, activation and output scales. Dropped: each layer's ``weight_codes`` and the
-    buffers derived from them (``weight_mat_t``, ``weight_rowsum``). ``to_integer`` derives its
-    codes in float64, so a handful of codes (about 1 in 10^6 on ResNet-18) can round differently
-    from the packed float32 codes; those are kept as a sparse patch,
-    ``<module>.weight_codes_patch_index`` (flat int64 indices) and ``..._patch_value``.
+    buffers derived from them (``weight_mat_t``, ``weight_rowsum``): ``to_integer`` takes its codes
+    from ``int_weight()``, the same function that wrote the packed codes.
     """
-    from hawq.quant import integer_layers, to_integer
-
     int_model = to_integer(model, example_input)
-    module_path = {id(m): n for n, m in int_model.named_modules()}
-    out: dict[str, torch.Tensor] = {}
     for name, layer in integer_layers(int_model).items():
         info = packing.get(name)
         if info is None:
             raise HawqError(f"integer model layer '{name}' has no packed weights")
         stored = unpack_codes(packed[info["codes"]], info["bits"], info["numel"])
-        codes = layer.weight_codes.reshape(-1)
-        index = (codes.to(torch.int32) != stored).nonzero().reshape(-1)
-        if index.numel():
-            prefix = module_path[id(layer)] + ".weight_codes_patch_"
-            out[prefix + "index"] = index.to(torch.int64)
-            out[prefix + "value"] = codes[index].clone()
-    for key, value in int_model.state_dict().items():
-        if key.rpartition(".")[2] not in _DERIVED_FROM_CODES:
-            out[key] = value.detach().cpu().contiguous().clone()
-    return out
+        if not torch.equal(layer.weight_codes.reshape(-1).to(torch.int32), stored):
+            raise HawqError(f"integer model layer '{name}' does not use the packed weight codes")
+    return {key: value.detach().cpu().contiguous().clone() for key, value in int_model.state_dict().items()
+            if key.rpartition(".")[2] not in _DERIVED_FROM_CODES}
 
 
 def _set_codes(layer: nn.Module, codes: torch.Tensor) -> None:
@@ -322,14 +254,14 @@ def _set_codes(layer: nn.Module, codes: torch.Tensor) -> None:
 
 
 def _load_integer(path: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor], meta: dict) -> nn.Module:
-    from hawq.quant import integer_layers, to_integer
-
     info = meta["integer"]
     if not info.get("stored"):
         raise HawqError(f"{path}: the file holds no integer model ({info.get('reason', 'not stored')})")
     shape = info.get("example_shape")
     int_model = to_integer(model, None if shape is None else torch.zeros(shape))
     stored = {k[len(INTEGER_PREFIX):]: v for k, v in tensors.items() if k.startswith(INTEGER_PREFIX)}
+    # Files written before the codes were computed once (integer codes then came from float64) carry
+    # sparse "code patches" from the packed codes to their integer model's codes; new files have none.
     patches = {k: stored.pop(k) for k in [k for k in stored if ".weight_codes_patch_" in k]}
     module_path = {id(m): n for n, m in int_model.named_modules()}
     applied = set()
@@ -558,9 +490,6 @@ def load_quantized(path: str | os.PathLike, build: Callable[[dict], nn.Module] |
     returns the integer-only model (``hawq.quant.to_integer``) with the stored requantization
     constants, identical to ``to_integer`` of the model that was saved.
     """
-    from hawq.quant import quantize_model
-    from hawq.quant.config import QuantConfig
-
     path = Path(path)
     tensors, meta = read_quantized_file(path)
     model = build(meta["model_info"]) if build is not None else _build_from_info(meta["model_info"])
@@ -573,8 +502,6 @@ def load_quantized(path: str | os.PathLike, build: Callable[[dict], nn.Module] |
     cfg = QuantConfig(**meta["quant_config"])
     model = quantize_model(model, meta["bits"], cfg)
     if meta["bn_folded"]:
-        from hawq.quant.model import fold_bn
-
         model = fold_bn(model)
     state = unpacked_state_dict(tensors, meta["packing"])
     try:

@@ -172,6 +172,7 @@ class SequenceClassificationTask(Task):
 
     name = "sequence_classification"
     primary_metric = "accuracy"
+    logits_output = True
 
     def configure(self, info: dict[str, Any] | None) -> None:
         """Adopt the data set's primary metric (GLUE: matthews for CoLA, f1 for MRPC/QQP)."""

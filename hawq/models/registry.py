@@ -41,21 +41,23 @@ class ModelSpec:
     task: str  # a registered task: "classification", "detection", "sequence_classification", "encoder"
     input_shape: tuple[int, ...]  # one example's shape (C, H, W) or (seq_len,) for text
     default_pins: dict[str, dict[str, int]] = field(default_factory=dict)
-    # the quantizable layers; None: every Conv/Linear/Embedding outside ``training_heads``
+    # the quantizable layers; None: every Conv/Linear/Embedding outside ``training_only``
     layers: Callable[[nn.Module], list[str]] | None = None
     description: str = ""
     # the number of classes a built model predicts (checked against the data); None: the last
-    # Linear outside ``training_heads``
+    # Linear outside ``training_only``
     num_outputs: Callable[[nn.Module], int | None] | None = None
     # a dict batch's keys that are the model's positional inputs, in order (tuple batches: ``batch[0]``)
     input_keys: tuple[str, ...] = ()
-    # submodules that exist only in training (Inception's AuxLogits): not quantized, not exported
-    training_heads: tuple[str, ...] = ()
+    # submodules that exist only in training (Inception-V3's auxiliary head): not quantized, left out of the
+    # deployable checkpoint, whose model_info gets ``deploy_kwargs`` so the rebuilt model lacks them
+    training_only: tuple[str, ...] = ()
+    deploy_kwargs: dict[str, Any] = field(default_factory=dict)
     # the model ships its tokenizer files: ``data.tokenizer: <model name>`` finds them
     tokenizer: Callable[[], Path] | None = None
 
     def __post_init__(self) -> None:
-        heads = self.training_heads
+        heads = self.training_only
         if self.layers is None:
             self.layers = lambda model: [n for n in quantizable_layers(model) if not n.startswith(heads)]
         if self.num_outputs is None:

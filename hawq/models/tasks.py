@@ -37,6 +37,7 @@ class Task:
     higher_is_better = True
     needs_labels = True  # False: label-free (an encoder scored against its FP32 outputs)
     wider_head_ok = False  # True: a head with more classes than the data's labels still trains (detection)
+    logits_output = False  # the model output is class logits (argmax = the prediction)
 
     reference: nn.Module | None = None  # the full-precision model, for label-free losses and metrics
 
@@ -114,10 +115,12 @@ def register_task(cls: T) -> T:
 
 @register_task
 class ClassificationTask(Task):
-    """Batches are ``(images, labels)``; metrics are top-1/top-5 accuracy in percent and mean loss."""
+    """Batches are ``(images, labels)``; metrics are top-1 accuracy in percent, top-5 (only with more
+    than 5 classes) and mean loss."""
 
     name = "classification"
     primary_metric = "top1"
+    logits_output = True
 
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
         check_pair(batch, labels=False)
@@ -135,21 +138,25 @@ class ClassificationTask(Task):
                  progress: bool = True, desc: str = "eval") -> dict[str, float]:
         was_training = model.training
         model.eval()
-        n = correct1 = correct5 = 0
+        n = correct1 = correct5 = classes = 0
         loss_sum = 0.0
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             batch = self.to_device(batch, device)
             logits = self.forward(model, batch)
             y = batch[1]
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            k = min(5, logits.shape[1])
+            classes = logits.shape[1]
+            k = min(5, classes)
             top = logits.topk(k, dim=1).indices
             correct1 += (top[:, 0] == y).sum().item()
             correct5 += (top == y[:, None]).any(dim=1).sum().item()
             n += y.numel()
         model.train(was_training)
         n = max(n, 1)
-        return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+        out = {"top1": 100.0 * correct1 / n, "loss": loss_sum / n, "n": n}
+        if classes > 5:  # with 5 classes or fewer every label is in the top 5: 100% says nothing
+            out["top5"] = 100.0 * correct5 / n
+        return out
 
 
 def get_task(name: str) -> Task:

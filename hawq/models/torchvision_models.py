@@ -154,6 +154,7 @@ for _name, _builder, _desc in (
 
 register_model(ModelSpec(
     name="inception_v3", builder=inception_v3, task=AuxClassificationTask.name, input_shape=(3, 299, 299),
-    default_pins={"Conv2d_1a_3x3.conv": PIN_8BIT, "fc": PIN_8BIT}, training_heads=("AuxLogits",),
+    default_pins={"Conv2d_1a_3x3.conv": PIN_8BIT, "fc": PIN_8BIT}, training_only=("AuxLogits",),
+    deploy_kwargs={"aux_logits": False},
     description="torchvision Inception-V3 (27.2M params), 299x299; aux head (loss weight 0.4) in training only",
 ))

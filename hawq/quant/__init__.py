@@ -1,7 +1,6 @@
 """Quantization: weight/activation quantizers, quantized modules and integer-only inference."""
 
-from hawq.quant.config import QuantConfig
-from hawq.quant.fast import to_fbgemm
+from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.gptq import gptq_codes, gptq_round_
 from hawq.quant.ibert import (
     QuantGELU,
@@ -17,6 +16,7 @@ from hawq.quant.integer import (
     IntConv2d,
     IntLinear,
     IntRequant,
+    OnnxBuilder,
     QuantizeInput,
     dyadic,
     integer_layers,
@@ -28,6 +28,7 @@ from hawq.quant.model import (
     calibrate,
     conv_bn_pairs,
     fold_bn,
+    infer_quant_config,
     quant_acts,
     quantize_,
     quantize_model,
@@ -52,8 +53,11 @@ from hawq.quant.quantizers import (
     qmax_signed,
     quantize_to_int,
     quantize_weight,
+    round_to_codes,
+    weight_from_codes,
     weight_scale,
 )
+from hawq.quant.torch_int8 import to_fbgemm
 
 __all__ = [
     "QUANT_MODULES",
@@ -63,6 +67,7 @@ __all__ = [
     "IntConv2d",
     "IntLinear",
     "IntRequant",
+    "OnnxBuilder",
     "FoldedBatchNorm2d",
     "QuantAct",
     "QuantizeInput",
@@ -76,6 +81,7 @@ __all__ = [
     "QuantSoftmax",
     "StaticGrid",
     "calibrate",
+    "check_quant_config",
     "conv_bn_pairs",
     "dyadic",
     "expand_scale",
@@ -84,6 +90,7 @@ __all__ = [
     "fold_bn",
     "gptq_codes",
     "gptq_round_",
+    "infer_quant_config",
     "integer_layers",
     "qmax_signed",
     "quant_acts",
@@ -93,6 +100,7 @@ __all__ = [
     "quantize_transformer_ops",
     "quantize_weight",
     "rescale",
+    "round_to_codes",
     "set_act_calibration",
     "set_act_quant",
     "set_integer_backend",
@@ -100,5 +108,6 @@ __all__ = [
     "to_integer",
     "TraceableBertLayer",
     "additive_attention_mask",
+    "weight_from_codes",
     "weight_scale",
 ]

@@ -1,16 +1,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from hawq import HawqError
+from hawq.keys import added_setting
 
 ROUNDING_MODES = ("nearest", "gptq")
+TransformerMode = Literal["float", "ibert"]
+TRANSFORMER_MODES: tuple[str, ...] = get_args(TransformerMode)
 
 
 @dataclass
 class QuantConfig:
-    """How layers named in the bit map are quantized (fake-quant for training)."""
+    """Everything about how a model is quantized (torchao-style: ``quantize_model(model, bits, cfg)``).
+
+    The fake-quant model, :func:`hawq.quant.to_integer`, :func:`hawq.quant.to_fbgemm` and the
+    exporters read only this and the quantized modules' state.
+    """
 
     per_channel: bool = True  # symmetric per-output-channel weight scales
     group_size: int | None = None  # per-group weights for Linear/Embedding (Q-BERT); None = per-channel
@@ -29,6 +36,13 @@ class QuantConfig:
     gptq_clip_search: bool = False  # per-row clip ratio of the scale minimising the layer output error
     gptq_sequential: bool = True  # Hessians from the already-rounded prefix (GPTQ's standard)
     gptq_asymmetric: bool = False  # FP32 layer outputs as target, quantized inputs (acts too) in H (GPTAQ)
+    # Transformer ops (GELU, softmax, LayerNorm, matmuls of two activations): "float" keeps them float
+    # in the fake-quant model (to_integer then needs float_ops=True for them); "ibert" fake-quantizes
+    # them as the I-BERT integer kernels compute them and to_integer runs those kernels
+    # (docs/quant.md, "Integer-only transformers"). The model must be torch.fx-traceable.
+    # added after run folders were written: out of the cache keys at their defaults (hawq.keys)
+    transformer: TransformerMode = added_setting("float")
+    attention_bits: int = added_setting(8)  # "ibert": bits of the attention matmul operands and softmax output codes
 
 
 def check_rounding(cfg: QuantConfig) -> None:
@@ -42,3 +56,20 @@ def check_rounding(cfg: QuantConfig) -> None:
         raise HawqError(f"quant.gptq_damp must be a number in (0, 1), got {cfg.gptq_damp!r}")
     if isinstance(cfg.gptq_block_size, bool) or not isinstance(cfg.gptq_block_size, int) or cfg.gptq_block_size < 1:
         raise HawqError(f"quant.gptq_block_size must be an integer >= 1, got {cfg.gptq_block_size!r}")
+
+
+def check_quant_config(cfg: QuantConfig) -> None:
+    """Fail fast, with one line naming the key, on a ``QuantConfig`` value no quantizer accepts.
+
+    Run by the YAML loader and by every entry point that takes a ``QuantConfig`` built in Python.
+    """
+    check_rounding(cfg)
+    if cfg.transformer not in TRANSFORMER_MODES:
+        raise HawqError(f"quant.transformer must be one of {', '.join(TRANSFORMER_MODES)}, "
+                        f"got {cfg.transformer!r}")
+    bits = cfg.attention_bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise HawqError(f"quant.attention_bits must be an integer in 2..8, got {bits!r}")
+    group = cfg.group_size
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+        raise HawqError(f"quant.group_size must be a positive integer or null, got {group!r}")

@@ -2,34 +2,29 @@
 
 Both conversions trace a working copy of the calibrated fake-quant model, walk its graph once in
 order and build a new graph node by node. :class:`GraphRewriter` owns that walk: the per-node
-dispatch, the quantized-layer / float-layer checks, identity modules (dropout, folded BN, which
-alias their input), the ``call_method`` -> function mapping and the one-line errors. A subclass
-supplies the per-op handlers (``on_placeholder``, ``on_output``, ``on_quant_layer``, ``on_module``,
-``on_function``) and what it knows about each produced tensor (``info``: a scale, a grid, ...).
+dispatch through the op rules, the quantized-layer / float-layer checks, identity modules (dropout,
+folded BN, which alias their input) and the one-line errors. A subclass
+supplies ``on_placeholder``, ``on_output``, ``on_quant_layer``, its per-op handlers -- registered in the
+one rule table, :data:`hawq.quant.ops.RULES`, with ``@handles(op, target)`` -- and what it knows about
+each produced tensor (``info``: a scale, a grid, ...).
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from hawq import HawqError
 from hawq.quant.model import trace
-from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
+from hawq.quant.modules import QuantAct, QuantBnConv2d
+from hawq.quant.ops import ANY_TARGET, IDENTITY_MODULES, handles, match
 from hawq.quant.quantizers import FLOAT_BITS
 
-IDENTITY_MODULES = (nn.Identity, nn.Dropout, FoldedBatchNorm2d)  # the identity in eval mode
-RELU_FUNCS = {F.relu, torch.relu}
-ADD_FUNCS = {operator.add, torch.add, operator.iadd}
-METHOD_FUNCS: dict[str, Any] = {"flatten": torch.flatten, "relu": F.relu, "relu_": F.relu, "add": torch.add}
-QUANT_LAYERS = (QuantConv2d, QuantLinear)
-MAX_BITS = 8
+MAX_BITS = 8  # integer kernels: weights and activations of at most 8 bits
 
 
 # --- checks shared by the conversions (pure functions) -----------------------------------------
@@ -86,10 +81,10 @@ class GraphRewriter:
     """
 
     what = "convert"
+    target = ""  # the key of this converter's handlers in hawq.quant.ops.RULES
     supported = ""
     float_layer_hint = "every conv/linear must be quantized"
     graph_name = "ConvertedModel"
-    method_funcs: dict[str, Any] = METHOD_FUNCS
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
         self.model, self.gm = model, gm
@@ -133,12 +128,6 @@ class GraphRewriter:
         return (isinstance(self.module_of(node), IDENTITY_MODULES) and len(node.args) == 1
                 and isinstance(node.args[0], fx.Node))
 
-    def function_of(self, node: fx.Node) -> Any:
-        """The function a ``call_function`` runs, or the one a ``call_method`` stands for (else None)."""
-        if node.op == "call_method":
-            return self.method_funcs.get(node.target)
-        return node.target if node.op == "call_function" else None
-
     def unsupported(self, node: fx.Node, why: str = "", module: nn.Module | None = None) -> HawqError:
         if module is not None:
             what = f"module '{node.target}' ({type(module).__name__})"
@@ -158,28 +147,38 @@ class GraphRewriter:
                 self.on_output(node)
             elif node.op == "get_attr":
                 self.on_get_attr(node)
-            elif node.op == "call_module":
-                self._call_module(node)
-            elif node.op in ("call_function", "call_method"):
-                self.on_function(node, self.function_of(node))
+            elif node.op in ("call_module", "call_function", "call_method"):
+                self._dispatch(node)
             else:
                 raise self.unsupported(node)
         self.graph.lint()
         return fx.GraphModule(self.new_modules, self.graph, self.graph_name)
 
-    def _call_module(self, node: fx.Node) -> None:
-        name, mod = node.target, self.modules[node.target]
-        if isinstance(mod, QUANT_LAYERS):
-            if len(node.args) != 1 or node.kwargs:
-                raise self.unsupported(node, ": extra arguments", module=mod)
-            self.on_quant_layer(node, name, mod)
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
-            raise HawqError(f"{self.what}: layer '{name}' is float (not in the bit map, or at 32 bits); "
-                            f"{self.float_layer_hint}")
-        elif self.is_identity(node):
-            self.on_identity(node)
+    def _dispatch(self, node: fx.Node) -> None:
+        """The op's rule in :data:`hawq.quant.ops.RULES` converts the node (for this converter's target)."""
+        mod = self.module_of(node)
+        rule = match(node, self.modules)
+        handler = rule.handler(self.target) if rule is not None else None
+        if handler is None:
+            self.on_unmatched(node, mod)
         else:
-            self.on_module(node, name, mod)
+            handler(self, node, mod)
+
+    # --- rules every target shares ------------------------------------------------------------
+    @handles("quant_layer", ANY_TARGET)
+    def _rule_quant_layer(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or node.kwargs:
+            raise self.unsupported(node, ": extra arguments", module=mod)
+        self.on_quant_layer(node, node.target, mod)
+
+    @handles("float_layer", ANY_TARGET)
+    def _rule_float_layer(self, node: fx.Node, mod: nn.Module | None) -> None:
+        raise HawqError(f"{self.what}: layer '{node.target}' is float (not in the bit map, or at 32 bits); "
+                        f"{self.float_layer_hint}")
+
+    @handles("identity", ANY_TARGET)
+    def _rule_identity(self, node: fx.Node, mod: nn.Module | None) -> None:
+        self.on_identity(node)
 
     # --- handlers (subclasses) ----------------------------------------------------------------
     def before_node(self, node: fx.Node) -> bool:
@@ -202,8 +201,6 @@ class GraphRewriter:
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         raise NotImplementedError
 
-    def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
+    def on_unmatched(self, node: fx.Node, mod: nn.Module | None) -> None:
+        """A node whose op has no rule for this target."""
         raise self.unsupported(node, module=mod)
-
-    def on_function(self, node: fx.Node, fn: Any) -> None:
-        raise self.unsupported(node)

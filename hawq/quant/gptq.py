@@ -34,8 +34,8 @@ Choices (each a documented GPTQ option or a deviation with its reason):
   quantization contract below exact.
 
 The contract (why no code buffer is needed): hawq computes integer codes in one place,
-``quantize_to_int(source weight)`` with the scale derived from the weight (``max|w| / qmax``) --
-the fake-quant forward, ``int_weight()``, ``to_integer``, ``to_fbgemm``, both ONNX exports and
+``quantize_to_int(source weight)`` (rounding by ``round_to_codes``) with the scale derived from the weight
+(``max|w| / qmax``) -- the fake-quant forward, ``int_weight()``, ``to_integer``, ``to_fbgemm``, both ONNX exports and
 ``save_quantized`` all go through it. :func:`gptq_round_` therefore writes the rounded result back
 as a float weight: ``weight_from_codes(codes, scale)`` (the helper ``load_quantized`` uses), which
 is ``codes * scale`` with the peak codes holding the value that re-derives ``scale`` bit-exactly.
@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from hawq import HawqError
 from hawq.quant.config import QuantConfig
 from hawq.quant.modules import QuantBnConv2d, QuantConv2d, QuantLinear
-from hawq.quant.quantizers import FLOAT_BITS, expand_scale, qmax_signed, weight_scale
+from hawq.quant.quantizers import FLOAT_BITS, expand_scale, qmax_signed, weight_from_codes, weight_scale
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5: clip search grid
 _DAMP_RETRIES = 6
@@ -333,8 +333,6 @@ def _unit_ids(w: Tensor, per_channel: bool, group: int | None) -> Tensor:
 @torch.no_grad()
 def _write_back(layer: nn.Module, codes: Tensor, scale: Tensor, name: str) -> None:
     """Store the GPTQ result as the layer's float weight; check it re-quantizes to exactly ``codes``."""
-    from hawq.export.quantized_file import weight_from_codes  # the helper load_quantized rebuilds with
-
     target = weight_from_codes(codes.to(torch.int32), scale, layer.weight_bits, layer.group_size)
     if isinstance(layer, QuantBnConv2d):
         g = layer._bn_factor(layer.bn.running_var).detach().reshape(-1, 1, 1, 1)

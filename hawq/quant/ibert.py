@@ -29,27 +29,20 @@ from torch import Tensor, nn
 from hawq import HawqError
 from hawq.quant.config import QuantConfig
 from hawq.quant.modules import ACT_MODES, QUANTIZING_MODES, QuantAct, _share_params
+from hawq.quant.quantizers import check_overflow
 
 ERF_A, ERF_B = -0.2888, -1.769  # I-BERT's erf polynomial (fit on [0, -b])
 EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344  # I-BERT's exp polynomial on (-ln2, 0]
 GELU_ERF_BITS = 14  # the erf term (and "1") are kept at this many bits: |q| * 2^15 < 2^31
 EXP_FRACTION_BITS = 10  # softmax input grid S = ln2 / 2^10: exact range reduction by shift and mask
 EXP_MAX_SHIFT = 30  # exp(x) for x < -30 ln2 is below 2^-30 of the row maximum: it is 0
-INT32_MAX = 2**31 - 1
 INT64_SAFE = 2**62
 INNER_BITS = 16  # grids of the inputs of GELU and LayerNorm, and of a float input feeding integer ops
 INNER_MARGIN = 2.0  # those 16-bit grids cover twice the calibrated range (one bit of headroom)
 EXP_CLAMP = 2**40  # the softmax input on the ln2 / 2^K grid: int_exp saturates far below this
 MASK_MAX = -1e4  # an additive attention mask entry at or below this masks (HF: -10000 or finfo.min)
-TRANSFORMER_MODES = (None, "ibert")  # quantize_model / to_integer ``transformer=``
 # tensor methods that only move entries (integer tensors pass through them; grids go before them)
 SHAPE_METHODS = ("transpose", "permute", "view", "reshape", "contiguous", "unflatten", "flatten")
-
-
-def _check(v: Tensor, limit: int, where: str) -> Tensor:
-    if v.numel() and int(v.abs().max()) > limit:
-        raise HawqError(f"integer transformer kernel: overflow in {where}")
-    return v
 
 
 # --- pure integer kernels ------------------------------------------------------------------------
@@ -180,7 +173,7 @@ def int_layernorm(q: Tensor, n: int, eps_int: int, fraction_bits: int, sign: Ten
     q = q.to(torch.int64)
     y = q - round_div(q.sum(-1, keepdim=True), torch.tensor(n))
     var = torch.div((y * y).sum(-1, keepdim=True), n, rounding_mode="floor") + eps_int
-    std = isqrt(_check(var, INT64_SAFE, "LayerNorm variance")).clamp_min(1)
+    std = isqrt(check_overflow(var, "LayerNorm variance", INT64_SAFE)).clamp_min(1)
     z = torch.div(torch.bitwise_left_shift(y, fraction_bits), std, rounding_mode="floor")
     return sign * z + bias_int
 
@@ -194,7 +187,7 @@ class IntGELU(nn.Module):
         self.consts = consts
 
     def forward(self, q: Tensor) -> Tensor:
-        return _check(int_gelu(q, self.consts), INT32_MAX, "GELU")
+        return check_overflow(int_gelu(q, self.consts), "GELU")
 
 
 class IntSoftmax(nn.Module):
@@ -235,7 +228,7 @@ class IntLayerNorm(nn.Module):
 
     def forward(self, q: Tensor) -> Tensor:
         out = int_layernorm(q, self.n, self.eps_int, self.f, self.sign, self.bias_int)
-        return _check(out, INT32_MAX, "LayerNorm")
+        return check_overflow(out, "LayerNorm")
 
 
 class IntMatmul(nn.Module):
@@ -246,7 +239,7 @@ class IntMatmul(nn.Module):
         self.name = name
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return _check(torch.matmul(a.to(torch.int64), b.to(torch.int64)), INT32_MAX, f"matmul '{self.name}'")
+        return check_overflow(torch.matmul(a.to(torch.int64), b.to(torch.int64)), f"matmul '{self.name}'")
 
 
 class IntMean(nn.Module):
@@ -298,7 +291,7 @@ class StaticGrid(QuantAct):
     I-BERT quantizes where a fake-quant model has no layer input: matmul operands of two activations
     (``attention_bits``, margin 1), the inputs of GELU and LayerNorm and a float model input used by
     a residual add (16 bits, margin 2: one bit of headroom over the calibration set).
-    ``to_integer(..., transformer="ibert")`` requantizes to exactly this grid.
+    ``to_integer`` (``QuantConfig.transformer == "ibert"``) requantizes to exactly this grid.
     """
 
     def __init__(self, bits: int, margin: float = 1.0, cfg: QuantConfig | None = None) -> None:

@@ -10,14 +10,16 @@ multiplier ``m / 2^c`` (integer multiply, add half, arithmetic shift). The only 
 operations are quantizing the model input (``round(x / s)``) and the final dequantization
 ``v * s`` of the outputs.
 
-Operators: QuantConv2d / QuantBnConv2d / QuantLinear (int8 codes x int8 codes -> int32, bias in
-int32 at ``s_in * s_w``); BatchNorm2d on an integer tensor (eval statistics; folded into the
-per-channel scale, a sign flip and an int32 bias); ReLU; residual add (both operands rescaled
-to a common scale with dyadic multipliers); max pool; global / non-overlapping average pool
-(integer sum then rounded integer division); flatten; dropout and identity.
+Operators (the ``"integer"`` handlers of :data:`hawq.quant.ops.RULES`; each integer module lowers
+itself to ONNX with ``to_onnx``): QuantConv2d / QuantBnConv2d / QuantLinear (the layer's own
+``int_weight()`` codes x int8 input codes -> int32, bias in int32 at ``s_in * s_w``); BatchNorm2d
+on an integer tensor (eval statistics; folded into the per-channel scale, a sign flip and an int32
+bias); ReLU; residual add (both operands rescaled to a common scale with dyadic multipliers); max
+pool; global / non-overlapping average pool (integer sum then rounded integer division); flatten;
+dropout and identity.
 
-With ``transformer="ibert"``, transformer operators run in integer too (I-BERT kernels of
-:mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
+With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT
+kernels of :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
 requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops.
 Their input grids are static, calibrated on ``example_input`` (see :func:`to_integer`).
 
@@ -25,13 +27,13 @@ With ``float_ops=True``, operators without an integer rule (GELU, softmax, Layer
 matmuls, embedding lookups) run as float64 islands on dequantized values (transformer blocks).
 
 Two engines compute the int32 accumulations: ``"reference"`` (float64 conv/matmul on integer
-values, exact below 2^53, checked against int32 overflow) and ``"fast"`` (``torch._int_mm``, a
+values, exact below 2^53, checked against int32 overflow) and ``"int_mm"`` (``torch._int_mm``, a
 real int8 x int8 -> int32 GEMM, with im2col for convs). Both feed the same integer rescaling,
 so their outputs are bit-identical. On a CPU without VNNI, oneDNN's int8 GEMM behind
 ``torch._int_mm`` shifts the input by +128 and adds u8 x s8 pairs in a saturating int16 (wrong
-sums for 8-bit weights); there (found by :func:`int_mm_saturates`) the fast engine multiplies the
-duplicated input by the weight codes split into 7-bit halves (:func:`hawq.quant.fast.pair_safe_codes`),
-which gives the exact sums.
+sums for 8-bit weights); there (found by :func:`int_mm_saturates`) the int_mm engine multiplies the
+duplicated input by the weight codes split into 7-bit halves (:func:`pair_safe_codes`), which
+gives the exact sums.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import copy
 import functools
 import inspect
 import operator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
@@ -48,11 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
-from hawq.quant.fast import pair_safe_codes
+from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.fx_rewrite import (
-    ADD_FUNCS,
-    QUANT_LAYERS,
-    RELU_FUNCS,
     GraphRewriter,
     check_input_quant,
     check_weights,
@@ -64,8 +63,6 @@ from hawq.quant.ibert import (
     EXP_CLAMP,
     INNER_BITS,
     INNER_MARGIN,
-    SHAPE_METHODS,
-    TRANSFORMER_MODES,
     ExpConstants,
     GeluConstants,
     IntGELU,
@@ -81,12 +78,13 @@ from hawq.quant.ibert import (
     QuantSoftmax,
     StaticGrid,
 )
+from hawq.quant.model import infer_quant_config
 from hawq.quant.modules import QuantAct, QuantConv2d
-from hawq.quant.quantizers import quantize_to_int
+from hawq.quant.ops import QUANT_LAYERS, handles
+from hawq.quant.quantizers import INT32_MAX, check_overflow
 
-INT32_MAX = 2**31 - 1
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
-BACKENDS = ("reference", "fast")
+BACKENDS = ("reference", "int_mm")
 
 
 # --- dyadic arithmetic (pure functions) ----------------------------------------------------------
@@ -118,10 +116,16 @@ def rescale(v: Tensor, m: Tensor, c: Tensor) -> Tensor:
     return torch.bitwise_right_shift(v.to(torch.int64) * m + half, c)
 
 
-def check_int32(v: Tensor, where: str) -> Tensor:
-    if v.numel() and int(v.abs().max()) > INT32_MAX:
-        raise HawqError(f"integer inference: int32 overflow in {where}")
-    return v
+def pair_safe_codes(codes: Tensor) -> Tensor:
+    """Split ``(out, in, ...)`` weight codes into ``cat([w_hi, w_lo], dim=1)`` with ``w_hi + w_lo = w``.
+
+    ``w_hi = trunc(w / 2)``, so both halves lie in [-64, 64] for 8-bit codes and a u8 pair sum is at
+    most ``255 * 128 = 32640`` (no int16 saturation). Fed with the input twice (``[x, x]`` per group),
+    the layer accumulates exactly ``sum(x * w_hi) + sum(x * w_lo) = sum(x * w)``.
+    """
+    wide = codes.to(torch.int16)
+    hi = torch.div(wide, 2, rounding_mode="trunc")
+    return torch.cat([hi, wide - hi], dim=1).to(codes.dtype)
 
 
 @functools.cache
@@ -157,6 +161,23 @@ def int_mm_exact(x8: Tensor, weight_mat_t: Tensor, owner: nn.Module) -> Tensor:
     return torch._int_mm(torch.cat([x8, x8], dim=1), split)
 
 
+# --- ONNX lowering contract ----------------------------------------------------------------------
+class OnnxBuilder(Protocol):
+    """What an integer module's ``to_onnx(g, args, name)`` writes with (``hawq.export`` implements it).
+
+    Tensors are value names; integer tensors travel as INT64. ``const`` stores ``value`` as an
+    initializer of the torch ``dtype``; ``cast`` converts to a torch dtype; ``rescale`` is
+    :func:`rescale` (``floor((v * m + 2^(c-1)) / 2^c)``) and ``floor_div`` is ``floor(a / d)``, d > 0.
+    Each integer module lowers itself, so adding an integer op never touches the exporter.
+    """
+
+    def op(self, op_type: str, inputs: list[str], base: str, **attrs: Any) -> str: ...
+    def const(self, base: str, value: Tensor | int | float | list, dtype: torch.dtype) -> str: ...
+    def cast(self, v: str, dtype: torch.dtype, base: str) -> str: ...
+    def rescale(self, v: str, mult: Tensor, shift: Tensor, base: str) -> str: ...
+    def floor_div(self, a: str, d: str, base: str) -> str: ...
+
+
 # --- integer operators (thin modules) ------------------------------------------------------------
 class _InputRequant(nn.Module):
     """Entry of a quantized layer: int tensor (or the float model input) -> codes on its grid."""
@@ -179,6 +200,36 @@ class _InputRequant(nn.Module):
             return q.clamp(self.qmin, self.qmax).to(torch.int64)
         return rescale(x, self.in_mult, self.in_shift).clamp(self.qmin, self.qmax)
 
+    def onnx_input_codes(self, g: OnnxBuilder, v: str, name: str) -> str:
+        """:meth:`input_codes` in ONNX, as INT8 codes (UINT8 for an unsigned 8-bit grid)."""
+        if self.from_float:  # round(x / s) in float64, as the PyTorch integer model does
+            x = g.cast(v, torch.float64, f"{name}_in_f64")
+            q = g.op("Round", [g.op("Div", [x, g.const(f"{name}_act_scale", self.act_scale, torch.float64)],
+                                    f"{name}_in_scaled")], f"{name}_in_round")
+            q = g.op("Clip", [q, g.const(f"{name}_qmin_f", self.qmin, torch.float64),
+                              g.const(f"{name}_qmax_f", self.qmax, torch.float64)], f"{name}_in_clip")
+        else:
+            q = g.rescale(v, self.in_mult, self.in_shift, f"{name}_requant")
+            q = g.op("Clip", [q, g.const(f"{name}_qmin", self.qmin, torch.int64),
+                              g.const(f"{name}_qmax", self.qmax, torch.int64)], f"{name}_in_clip")
+        return g.cast(q, torch.uint8 if self.qmax > 127 else torch.int8, f"{name}_codes")
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        """``ConvInteger`` / ``MatMulInteger`` on the input codes, widened to INT64, plus the int32 bias."""
+        x = self.onnx_input_codes(g, args[0], name)
+        codes = self.weight_codes
+        if codes.dtype != torch.int8:
+            raise HawqError(f"export_onnx_integer: layer '{name}' has weight codes wider than 8 bits")
+        acc, bias_shape = self.onnx_accumulate(g, x, name)
+        out = g.cast(acc, torch.int64, f"{name}_acc64")
+        if self.bias_int is not None:
+            out = g.op("Add", [out, g.const(f"{name}_bias_int", self.bias_int.reshape(bias_shape), torch.int64)],
+                       f"{name}_out")
+        return out
+
+    def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
+        raise NotImplementedError
+
 
 class IntConv2d(_InputRequant):
     """Integer conv: requantize input -> int8 codes (*) int8 weight codes -> int32 + int32 bias."""
@@ -195,20 +246,20 @@ class IntConv2d(_InputRequant):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("bias_int", bias)
         self.backend = "reference"
-        self.fast_ok = codes.dtype == torch.int8 and act.bits <= 8 and conv.groups == 1
+        self.int_mm_ok = codes.dtype == torch.int8 and act.bits <= 8 and conv.groups == 1
         self.unsigned_shift = 128 if self.qmax > 127 else 0  # uint8 codes ride as int8 (q - 128)
         wmat = codes.reshape(codes.shape[0], -1)
-        self.register_buffer("weight_mat_t", wmat.t().contiguous() if self.fast_ok else None)
+        self.register_buffer("weight_mat_t", wmat.t().contiguous() if self.int_mm_ok else None)
         self.register_buffer("weight_rowsum", wmat.to(torch.int64).sum(1).to(torch.int32))
 
     def accumulate(self, q: Tensor) -> Tensor:
-        if self.backend == "fast" and self.fast_ok:
-            return self._accumulate_fast(q)
+        if self.backend == "int_mm" and self.int_mm_ok:
+            return self._accumulate_int_mm(q)
         acc = F.conv2d(q.to(torch.float64), self.weight_codes.to(torch.float64), None, self.stride,
                        self.padding, self.dilation, self.groups)
-        return check_int32(acc.to(torch.int64), f"conv '{self.layer_name}'")
+        return check_overflow(acc.to(torch.int64), f"conv '{self.layer_name}'")
 
-    def _accumulate_fast(self, q: Tensor) -> Tensor:
+    def _accumulate_int_mm(self, q: Tensor) -> Tensor:
         kh, kw = self.weight_codes.shape[2:]
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
         x8 = (q - self.unsigned_shift).to(torch.int8)
@@ -229,6 +280,14 @@ class IntConv2d(_InputRequant):
             acc = acc + self.bias_int.to(torch.int64).reshape(1, -1, 1, 1)
         return acc
 
+    def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
+        codes = self.weight_codes
+        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
+        acc = g.op("ConvInteger", [x, g.const(f"{name}_weight_codes", codes, torch.int8)], f"{name}_acc",
+                   pads=[ph, pw, ph, pw], strides=[sh, sw], dilations=[dh, dw], group=self.groups,
+                   kernel_shape=list(codes.shape[2:]))
+        return acc, (1, -1, 1, 1)
+
 
 class IntLinear(_InputRequant):
     """Integer linear layer (same contract as :class:`IntConv2d`), over the last dim."""
@@ -241,13 +300,13 @@ class IntLinear(_InputRequant):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("bias_int", bias)
         self.backend = "reference"
-        self.fast_ok = codes.dtype == torch.int8 and act.bits <= 8
+        self.int_mm_ok = codes.dtype == torch.int8 and act.bits <= 8
         self.unsigned_shift = 128 if self.qmax > 127 else 0
-        self.register_buffer("weight_mat_t", codes.t().contiguous() if self.fast_ok else None)
+        self.register_buffer("weight_mat_t", codes.t().contiguous() if self.int_mm_ok else None)
         self.register_buffer("weight_rowsum", codes.to(torch.int64).sum(1).to(torch.int32))
 
     def accumulate(self, q: Tensor) -> Tensor:
-        if self.backend == "fast" and self.fast_ok:
+        if self.backend == "int_mm" and self.int_mm_ok:
             lead = q.shape[:-1]
             x8 = (q - self.unsigned_shift).to(torch.int8).reshape(-1, q.shape[-1])
             acc = int_mm_exact(x8, self.weight_mat_t, self)
@@ -255,13 +314,17 @@ class IntLinear(_InputRequant):
                 acc = acc + self.unsigned_shift * self.weight_rowsum
             return acc.reshape(*lead, -1).to(torch.int64)
         acc = q.to(torch.float64) @ self.weight_codes.to(torch.float64).t()
-        return check_int32(acc.to(torch.int64), f"linear '{self.layer_name}'")
+        return check_overflow(acc.to(torch.int64), f"linear '{self.layer_name}'")
 
     def forward(self, x: Tensor) -> Tensor:
         acc = self.accumulate(self.input_codes(x))
         if self.bias_int is not None:
             acc = acc + self.bias_int.to(torch.int64)
         return acc
+
+    def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
+        w = g.const(f"{name}_weight_codes_t", self.weight_codes.t(), torch.int8)
+        return g.op("MatMulInteger", [x, w], f"{name}_acc"), (-1,)
 
 
 class IntChannelAffine(nn.Module):
@@ -280,6 +343,10 @@ class IntChannelAffine(nn.Module):
     def forward(self, v: Tensor) -> Tensor:
         return v * self.mult + self.bias_int
 
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        scaled = g.op("Mul", [args[0], g.const(f"{name}_mult", self.mult, torch.int64)], f"{name}_scaled")
+        return g.op("Add", [scaled, g.const(f"{name}_bias_int", self.bias_int, torch.int64)], f"{name}_out")
+
 
 class IntAdd(nn.Module):
     """Residual add: both operands rescaled (dyadic) to the common, coarser scale, then added."""
@@ -294,12 +361,20 @@ class IntAdd(nn.Module):
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         out = rescale(a, self.mult_a, self.shift_a) + rescale(b, self.mult_b, self.shift_b)
-        return check_int32(out, f"add '{self.name}'")
+        return check_overflow(out, f"add '{self.name}'")
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        lhs = g.rescale(args[0], self.mult_a, self.shift_a, f"{name}_a")
+        rhs = g.rescale(args[1], self.mult_b, self.shift_b, f"{name}_b")
+        return g.op("Add", [lhs, rhs], f"{name}_out")
 
 
 class IntReLU(nn.Module):
     def forward(self, v: Tensor) -> Tensor:
         return v.clamp_min(0)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        return g.op("Max", [args[0], g.const(f"{name}_zero", 0, torch.int64)], f"{name}_out")
 
 
 class IntMaxPool2d(nn.Module):
@@ -309,6 +384,19 @@ class IntMaxPool2d(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         return self.pool(v)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        pool = self.pool
+        if pool.return_indices:
+            raise HawqError(f"export_onnx_integer: max pool '{name}' returns indices")
+        pair = nn.modules.utils._pair
+        k, s = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
+        p, d = pair(pool.padding), pair(pool.dilation)
+        # DOUBLE holds every int32 value exactly; onnxruntime has no INT64 MaxPool.
+        x = g.cast(args[0], torch.float64, f"{name}_f64")
+        y = g.op("MaxPool", [x], f"{name}_pool", kernel_shape=list(k), strides=list(s),
+                 pads=[p[0], p[1], p[0], p[1]], dilations=list(d), ceil_mode=int(pool.ceil_mode))
+        return g.cast(y, torch.int64, f"{name}_out")
 
 
 class IntSumPool2d(nn.Module):
@@ -327,6 +415,18 @@ class IntSumPool2d(nn.Module):
             s = F.avg_pool2d(v.to(torch.float64), self.kernel, self.stride, divisor_override=1).to(torch.int64)
         return torch.div(s + n // 2, n, rounding_mode="floor")
 
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        if self.kernel is not None:
+            raise HawqError(f"export_onnx_integer: windowed average pool '{name}' is not supported "
+                            "(global average pooling is)")
+        total = g.op("ReduceSum", [args[0], g.const(f"{name}_axes", [2, 3], torch.int64)], f"{name}_sum",
+                     keepdims=1)
+        hw = g.op("Slice", [g.op("Shape", [args[0]], f"{name}_shape"), g.const(f"{name}_start", [2], torch.int64),
+                            g.const(f"{name}_end", [4], torch.int64)], f"{name}_hw")
+        n = g.op("ReduceProd", [hw], f"{name}_n", keepdims=0)
+        half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")
+        return g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, name)
+
 
 class IntFlatten(nn.Module):
     def __init__(self, start_dim: int, end_dim: int) -> None:
@@ -335,6 +435,9 @@ class IntFlatten(nn.Module):
 
     def forward(self, v: Tensor) -> Tensor:
         return torch.flatten(v, self.start_dim, self.end_dim)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        return g.op("Flatten", [args[0]], f"{name}_out", axis=self.start_dim)
 
 
 class IntRequant(nn.Module):
@@ -376,6 +479,11 @@ class Dequantize(nn.Module):
     def forward(self, v: Tensor) -> Tensor:
         return (v.to(torch.float64) * self.scale).to(self.out_dtype)
 
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x = g.cast(args[0], torch.float64, f"{name}_f64")
+        y = g.op("Mul", [x, g.const(f"{name}_scale", self.scale, torch.float64)], f"{name}_real")
+        return g.cast(y, self.out_dtype, f"{name}_out")
+
 
 # --- conversion -----------------------------------------------------------------------------------
 _WHAT = "to_integer"
@@ -395,11 +503,17 @@ class _Meta:
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Weight codes, compact weight scale and float bias of a quantized conv/linear (BN folded)."""
+    """Weight codes, compact weight scale (float64) and float64 bias of a quantized conv/linear (BN folded).
+
+    ``layer`` is the model's own module, not the float64 working copy: its ``int_weight()`` rounds
+    in the weight's dtype exactly as the fake-quant forward does, so the integer model, the packed
+    ``model.safetensors`` codes and every exporter share one set of codes.
+    """
     check_weights(layer, name, _WHAT, _GROUP_HINT)
-    w, b = source_weight_bias(layer)
-    codes, scale = quantize_to_int(w.detach().to(torch.float64), layer.weight_bits, layer.per_channel, None)
-    return codes, scale, None if b is None else b.detach().to(torch.float64)
+    codes, scale = layer.int_weight()
+    _, b = source_weight_bias(layer)
+    return (codes.cpu(), scale.detach().cpu().to(torch.float64),
+            None if b is None else b.detach().cpu().to(torch.float64))
 
 
 def _bias_codes(bias: Tensor | None, acc_scale: Tensor, name: str) -> Tensor | None:
@@ -432,13 +546,17 @@ class _Converter(GraphRewriter):
     """
 
     what = _WHAT
+    target = "integer"
     supported = "quantized Conv2d/Linear, BatchNorm2d, ReLU, add, max/avg pool, flatten, dropout"
     float_layer_hint = "integer inference needs every conv/linear quantized"
     graph_name = "IntegerModel"
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule, out_dtype: torch.dtype, float_ops: bool,
-                 ranges: dict[str, float] | None = None, attention_bits: int = 8) -> None:
+                 ranges: dict[str, float] | None = None, attention_bits: int = 8,
+                 source: nn.Module | None = None) -> None:
         super().__init__(model, gm)
+        # The caller's model (its own dtype and device): the weight codes come from its layers.
+        self.source_modules = dict((source or model).named_modules())
         self.out_dtype = out_dtype
         self.float_ops = float_ops
         self.ibert = ranges is not None  # transformer="ibert": integer kernels for transformer ops
@@ -446,7 +564,7 @@ class _Converter(GraphRewriter):
         self.attention_bits = attention_bits
         self._grids: dict[tuple[fx.Node, int], tuple[fx.Node, _Meta]] = {}
         if self.ibert:
-            self.supported += ("; with transformer='ibert' also GELU, softmax(dim=-1), LayerNorm, "
+            self.supported += ("; with quant.transformer='ibert' also GELU, softmax(dim=-1), LayerNorm, "
                                "activation matmul, / or * by a constant, mean, transpose/permute/view/reshape")
         self.float_nodes: list[str] = []
         self._dequantized: dict[tuple[fx.Node, torch.dtype | None], fx.Node] = {}
@@ -528,52 +646,6 @@ class _Converter(GraphRewriter):
     def _shape(self, node: fx.Node) -> torch.Size | None:
         tm = getattr(node, "meta", {}).get("tensor_meta")
         return None if tm is None else tm.shape
-
-    def _ibert_function(self, node: fx.Node, fn: Any) -> bool:
-        """The integer rule for a transformer op (call_function / call_method), or False if none applies."""
-        method = node.target if node.op == "call_method" else None
-        first = node.args[0] if node.args else None
-        if not isinstance(first, fx.Node) or first not in self.info:
-            return False
-        if fn is F.gelu and node.kwargs.get("approximate", "none") == "none" and len(node.args) == 1:
-            self._gelu(node, node.name, first)
-        elif fn in (torch.softmax, F.softmax) or method == "softmax":
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            if node.kwargs.get("dtype") is not None or len(node.args) > 2:
-                return False
-            self._softmax(node, node.name, first, dim)
-        elif fn in (operator.matmul, torch.matmul, torch.bmm) or method in ("matmul", "bmm"):
-            if len(node.args) != 2 or node.kwargs:
-                return False
-            self._matmul(node, node.args[0], node.args[1])
-        elif fn in (operator.truediv, operator.mul, torch.div, torch.mul) or method in ("div", "mul"):
-            divide = fn in (operator.truediv, torch.div) or method == "div"
-            return self._scale_const(node, divide)
-        elif fn is torch.mean or method == "mean":
-            return self._mean(node)
-        elif method in SHAPE_METHODS or fn in (torch.transpose, torch.permute, torch.reshape):
-            return self._shape_op(node)
-        else:
-            return False
-        return True
-
-    def _ibert_module(self, node: fx.Node, name: str, mod: nn.Module) -> bool:
-        arg = node.args[0]
-        if isinstance(mod, QuantAct):  # a StaticGrid of the I-BERT-aware fake-quant model
-            self.bind(node, *self._act_grid(arg, mod, name))
-        elif isinstance(mod, QuantGELU):
-            self._gelu(node, name, arg, mod.input_quant)
-        elif isinstance(mod, QuantSoftmax):
-            self._softmax(node, name, arg, -1, mod.out_bits)
-        elif isinstance(mod, nn.GELU) and mod.approximate == "none":
-            self._gelu(node, name, arg)
-        elif isinstance(mod, nn.Softmax):
-            self._softmax(node, name, arg, mod.dim)
-        elif isinstance(mod, nn.LayerNorm):
-            self._layernorm(node, name, mod, arg)
-        else:
-            return False
-        return True
 
     def _gelu(self, node: fx.Node, name: str, arg: fx.Node, act: QuantAct | None = None) -> None:
         if act is not None:
@@ -721,42 +793,10 @@ class _Converter(GraphRewriter):
 
         self.graph.output(fx.node.map_arg(node.args[0], out))
 
-    def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
-        if self.ibert and isinstance(mod, QuantSoftmax) and len(node.args) == 2 and not node.kwargs:
-            scores, mask = node.args
-            if self.info[mask].scale is not None or self.info[scores].scale is None:
-                raise self.unsupported(node, ": the attention mask must be a float model input added to "
-                                       "integer scores", module=mod)
-            self._softmax(node, name, scores, -1, mod.out_bits, mask)
-            return
-        if self.ibert and len(node.args) == 1 and self._all_int(node, lift=True) \
-                and self._ibert_module(node, name, mod):
-            return
-        if not self._all_int(node) or len(node.args) != 1:
-            self._float_op(node, mod)
-            return
-        v, meta = self.env[node.args[0]], self.info[node.args[0]]
-        if isinstance(mod, nn.BatchNorm2d):
-            self._batchnorm(node, name, mod, v, meta)
-        elif isinstance(mod, nn.ReLU):
-            self._emit(node, name, IntReLU(), (v,), meta)
-        elif isinstance(mod, nn.MaxPool2d):
-            self._emit(node, name, IntMaxPool2d(mod), (v,), meta)
-        elif isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
-            self._emit(node, name, IntSumPool2d(None, None), (v,), _Meta(meta.scale, True, meta.bound))
-        elif isinstance(mod, nn.AvgPool2d) and mod.padding in (0, (0, 0)) and not mod.ceil_mode:
-            k = nn.modules.utils._pair(mod.kernel_size)
-            s = nn.modules.utils._pair(mod.stride or mod.kernel_size)
-            self._emit(node, name, IntSumPool2d(k, s), (v,), meta)
-        elif isinstance(mod, nn.Flatten):
-            self._flatten(node, name, v, meta, mod.start_dim, mod.end_dim)
-        else:
-            self._float_op(node, mod)
-
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         v, meta = self.value(node, node.args[0])
         act = check_input_quant(mod, name, _WHAT)
-        codes, w_scale, bias = _layer_codes(mod, name)
+        codes, w_scale, bias = _layer_codes(self.source_modules.get(name, mod), name)
         acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
         bias_int = _bias_codes(bias, acc_scale, name)
         bound = codes.to(torch.float64).abs().reshape(codes.shape[0], -1).sum(1) * max(-act.qmin, act.qmax)
@@ -813,34 +853,160 @@ class _Converter(GraphRewriter):
 
         self._emit(node, name, IntFlatten(start, end), (v,), _Meta(flat(meta.scale), bound=flat(meta.bound)))
 
-    def on_function(self, node: fx.Node, fn: Any) -> None:
-        if self.ibert and self._all_int(node, lift=True) and self._ibert_function(node, fn):
-            return
-        int_ok = fn is not None and self._all_int(node)
-        if fn in ADD_FUNCS and self.ibert:
-            int_ok = self._all_int(node, lift=True)  # a residual of the (float) model input
-        if int_ok and fn in RELU_FUNCS and len(node.args) == 1:
-            self._emit(node, node.name, IntReLU(), (self.env[node.args[0]],), self.info[node.args[0]])
-        elif int_ok and fn in ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
-            (va, ma), (vb, mb) = self._operand(node.args[0]), self._operand(node.args[1])
-            # Common scale: the finer operand's, refined by up to FRACTION_BITS while the static
-            # bound of the sum stays below 2^30 (so the adds' rounding is negligible and int32 safe).
-            real_bound = ma.bound * ma.scale + mb.bound * mb.scale
-            out = torch.maximum(torch.minimum(ma.scale, mb.scale) / 2.0**FRACTION_BITS, real_bound / 2.0**30)
-            # (+ 0 * out broadcasts each operand's scale to the common scale's shape)
-            module = IntAdd((ma.scale + 0 * out), (mb.scale + 0 * out), out, node.name)
-            bound = real_bound / out + 2
-            args = (va, vb)
-            self._emit(node, node.name, module, args, _Meta(out, ma.spatial_one and mb.spatial_one, bound))
-        elif int_ok and fn is torch.flatten and not node.kwargs:
-            start = node.args[1] if len(node.args) > 1 else 0
-            end = node.args[2] if len(node.args) > 2 else -1
-            self._flatten(node, node.name, self.env[node.args[0]], self.info[node.args[0]], start, end)
-        elif int_ok and fn is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
-            meta = self.info[node.args[0]]
-            self._emit(node, node.name, IntSumPool2d(None, None), (self.env[node.args[0]],),
-                       _Meta(meta.scale, True, meta.bound))
+    # --- op rules (hawq.quant.ops.RULES): what each op becomes in integer arithmetic --------------
+    def on_unmatched(self, node: fx.Node, mod: nn.Module | None) -> None:
+        self._float_op(node, mod)  # no integer rule: a float island, or an error without float_ops
+
+    def _ibert_ok(self, node: fx.Node) -> bool:
+        """I-BERT mode and every tensor input integer (or a float model input it quantizes)."""
+        first = node.args[0] if node.args else None
+        return (self.ibert and isinstance(first, fx.Node) and first in self.info
+                and self._all_int(node, lift=True))
+
+    def _unary_int(self, node: fx.Node) -> tuple[fx.Node, _Meta] | None:
+        """``(value, meta)`` of the one integer input of ``node``, or None (then it runs in float)."""
+        if len(node.args) != 1 or not self._all_int(node):
+            return None
+        return self.env[node.args[0]], self.info[node.args[0]]
+
+    @handles("batchnorm", "integer")
+    def _rule_batchnorm(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node)
+        if unary is None:
+            return self._float_op(node, mod)
+        self._batchnorm(node, node.target, mod, *unary)
+
+    @handles("relu", "integer")
+    def _rule_relu(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node)
+        if unary is None:
+            return self._float_op(node, mod)
+        self._emit(node, node.target if mod is not None else node.name, IntReLU(), (unary[0],), unary[1])
+
+    @handles("add", "integer")
+    def _rule_add(self, node: fx.Node, mod: nn.Module | None) -> None:
+        int_ok = self._all_int(node, lift=self.ibert)  # ibert: a residual of the (float) model input
+        if not int_ok or len(node.args) != 2 or node.kwargs:
+            return self._float_op(node, mod)
+        (va, ma), (vb, mb) = self._operand(node.args[0]), self._operand(node.args[1])
+        # Common scale: the finer operand's, refined by up to FRACTION_BITS while the static
+        # bound of the sum stays below 2^30 (so the adds' rounding is negligible and int32 safe).
+        real_bound = ma.bound * ma.scale + mb.bound * mb.scale
+        out = torch.maximum(torch.minimum(ma.scale, mb.scale) / 2.0**FRACTION_BITS, real_bound / 2.0**30)
+        # (+ 0 * out broadcasts each operand's scale to the common scale's shape)
+        module = IntAdd((ma.scale + 0 * out), (mb.scale + 0 * out), out, node.name)
+        bound = real_bound / out + 2
+        self._emit(node, node.name, module, (va, vb), _Meta(out, ma.spatial_one and mb.spatial_one, bound))
+
+    @handles("flatten", "integer")
+    def _rule_flatten(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            unary = self._unary_int(node)
+            if unary is None:
+                return self._float_op(node, mod)
+            return self._flatten(node, node.target, *unary, mod.start_dim, mod.end_dim)
+        if node.op == "call_method" and self._ibert_ok(node) and self._shape_op(node):
+            return None  # x.flatten() on a per-tensor grid: a shape op
+        if not self._all_int(node) or node.kwargs:
+            return self._float_op(node)
+        start = node.args[1] if len(node.args) > 1 else 0
+        end = node.args[2] if len(node.args) > 2 else -1
+        self._flatten(node, node.name, self.env[node.args[0]], self.info[node.args[0]], start, end)
+
+    @handles("max_pool", "integer")
+    def _rule_max_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node) if mod is not None else None
+        if unary is None:
+            return self._float_op(node, mod)
+        self._emit(node, node.target, IntMaxPool2d(mod), (unary[0],), unary[1])
+
+    @handles("avg_pool", "integer")
+    def _rule_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        unary = self._unary_int(node) if mod is not None else None
+        if unary is None or mod.padding not in (0, (0, 0)) or mod.ceil_mode:
+            return self._float_op(node, mod)
+        k = nn.modules.utils._pair(mod.kernel_size)
+        s = nn.modules.utils._pair(mod.stride or mod.kernel_size)
+        self._emit(node, node.target, IntSumPool2d(k, s), (unary[0],), unary[1])
+
+    @handles("adaptive_avg_pool", "integer")
+    def _rule_adaptive_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            unary = self._unary_int(node)
+            is_global = mod.output_size in (1, (1, 1))
+            name = node.target
         else:
+            unary = (self.env[node.args[0]], self.info[node.args[0]]) if self._all_int(node) else None
+            is_global = node.args[1:] in ((1,), ((1, 1),))
+            name = node.name
+        if unary is None or not is_global:
+            return self._float_op(node, mod)
+        v, meta = unary
+        self._emit(node, name, IntSumPool2d(None, None), (v,), _Meta(meta.scale, True, meta.bound))
+
+    @handles("grid", "integer")
+    def _rule_grid(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or not self._ibert_ok(node):
+            return self._float_op(node, mod)
+        self.bind(node, *self._act_grid(node.args[0], mod, node.target))  # a StaticGrid of I-BERT fake-quant
+
+    @handles("gelu", "integer")
+    def _rule_gelu(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or not self._ibert_ok(node):
+            return self._float_op(node, mod)
+        if isinstance(mod, QuantGELU):
+            return self._gelu(node, node.target, node.args[0], mod.input_quant)
+        exact = (mod.approximate == "none" if mod is not None
+                 else node.op == "call_function" and node.kwargs.get("approximate", "none") == "none")
+        if not exact:
+            return self._float_op(node, mod)  # i-GELU approximates the exact (erf) GELU only
+        self._gelu(node, node.target if mod is not None else node.name, node.args[0])
+
+    @handles("softmax", "integer")
+    def _rule_softmax(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if self.ibert and isinstance(mod, QuantSoftmax) and len(node.args) == 2 and not node.kwargs:
+            scores, mask = node.args
+            if self.info[mask].scale is not None or self.info[scores].scale is None:
+                raise self.unsupported(node, ": the attention mask must be a float model input added to "
+                                       "integer scores", module=mod)
+            return self._softmax(node, node.target, scores, -1, mod.out_bits, mask)
+        if mod is not None:
+            if len(node.args) != 1 or not self._ibert_ok(node):
+                return self._float_op(node, mod)
+            if isinstance(mod, QuantSoftmax):
+                return self._softmax(node, node.target, node.args[0], -1, mod.out_bits)
+            return self._softmax(node, node.target, node.args[0], mod.dim)
+        if not self._ibert_ok(node) or node.kwargs.get("dtype") is not None or len(node.args) > 2:
+            return self._float_op(node)
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        self._softmax(node, node.name, node.args[0], dim)
+
+    @handles("layernorm", "integer")
+    def _rule_layernorm(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or not self._ibert_ok(node):
+            return self._float_op(node, mod)
+        self._layernorm(node, node.target, mod, node.args[0])
+
+    @handles("matmul", "integer")
+    def _rule_matmul(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if not self._ibert_ok(node) or len(node.args) != 2 or node.kwargs:
+            return self._float_op(node)
+        self._matmul(node, node.args[0], node.args[1])
+
+    @handles("scale", "integer")
+    def _rule_scale(self, node: fx.Node, mod: nn.Module | None) -> None:
+        divide = node.target in (operator.truediv, torch.div, "div")
+        if not (self._ibert_ok(node) and self._scale_const(node, divide)):
+            self._float_op(node)
+
+    @handles("mean", "integer")
+    def _rule_mean(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if not (self._ibert_ok(node) and self._mean(node)):
+            self._float_op(node)
+
+    @handles("shape", "integer")
+    def _rule_shape(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if not (self._ibert_ok(node) and self._shape_op(node)):
             self._float_op(node)
 
 
@@ -860,7 +1026,7 @@ class _RangeObserver(fx.Interpreter):
 
 @torch.no_grad()
 def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | None = None, float_ops: bool = False,
-               transformer: str | None = None, attention_bits: int = 8) -> fx.GraphModule:
+               cfg: QuantConfig | None = None) -> fx.GraphModule:
     """Convert a calibrated fake-quant model into an integer-only ``fx.GraphModule`` (a new model).
 
     Every Conv2d/Linear on the path must be a calibrated ``QuantConv2d``/``QuantBnConv2d``/
@@ -875,10 +1041,12 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
     names of those operators are listed in the result's ``float_nodes``. Without it, such an
     operator raises a HawqError naming it.
 
-    ``transformer="ibert"`` runs transformer operators in integer (I-BERT; docs/quant.md,
+    ``cfg`` is the model's :class:`~hawq.quant.QuantConfig` (default: read back from its modules,
+    :func:`hawq.quant.infer_quant_config`; only ``transformer`` and ``attention_bits`` matter here).
+    ``cfg.transformer == "ibert"`` runs transformer operators in integer (I-BERT; docs/quant.md,
     "Integer-only transformers"): GELU, softmax over the last dim, LayerNorm, matmuls of two
     activations, ``/`` or ``*`` by a constant, mean, and shape ops. Grids the fake-quant model
-    does not have -- matmul operands (``attention_bits``, per tensor; the softmax output is
+    does not have -- matmul operands (``cfg.attention_bits``, per tensor; the softmax output is
     unsigned ``attention_bits``), GELU/LayerNorm inputs and a float input used by a residual add
     (16 bits) -- are static, set from the max |value| seen on ``example_input`` (required; a
     tuple for a model with several inputs, e.g. ``(hidden, attention_mask)``).
@@ -895,10 +1063,9 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
             check_input_quant(mod, name, _WHAT)
         elif isinstance(mod, StaticGrid) and not mod.calibrated:
             raise HawqError(f"to_integer: the grid '{name}' is not calibrated; run calibrate() first")
-    if transformer not in TRANSFORMER_MODES:
-        raise HawqError(f"to_integer: transformer must be None or 'ibert', got {transformer!r}")
-    if isinstance(attention_bits, bool) or not isinstance(attention_bits, int) or not 2 <= attention_bits <= 8:
-        raise HawqError(f"to_integer: attention_bits must be an integer in 2..8, got {attention_bits!r}")
+    cfg = infer_quant_config(model) if cfg is None else cfg
+    check_quant_config(cfg)
+    transformer = cfg.transformer
     if transformer == "ibert" and example_input is None:
         raise HawqError("to_integer: transformer='ibert' needs example_input (a batch that calibrates the "
                         "attention, GELU and LayerNorm input grids)")
@@ -916,11 +1083,11 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
             ranges = observer.ranges
     params = list(model.parameters())
     return _Converter(work, gm, params[0].dtype if params else torch.float32, float_ops, ranges,
-                      attention_bits).rewrite()
+                      cfg.attention_bits, source=model).rewrite()
 
 
 def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:
-    """``"reference"`` (float64-exact int arithmetic) or ``"fast"`` (torch._int_mm int8 GEMM)."""
+    """``"reference"`` (float64-exact int arithmetic) or ``"int_mm"`` (torch._int_mm int8 GEMM)."""
     if backend not in BACKENDS:
         raise HawqError(f"integer backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
     for m in model.modules():

@@ -14,13 +14,12 @@ from tqdm.auto import tqdm
 
 from hawq import HawqError
 from hawq.bitmap import BitMap, LayerBits, as_bitmap
-from hawq.quant.config import QuantConfig
+from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.ibert import (
     IBERT_MODULES,
     INNER_BITS,
     INNER_MARGIN,
     SHAPE_METHODS,
-    TRANSFORMER_MODES,
     QuantGELU,
     QuantLayerNorm,
     QuantSoftmax,
@@ -35,6 +34,7 @@ from hawq.quant.modules import (
     QuantEmbedding,
     QuantLinear,
 )
+from hawq.quant.ops import RULES_BY_OP
 from hawq.quant.quantizers import FLOAT_BITS
 
 
@@ -91,8 +91,7 @@ def _check_layer(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
-def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None,
-                   transformer: str | None = None, attention_bits: int = 8) -> nn.Module:
+def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) -> nn.Module:
     """Swap, in place, every layer named in ``bits`` for its fake-quantized twin; return ``model``.
 
     Names are preserved (``model.get_submodule(name)`` is the quantized module) and parameters
@@ -101,14 +100,11 @@ def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = Non
     :class:`QuantBnConv2d` and the BN a :class:`FoldedBatchNorm2d` (found by torch.fx tracing).
     Activation quantizers start uncalibrated: run :func:`calibrate` before evaluating.
 
-    ``transformer="ibert"`` then also runs :func:`quantize_transformer_ops` and returns its result,
-    a *new* ``fx.GraphModule`` (sharing the parameters): use the returned model.
+    ``cfg.transformer == "ibert"`` then also runs :func:`quantize_transformer_ops` and returns its
+    result, a *new* ``fx.GraphModule`` (sharing the parameters): use the returned model.
     """
-    if transformer not in TRANSFORMER_MODES:
-        raise HawqError(f"quantize_model: transformer must be None or 'ibert', got {transformer!r}")
     cfg = cfg or QuantConfig()
-    if cfg.group_size is not None and (not isinstance(cfg.group_size, int) or cfg.group_size < 1):
-        raise HawqError(f"QuantConfig.group_size must be a positive integer or None, got {cfg.group_size!r}")
+    check_quant_config(cfg)
     todo: dict[str, tuple[nn.Module, LayerBits]] = {}
     for name, lb in as_bitmap(bits, "quantize_model").items():
         module = _check_layer(model, name)
@@ -130,23 +126,26 @@ def quantize_model(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = Non
         else:
             q = QuantEmbedding.from_float(module, lb.weight, lb.activation, cfg)
         _set_submodule(model, name, q)
-    if transformer == "ibert":
-        return quantize_transformer_ops(model, cfg, attention_bits)
+    if cfg.transformer == "ibert":
+        return quantize_transformer_ops(model, cfg)
     return model
 
 
 def quantize_(model: nn.Module, bits: BitMap, cfg: QuantConfig | None = None) -> nn.Module:
-    """torchao-style alias of :func:`quantize_model` (in place)."""
+    """torchao-style alias of :func:`quantize_model`: the same contract, ``cfg`` holds every setting.
+
+    In place, except with ``cfg.transformer == "ibert"``, which returns a new traced model (use the
+    returned model in every case).
+    """
     return quantize_model(model, bits, cfg)
 
 
 # --- transformer="ibert": fake-quant transformer ops that compute what the integer kernels compute ---
 _SHAPE_FUNCS = (torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.unflatten)
-_MATMUL_FUNCS = (operator.matmul, torch.matmul, torch.bmm)
-_SOFTMAX_FUNCS = (torch.softmax, F.softmax)
-_INPUT_GRID_FUNCS = (operator.add, torch.add, operator.iadd, operator.mul, torch.mul, operator.truediv, torch.div,
-                     torch.mean)
-_INPUT_GRID_METHODS = ("add", "mul", "div", "mean")
+# Which nodes are matmuls, softmaxes, adds, constant scales and means: hawq.quant.ops.RULES (one table).
+_MATMUL, _SOFTMAX = RULES_BY_OP["matmul"], RULES_BY_OP["softmax"]
+_INPUT_GRID_FUNCS = tuple(f for op in ("add", "scale", "mean") for f in RULES_BY_OP[op].functions)
+_INPUT_GRID_METHODS = tuple(m for op in ("add", "scale", "mean") for m in RULES_BY_OP[op].methods)
 
 
 def _is_call(node: fx.Node, funcs: tuple, methods: tuple) -> bool:
@@ -161,30 +160,29 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
-def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None,
-                             attention_bits: int = 8) -> fx.GraphModule:
+def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None) -> fx.GraphModule:
     """I-BERT-aware fake-quant: a traced copy of ``model`` whose transformer ops compute what integer inference does.
 
-    Replaced (so that ``to_integer(result, example_input, transformer="ibert")`` computes the same
+    Replaced (so that ``to_integer(result, example_input)`` computes the same
     values; docs/quant.md, "Integer-only transformers"):
 
     * ``nn.LayerNorm`` -> :class:`~hawq.quant.ibert.QuantLayerNorm` (same name and parameters);
     * GELU (``F.gelu`` / ``nn.GELU``, exact erf form) -> :class:`~hawq.quant.ibert.QuantGELU`;
-    * softmax over ``dim=-1`` -> :class:`~hawq.quant.ibert.QuantSoftmax` (``attention_bits`` output codes);
+    * softmax over ``dim=-1`` -> :class:`~hawq.quant.ibert.QuantSoftmax` (``cfg.attention_bits`` output codes);
       ``softmax(scores + mask)`` with ``mask`` a model input becomes ``QuantSoftmax(scores, mask)``: an
       additive padding mask (entries 0 or <= -1e4), whose masked entries get probability code 0;
     * each operand of a matmul of two activations gets a :class:`~hawq.quant.ibert.StaticGrid`
-      (signed ``attention_bits``, per tensor) ahead of its chain of shape ops -- except a softmax output,
+      (signed ``cfg.attention_bits``, per tensor) ahead of its chain of shape ops -- except a softmax output,
       which already is on its grid;
     * a float model input used by an add, a constant ``*`` / ``/`` or a mean gets a 16-bit StaticGrid.
 
     Returns a new ``fx.GraphModule`` sharing the parameters (and the quantized layers) of ``model``;
     the new grids start uncalibrated: run :func:`calibrate` on the result. Quantize the layers first
-    (:func:`quantize_model`, or in one call ``quantize_model(..., transformer="ibert")``).
+    (:func:`quantize_model`, or in one call ``quantize_model(..., QuantConfig(transformer="ibert"))``).
     """
-    if isinstance(attention_bits, bool) or not isinstance(attention_bits, int) or not 2 <= attention_bits <= 8:
-        raise HawqError(f"quantize_transformer_ops: attention_bits must be an integer in 2..8, got {attention_bits!r}")
-    cfg = cfg or QuantConfig()
+    cfg = cfg or QuantConfig(transformer="ibert")
+    check_quant_config(cfg)
+    attention_bits = cfg.attention_bits
     gm = trace(model, "quantize_transformer_ops")
     graph = gm.graph
     params = list(model.parameters())
@@ -224,7 +222,7 @@ def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None,
             if node.kwargs.get("approximate", "none") != "none" or len(node.args) != 1:
                 raise HawqError(f"quantize_transformer_ops: GELU '{node.name}' must be the exact (erf) form")
             _replace_with_module(graph, node, add_module(node.name, QuantGELU(cfg)))
-        elif _is_call(node, _SOFTMAX_FUNCS, ("softmax",)):
+        elif _is_call(node, _SOFTMAX.functions, _SOFTMAX.methods):
             if node.kwargs.get("dtype") is not None or len(node.args) > 2:
                 raise HawqError(f"quantize_transformer_ops: softmax '{node.name}' with a dtype is not supported")
             check_softmax_dim(node, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
@@ -237,7 +235,7 @@ def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None,
             and bool(node.args) and isinstance(node.args[0], fx.Node)
 
     for node in list(graph.nodes):
-        if not _is_call(node, _MATMUL_FUNCS, ("matmul", "bmm")) or len(node.args) != 2:
+        if not _is_call(node, _MATMUL.functions, _MATMUL.methods) or len(node.args) != 2:
             continue
         if not all(isinstance(a, fx.Node) for a in node.args):
             continue  # a matmul with a constant is not an activation x activation product
@@ -296,6 +294,31 @@ def _fold_attention_mask(graph: fx.Graph, node: fx.Node) -> fx.Node:
 
 def _ibert_softmaxes(model: nn.Module) -> list[QuantSoftmax]:
     return [m for m in model.modules() if isinstance(m, QuantSoftmax)]
+
+
+def infer_quant_config(model: nn.Module) -> QuantConfig:
+    """The ``QuantConfig`` a quantized model was built with, read back from its modules.
+
+    Weight granularity from the quantized layers, ``fold_bn`` from ``QuantBnConv2d``, the
+    calibration method from the activation quantizers, ``transformer="ibert"`` (and
+    ``attention_bits``) from I-BERT fake-quant modules; other fields keep their defaults.
+    """
+    cfg = QuantConfig()
+    layers = [m for _, m in model.named_modules() if isinstance(m, QUANT_MODULES)]
+    if layers:
+        cfg.per_channel = bool(layers[0].per_channel)
+        groups = [m.group_size for m in layers if m.group_size is not None]
+        cfg.group_size = groups[0] if groups else None
+    cfg.fold_bn = any(isinstance(m, QuantBnConv2d) for m in model.modules())
+    acts = [m for m in model.modules() if isinstance(m, QuantAct) and not isinstance(m, StaticGrid)]
+    if acts:
+        cfg.act_calibration, cfg.act_percentile, cfg.ema_decay = acts[0].method, acts[0].percentile, acts[0].ema_decay
+    if any(isinstance(m, IBERT_MODULES) for m in model.modules()):
+        cfg.transformer = "ibert"
+        softmaxes = [m.out_bits for m in model.modules() if isinstance(m, QuantSoftmax)]
+        grids = [m.bits for m in model.modules() if isinstance(m, StaticGrid) and m.bits != INNER_BITS]
+        cfg.attention_bits = (softmaxes or grids or [cfg.attention_bits])[0]
+    return cfg
 
 
 def quant_acts(model: nn.Module) -> list[tuple[str, QuantAct]]:

@@ -24,6 +24,7 @@ from torch import Tensor
 from hawq import HawqError
 
 FLOAT_BITS = 32
+INT32_MAX = 2**31 - 1  # the accumulator bound every integer kernel is checked against
 
 
 def _check_bits(bits: int) -> None:
@@ -89,6 +90,17 @@ def expand_scale(scale: Tensor, shape: torch.Size | tuple[int, ...], group_size:
     return scale.reshape(scale.shape[0], *([1] * (len(shape) - 1)))
 
 
+def round_to_codes(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """The one rounding rule: ``clamp(round(w / scale), -Q, Q)`` as floats (``scale`` already expanded).
+
+    Fake-quant (:func:`quantize_weight`), the integer codes (:func:`quantize_to_int`, hence
+    ``int_weight()``, ``to_integer``, ``to_fbgemm``, the ONNX exports and ``model.safetensors``)
+    all round here, in the weight's own dtype, so they agree code for code.
+    """
+    q = qmax_signed(bits)
+    return torch.clamp(torch.round(w / scale), -q, q)
+
+
 def quantize_to_int(w: Tensor, bits: int, per_channel: bool = True,
                     group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Integer codes and compact scale: ``w ~= codes * expand_scale(scale)``.
@@ -100,8 +112,7 @@ def quantize_to_int(w: Tensor, bits: int, per_channel: bool = True,
     if bits > 16:
         raise HawqError(f"quantize_to_int: integer codes need bits <= 16, got {bits}")
     scale = weight_scale(w, bits, per_channel, group_size)
-    q = qmax_signed(bits)
-    codes = torch.clamp(torch.round(w.detach() / expand_scale(scale, w.shape, group_size)), -q, q)
+    codes = round_to_codes(w.detach(), expand_scale(scale, w.shape, group_size), bits)
     return codes.to(torch.int8 if bits <= 8 else torch.int16), scale
 
 
@@ -114,8 +125,47 @@ def quantize_weight(w: Tensor, bits: int, per_channel: bool = True, group_size: 
     if not isinstance(bits, bool) and isinstance(bits, int) and bits >= FLOAT_BITS:
         return w
     scale = expand_scale(weight_scale(w, bits, per_channel, group_size), w.shape, group_size).to(w.dtype)
-    q = qmax_signed(bits)
-    return torch.clamp(torch.round(w / scale), -q, q) * scale
+    return round_to_codes(w, scale, bits) * scale
+
+
+def _max_reproducing_scale(scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per scale entry a float ``m`` with ``fl(m / qmax) == scale`` (``qmax * scale`` give or take an ulp).
+
+    hawq's quantizers derive the scale from the weights (``max|w| / qmax``); storing ``m`` at the
+    positions of the largest codes makes the rebuilt layer derive the stored scale bit-exactly.
+    """
+    m = scale * qmax
+    best, found = m.clone(), (m / qmax) == scale
+    up, down = m, m
+    for _ in range(4):
+        up = torch.nextafter(up, torch.full_like(up, float("inf")))
+        down = torch.nextafter(down, torch.zeros_like(down))
+        for cand in (up, down):
+            hit = ~found & ((cand / qmax) == scale)
+            best, found = torch.where(hit, cand, best), found | hit
+    return best
+
+
+def weight_from_codes(codes: torch.Tensor, scale: torch.Tensor, bits: int,
+                      group_size: int | None) -> torch.Tensor:
+    """A float weight whose quantization gives back exactly ``codes`` and ``scale``.
+
+    It is ``codes * scale`` except at the largest codes (``|code| == 2^(bits-1) - 1``), which hold
+    the value whose ``max / qmax`` re-derives ``scale`` bit-exactly (see :func:`weight_scale`).
+    """
+    scale = scale.to(torch.float32)
+    qmax = qmax_signed(bits)
+    weight = codes.to(torch.float32) * expand_scale(scale, codes.shape, group_size)
+    peak = expand_scale(_max_reproducing_scale(scale, qmax), codes.shape, group_size)
+    at_peak = codes.abs() == qmax
+    return torch.where(at_peak, torch.sign(codes.to(torch.float32)) * peak, weight)
+
+
+def check_overflow(v: Tensor, where: str, limit: int = INT32_MAX) -> Tensor:
+    """``v`` unchanged, or a HawqError naming ``where`` if some ``|v| > limit`` (integer inference checks)."""
+    if v.numel() and int(v.abs().max()) > limit:
+        raise HawqError(f"integer inference: overflow in {where} (|value| > {limit})")
+    return v
 
 
 class FakeQuantSTE(torch.autograd.Function):

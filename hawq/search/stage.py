@@ -19,11 +19,11 @@ from hawq.bitmap import (
     save_bitmap,
 )
 from hawq.keys import config_key
+from hawq.report import quantized_size_mb
 from hawq.run import Artifact, Run, cached, digest, example_forward, json_key, read_json, write_json
 from hawq.search import (
     build_search_problem,
     layer_costs,
-    model_size_mb,
     pareto_sweep,
     solve_problem,
     uniform_points,
@@ -107,9 +107,9 @@ def uniform_bits_same_size(run: Run, bits: BitMap) -> tuple[int, BitMap]:
     b = run.cfg.search.budget
     w = b.size_uniform_bits or b.bops_uniform_bits
     if w is None:
-        target = model_size_mb(run.fp32, bits, run.layers)
+        target = quantized_size_mb(run.fp32, bits, run.layers, run.cfg.quant)
         fitting = [o for o in sorted(run.cfg.search.weight_bits)
-                   if model_size_mb(run.fp32, _uniform(run, bits, o), run.layers) <= target * 1.0001]
+                   if quantized_size_mb(run.fp32, _uniform(run, bits, o), run.layers, run.cfg.quant) <= target * 1.0001]
         w = fitting[-1] if fitting else min(run.cfg.search.weight_bits)
     return w, _uniform(run, bits, w)
 

@@ -65,18 +65,15 @@ from torch import Tensor, nn
 
 from hawq import HawqError
 from hawq.quant.fx_rewrite import (
-    ADD_FUNCS,
-    METHOD_FUNCS,
-    QUANT_LAYERS,
-    RELU_FUNCS,
     GraphRewriter,
     check_input_quant,
     check_weights,
     source_weight_bias,
     working_copy,
 )
+from hawq.quant.integer import pair_safe_codes
 from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantBnConv2d, QuantConv2d, QuantLinear
-from hawq.quant.quantizers import quantize_to_int
+from hawq.quant.ops import ADD_FUNCS, QUANT_LAYERS, RELU_FUNCS, handles
 
 ENGINES = ("fbgemm", "x86", "onednn")
 QUINT8_MAX = 255
@@ -108,18 +105,6 @@ def observed_qparams(lo: float, hi: float) -> tuple[float, int]:
 def may_saturate(code_max: int, codes: Tensor) -> bool:
     """Whether a pair sum ``a0*w0 + a1*w1`` of u8 codes ``<= code_max`` and these weight codes can exceed int16."""
     return 2 * code_max * int(codes.abs().max()) > INT16_MAX
-
-
-def pair_safe_codes(codes: Tensor) -> Tensor:
-    """Split ``(out, in, ...)`` weight codes into ``cat([w_hi, w_lo], dim=1)`` with ``w_hi + w_lo = w``.
-
-    ``w_hi = trunc(w / 2)``, so both halves lie in [-64, 64] for 8-bit codes and a u8 pair sum is at
-    most ``255 * 128 = 32640`` (no int16 saturation). Fed with the input twice (``[x, x]`` per group),
-    the layer accumulates exactly ``sum(x * w_hi) + sum(x * w_lo) = sum(x * w)``.
-    """
-    wide = codes.to(torch.int16)
-    hi = torch.div(wide, 2, rounding_mode="trunc")
-    return torch.cat([hi, wide - hi], dim=1).to(codes.dtype)
 
 
 @functools.cache
@@ -314,9 +299,8 @@ def _layer_weight(layer: QuantConv2d | QuantLinear, name: str, act: QuantAct,
     (``|g|``), the sign of the codes (exact: the grid is symmetric) and the bias.
     """
     check_weights(layer, name, _WHAT, "fbgemm needs per-channel scales")
-    w, b = source_weight_bias(layer)
-    w = w.detach().float()
-    codes, scale = quantize_to_int(w, layer.weight_bits, layer.per_channel, None)
+    codes, scale = layer.int_weight()  # the codes every other path uses (hawq.quant.quantizers)
+    _, b = source_weight_bias(layer)
     scale = scale.float().expand(codes.shape[0]).clone() if scale.dim() == 0 else scale.float()
     if b is not None:  # the fake-quant bias is rounded onto the accumulator grid s_in * s_w
         b = b.detach().float()
@@ -357,11 +341,11 @@ class _Converter(GraphRewriter):
     """Rewrites the traced fake-quant graph into quantized modules; ``info[node]`` is its grid (None: float)."""
 
     what = _WHAT
+    target = "torch_int8"
     supported = ("quantized Conv2d/Linear, BatchNorm2d after a conv, ReLU, residual add, max/avg pool, "
                  "flatten, dropout, identity")
     float_layer_hint = "the int8 engine needs every conv/linear quantized"
     graph_name = "FbgemmModel"
-    method_funcs = {**METHOD_FUNCS, "view": "view", "reshape": "view"}
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule, ranges: dict[str, tuple[float, float]],
                  float_head: bool, engine: str) -> None:
@@ -454,20 +438,69 @@ class _Converter(GraphRewriter):
             return self.emit(f"clamp_{name}", ClampCodes(scale, zp, lo, hi), (v,))
         return v
 
-    def on_module(self, node: fx.Node, name: str, mod: nn.Module) -> None:
+    # --- op rules (hawq.quant.ops.RULES): what each op becomes on PyTorch's quantized engines ------
+    def _module_input(self, node: fx.Node, mod: nn.Module, float_ok: bool = False) -> tuple[fx.Node, Any]:
+        """The one quantized input of a module node (``float_ok``: a float one is accepted too)."""
         if len(node.args) != 1 or node.kwargs:
             raise self.unsupported(node, ": extra arguments", mod)
         v, qp = self.value(node, node.args[0])
-        if qp is None and not isinstance(mod, nn.Flatten):
+        if qp is None and not float_ok:
             raise self.unsupported(node, ": its input is a float tensor", mod)
-        if isinstance(mod, nn.ReLU):
-            self.bind(node, self.emit(name, nn.ReLU(), (v,)), qp)
-        elif isinstance(mod, (nn.MaxPool2d, nn.Flatten)):
-            self.bind(node, self.emit(name, copy.deepcopy(mod), (v,)), qp)
-        elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
-            self._avg_pool(node, name, mod, v)
-        else:
-            raise self.unsupported(node, module=mod)
+        return v, qp
+
+    def _passthrough(self, node: fx.Node) -> None:
+        """The same call on the quantized tensor (entries move or are selected; the grid is kept)."""
+        v, qp = self.value(node, node.args[0])
+        rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self.value(node, a)[0])
+        self.bind(node, self.graph.create_node(node.op, node.target, (v, *rest[0]), rest[1]), qp)
+
+    def on_unmatched(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            self._module_input(node, mod)  # the more specific error first
+        raise self.unsupported(node, module=mod)
+
+    @handles("relu", "torch_int8")
+    def _rule_relu(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            v, qp = self._module_input(node, mod)
+            return self.bind(node, self.emit(node.target, nn.ReLU(), (v,)), qp)
+        if len(node.args) != 1:
+            raise self.unsupported(node)
+        v, qp = self.value(node, node.args[0])
+        self.bind(node, self.emit(node.name, nn.ReLU(), (v,)), qp)
+
+    @handles("max_pool", "torch_int8")
+    def _rule_max_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is None:
+            return self._passthrough(node)
+        v, qp = self._module_input(node, mod)
+        self.bind(node, self.emit(node.target, copy.deepcopy(mod), (v,)), qp)
+
+    @handles("flatten", "torch_int8")
+    def _rule_flatten(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is None:
+            return self._passthrough(node)
+        v, qp = self._module_input(node, mod, float_ok=True)
+        self.bind(node, self.emit(node.target, copy.deepcopy(mod), (v,)), qp)
+
+    @handles("shape", "torch_int8")
+    def _rule_shape(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if node.op != "call_method" or node.target not in ("view", "reshape"):
+            raise self.unsupported(node)
+        self._passthrough(node)
+
+    @handles("avg_pool", "torch_int8")
+    @handles("adaptive_avg_pool", "torch_int8")
+    def _rule_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            v, _ = self._module_input(node, mod)
+            return self._avg_pool(node, node.target, mod, v)
+        v, qp = self.value(node, node.args[0])
+        if qp is None:
+            raise self.unsupported(node, ": its input is a float tensor")
+        rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self.value(node, a)[0])
+        deq = self.emit(f"dequant_{node.name}", DequantizeOutput(), (v,))
+        self.bind(node, self.graph.create_node(node.op, node.target, (deq, *rest[0]), rest[1]), None)
 
     def _avg_pool(self, node: fx.Node, name: str, mod: nn.Module, v: fx.Node) -> None:
         # Averaging on the dequantized values, not on the integer grid: a quantized average pool
@@ -569,46 +602,29 @@ class _Converter(GraphRewriter):
         self.bind(conv_node, out, qp)
         return out
 
-    def on_function(self, node: fx.Node, fn: Any) -> None:
-        if fn in ADD_FUNCS and len(node.args) == 2 and not node.kwargs:
-            srcs = [self.deferred_alias.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
-            fused = next((i for i, n in enumerate(srcs) if n in self.deferred), None)
-            for i, n in enumerate(srcs):
-                if i != fused and n in self.deferred:
-                    self._emit_deferred(n)
-                if i != fused and node.args[i] in self.deferred_alias:
-                    self.bind(node.args[i], self.env[n], self.info[n])
-            if fused is not None:
-                self._conv_add(node, srcs[fused], node.args[1 - fused])
-                return
-            (a, qa), (b, qb) = self.value(node, node.args[0]), self.value(node, node.args[1])
-            if qa is None or qb is None:
-                raise self.unsupported(node, ": adds a float tensor")
-            chain, _, relu = self._fusable_chain(node, allow_bn=False)
-            last = chain[-1] if chain else node
-            qp = self._out_qparams(last)
-            self.bind(node, self.emit(node.name, QuantizedAdd(qp.scale, qp.zero_point, relu), (a, b)), qp)
-            for n in chain:
-                self.absorbed[n] = node
+    @handles("add", "torch_int8")
+    def _rule_add(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 2 or node.kwargs:
+            raise self.unsupported(node)
+        srcs = [self.deferred_alias.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
+        fused = next((i for i, n in enumerate(srcs) if n in self.deferred), None)
+        for i, n in enumerate(srcs):
+            if i != fused and n in self.deferred:
+                self._emit_deferred(n)
+            if i != fused and node.args[i] in self.deferred_alias:
+                self.bind(node.args[i], self.env[n], self.info[n])
+        if fused is not None:
+            self._conv_add(node, srcs[fused], node.args[1 - fused])
             return
-        if fn in RELU_FUNCS and len(node.args) == 1:
-            v, qp = self.value(node, node.args[0])
-            self.bind(node, self.emit(node.name, nn.ReLU(), (v,)), qp)
-            return
-        if fn is F.adaptive_avg_pool2d or fn is F.avg_pool2d:
-            v, qp = self.value(node, node.args[0])
-            if qp is None:
-                raise self.unsupported(node, ": its input is a float tensor")
-            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self.value(node, a)[0])
-            deq = self.emit(f"dequant_{node.name}", DequantizeOutput(), (v,))
-            self.bind(node, self.graph.create_node(node.op, node.target, (deq, *rest[0]), rest[1]), None)
-            return
-        if fn is torch.flatten or fn == "view" or fn is F.max_pool2d:
-            v, qp = self.value(node, node.args[0])
-            rest = fx.node.map_arg((node.args[1:], node.kwargs), lambda a: self.value(node, a)[0])
-            self.bind(node, self.graph.create_node(node.op, node.target, (v, *rest[0]), rest[1]), qp)
-            return
-        raise self.unsupported(node)
+        (a, qa), (b, qb) = self.value(node, node.args[0]), self.value(node, node.args[1])
+        if qa is None or qb is None:
+            raise self.unsupported(node, ": adds a float tensor")
+        chain, _, relu = self._fusable_chain(node, allow_bn=False)
+        last = chain[-1] if chain else node
+        qp = self._out_qparams(last)
+        self.bind(node, self.emit(node.name, QuantizedAdd(qp.scale, qp.zero_point, relu), (a, b)), qp)
+        for n in chain:
+            self.absorbed[n] = node
 
 
 def _observe_ranges(gm: fx.GraphModule, batches: Sequence[Tensor]) -> dict[str, tuple[float, float]]:

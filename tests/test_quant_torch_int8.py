@@ -20,7 +20,7 @@ from hawq.data.fashion_mnist import load_fashion_mnist, make_fake_fashion_mnist
 from hawq.layers import quantizable_layers
 from hawq.models.fashion import fashion_resnet
 from hawq.quant import QuantConfig, calibrate, quantize_model
-from hawq.quant.fast import (
+from hawq.quant.torch_int8 import (
     ConvAdd,
     DuplicateChannels,
     QuantizeInput,
@@ -253,7 +253,7 @@ from hawq.bitmap import uniform_bitmap
 from hawq.layers import quantizable_layers
 from hawq.models.fashion import fashion_resnet
 from hawq.quant import QuantConfig, calibrate, quantize_model
-from hawq.quant.fast import DuplicateChannels, to_fbgemm
+from hawq.quant.torch_int8 import DuplicateChannels, to_fbgemm
 torch.manual_seed(0)
 model = fashion_resnet(width=8).eval()
 x = torch.randn(32, 1, 28, 28)
