@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from hawq import HawqError
+from hawq import HawqError, did_you_mean
 
 MIN_BITS, MAX_BITS = 2, 16
 FLOAT_BITS = 32  # a layer "at 32 bits" is left in floating point
@@ -66,10 +66,7 @@ def bitmap_from_dict(data: Mapping, valid_layers: Iterable[str] | None = None) -
     out: BitMap = {}
     for name, spec in (layers or {}).items():
         if valid is not None and name not in valid:
-            import difflib
-
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(name, valid)
             raise HawqError(f"bit map: unknown layer '{name}'{hint}")
         if isinstance(spec, int):
             spec = {"weight": spec}

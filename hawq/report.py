@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hawq.bitmap import BitMap, atomic_write_text
-
-if TYPE_CHECKING:
-    from hawq.pipeline import Run
+from hawq.run import Run, write_json
+from hawq.search import bops_g, model_size_mb
+from hawq.train import plot_history
 
 SCORE_KEYS = {
     "fp32_top1": "fp32_score",
@@ -40,8 +40,6 @@ def score_digits(metric: str) -> int:
 def quantized_size_mb(model: Any, bits: BitMap | int, layers: list[str], quant_config: Any) -> float:
     """The model size in MB with the scales the quantizer really stores (per channel, per tensor or
     per group), the same figure the bit search budgets and reports in ``search.json``."""
-    from hawq.search import model_size_mb
-
     return model_size_mb(model, bits, layers, per_channel=quant_config.per_channel,
                          group_size=quant_config.group_size)
 
@@ -54,8 +52,6 @@ def _trace_fields(t: Any) -> dict[str, float]:
 def build_report(run: Run, partial: dict[str, Any], traces: dict[str, Any] | None,
                  bits: BitMap | None) -> dict[str, Any]:
     """Combine the stage results into the report dictionary (pure: writes nothing)."""
-    from hawq.search import bops_g, model_size_mb
-
     report: dict[str, Any] = {"run": run.cfg.run.name, "model": run.spec.name, "task": run.spec.task,
                               "primary_metric": run.task.primary_metric}
     metric = run.task.primary_metric
@@ -135,6 +131,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def plot_traces_and_bits(report: dict[str, Any], path: Path) -> None:
     """Per-layer trace (log scale bars) with the chosen weight bits on a second axis."""
+    # local: the headless backend must be chosen before pyplot loads, and only a plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,8 +256,6 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def write_report(run: Run, report: dict[str, Any], traces: dict[str, Any] | None, bits: BitMap | None) -> None:
     """Write plots, metrics, report.md and, last, report.json (its presence marks a finished run)."""
-    from hawq.pipeline import write_json
-
     out = run.run_dir
     plots = []
     if traces:
@@ -273,8 +268,6 @@ def write_report(run: Run, report: dict[str, Any], traces: dict[str, Any] | None
     history = report.get("history")
     if history:
         try:
-            from hawq.train import plot_history
-
             plot_history(history, out / "training.png")
             plots.append("training.png")
         except ImportError:

@@ -9,7 +9,7 @@ budget (--finetune-epochs) and evaluated again:
   widened without breaking it), so it uses the budget about as fully as the ILP's answer does;
 * hawq:    the HAWQ-V3 ILP on Hessian traces (computed once per seed, shared by every budget).
 
-Every stage is the pipeline's own (hawq.pipeline). Each finished (seed, budget, method) cell is
+Every stage is the pipeline's own (hawq.pipeline.STAGES). Each finished (seed, budget, method) cell is
 written to ``results_fashion.json`` at once and skipped when the script runs again, so an
 interrupted run resumes. The table goes to stdout and to ``results_fashion.md``; the bar chart to
 ``results_fashion.png``.
@@ -40,23 +40,24 @@ if str(REPO) not in sys.path:
 
 from hawq import HawqError  # noqa: E402
 from hawq.bitmap import BitMap, LayerBits, bitmap_to_dict  # noqa: E402
-from hawq.config import Config, config_to_dict, load_config  # noqa: E402
-from hawq.pipeline import (  # noqa: E402
+from hawq.config import Config, load_config  # noqa: E402
+from hawq.keys import config_key  # noqa: E402
+from hawq.quant.stage import quantized_copy  # noqa: E402
+from hawq.run import (  # noqa: E402
     Run,
-    _example_forward,
     build_model_and_data,
     digest,
-    quantized_copy,
+    example_forward,
     read_json,
     seed_everything,
-    stage_finetune,
-    stage_sensitivity,
-    uniform_bits_same_size,
     write_json,
 )
 from hawq.search import SearchProblem, build_search_problem, layer_costs, solve_problem  # noqa: E402
 from hawq.search.allocate import resolve_budgets  # noqa: E402
 from hawq.search.ilp import tie_groups  # noqa: E402
+from hawq.search.stage import uniform_bits_same_size  # noqa: E402
+from hawq.sensitivity.stage import stage_sensitivity  # noqa: E402
+from hawq.train.stage import stage_finetune  # noqa: E402
 
 log = logging.getLogger("hawq.results")
 
@@ -195,9 +196,9 @@ def evaluate_cell(run: Run, bits: BitMap, work_dir: Path) -> dict[str, Any]:
 
 def settings_key(cfg: Config) -> dict[str, Any]:
     """What every cell depends on apart from its seed, budget and method."""
-    keep = {k: v for k, v in config_to_dict(cfg).items() if k in ("model", "data", "sensitivity", "quant",
+    keep = {k: v for k, v in config_key(cfg).items() if k in ("model", "data", "sensitivity", "quant",
                                                                    "train")}
-    keep["search"] = {k: v for k, v in config_to_dict(cfg.search).items() if k not in ("budget", "pareto_points")}
+    keep["search"] = {k: v for k, v in config_key(cfg.search).items() if k not in ("budget", "pareto_points")}
     # whole-model spectrum summaries do not change the traces, hence no cell
     keep["sensitivity"] = {k: v for k, v in keep["sensitivity"].items()
                            if k not in ("top_eigen", "density_iter", "spectrum_batches")}
@@ -248,7 +249,7 @@ def run_results(cfg: Config, seeds: Sequence[int], budgets: Sequence[int], out_d
         seed_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(seed)
         traces = stage_sensitivity(srun)  # traces.json in seed_dir: reused when the run resumes
-        costs = layer_costs(run.fp32, _example_forward(srun), run.layers)
+        costs = layer_costs(run.fp32, example_forward(srun), run.layers)
         problem = build_search_problem(run.fp32, traces, costs, srun.cfg.search,
                                        per_channel=cfg.quant.per_channel, group_size=cfg.quant.group_size,
                                        progress=progress)

@@ -38,21 +38,14 @@ from results_fashion import _seed_run, build_config, settings_key  # noqa: E402
 from hawq import HawqError  # noqa: E402
 from hawq.bitmap import BitMap  # noqa: E402
 from hawq.config import Config  # noqa: E402
-from hawq.pipeline import (  # noqa: E402
-    Run,
-    _example_forward,
-    build_model_and_data,
-    quantized_copy,
-    read_json,
-    seed_everything,
-    stage_sensitivity,
-    uniform_bits_same_size,
-    write_json,
-)
 from hawq.quant import set_act_quant  # noqa: E402
 from hawq.quant.config import check_rounding  # noqa: E402
+from hawq.quant.stage import quantized_copy  # noqa: E402
+from hawq.run import Run, build_model_and_data, example_forward, read_json, seed_everything, write_json  # noqa: E402
 from hawq.search import build_search_problem, layer_costs, model_size_mb, solve_problem  # noqa: E402
 from hawq.search.allocate import resolve_budgets  # noqa: E402
+from hawq.search.stage import uniform_bits_same_size  # noqa: E402
+from hawq.sensitivity.stage import stage_sensitivity  # noqa: E402
 
 MODELS = {  # name: (config, size budget as uniform weight bits, metric shown in the table)
     "fashion": ("configs/fashion_resnet.yaml", 3, "top1"),
@@ -81,7 +74,7 @@ def _maps(run: Run, cfg: Config, budget_bits: int, out_dir: Path, progress: bool
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.run.seed)
     traces = stage_sensitivity(brun)  # traces.json: reused when the script runs again
-    costs = layer_costs(run.fp32, _example_forward(brun), run.layers)
+    costs = layer_costs(run.fp32, example_forward(brun), run.layers)
     problem = build_search_problem(run.fp32, traces, costs, brun.cfg.search, per_channel=cfg.quant.per_channel,
                                    group_size=cfg.quant.group_size, progress=progress)
     hawq_bits = solve_problem(problem, resolve_budgets(problem, brun.cfg.search)).bits

@@ -34,17 +34,11 @@ from results_fashion import _seed_run, build_config, evaluate_cell, settings_key
 from hawq import HawqError  # noqa: E402
 from hawq.bitmap import BitMap  # noqa: E402
 from hawq.config import Config  # noqa: E402
-from hawq.pipeline import (  # noqa: E402
-    _example_forward,
-    build_model_and_data,
-    read_json,
-    seed_everything,
-    stage_sensitivity,
-    uniform_bits_same_size,
-    write_json,
-)
+from hawq.run import build_model_and_data, example_forward, read_json, seed_everything, write_json  # noqa: E402
 from hawq.search import build_search_problem, layer_costs, model_size_mb, solve_problem  # noqa: E402
 from hawq.search.allocate import resolve_budgets  # noqa: E402
+from hawq.search.stage import uniform_bits_same_size  # noqa: E402
+from hawq.sensitivity.stage import stage_sensitivity  # noqa: E402
 
 
 def run_minilm_results(cfg: Config, out_dir: Path, budget_bits: int = 4, progress: bool = True,
@@ -73,7 +67,7 @@ def run_minilm_results(cfg: Config, out_dir: Path, budget_bits: int = 4, progres
     brun.run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     traces = stage_sensitivity(brun)  # work/traces.json: reused when the run resumes
-    costs = layer_costs(run.fp32, _example_forward(brun), run.layers)
+    costs = layer_costs(run.fp32, example_forward(brun), run.layers)
     problem = build_search_problem(run.fp32, traces, costs, brun.cfg.search, per_channel=cfg.quant.per_channel,
                                    group_size=cfg.quant.group_size, progress=progress)
     budgets = resolve_budgets(problem, brun.cfg.search)

@@ -54,16 +54,10 @@ from results_fashion import _seed_run, build_config, evaluate_cell, random_alloc
 
 from hawq import HawqError  # noqa: E402
 from hawq.bitmap import FLOAT_BITS, BitMap, LayerBits, bitmap_to_dict  # noqa: E402
-from hawq.config import Config, config_to_dict  # noqa: E402
-from hawq.pipeline import (  # noqa: E402
-    Run,
-    _example_forward,
-    build_model_and_data,
-    digest,
-    effective_pins,
-    quantized_copy,
-    seed_everything,
-)
+from hawq.config import Config  # noqa: E402
+from hawq.keys import config_key  # noqa: E402
+from hawq.quant.stage import quantized_copy  # noqa: E402
+from hawq.run import Run, build_model_and_data, digest, example_forward, seed_everything  # noqa: E402
 from hawq.search import (  # noqa: E402
     SearchProblem,
     build_search_problem,
@@ -73,6 +67,7 @@ from hawq.search import (  # noqa: E402
     weight_perturbations,
 )
 from hawq.search.allocate import resolve_budgets  # noqa: E402
+from hawq.search.stage import effective_pins  # noqa: E402
 from hawq.sensitivity import criteria as C  # noqa: E402
 
 log = logging.getLogger("hawq.results_ptq")
@@ -220,7 +215,7 @@ def build_context(name: str, cfg: Config, work_dir: Path, config_dir: Path | Non
     base.run = dataclasses.replace(base.run, seed=0, progress=progress)
     run = build_model_and_data(base, work_dir, config_dir)  # data subsets fixed by seed 0
     run.task.bind_reference(run.fp32)
-    costs = layer_costs(run.fp32, _example_forward(run), run.layers)
+    costs = layer_costs(run.fp32, example_forward(run), run.layers)
     pins = effective_pins(run)
     search_cfg = dataclasses.replace(cfg.search, pins=pins)
     free = [n for n in run.layers if "weight" not in pins.get(n, {})]
@@ -740,11 +735,11 @@ def run_model(model: str, cfg: Config, out_dir: Path, seeds: Sequence[int], budg
         if not (widths[0] <= b <= widths[-1]) or math.floor(b) not in widths or math.ceil(b) not in widths:
             raise HawqError(f"--budgets: {b} needs uniform {math.floor(b)}- and {math.ceil(b)}-bit weights "
                             f"in search.weight_bits {widths}")
-    keep = {k: v for k, v in config_to_dict(cfg).items() if k in ("model", "data", "sensitivity", "quant", "search")}
+    keep = {k: v for k, v in config_key(cfg).items() if k in ("model", "data", "sensitivity", "quant", "search")}
     # the rounding is part of each cell's key, so its options (a later hawq's) do not void the file
     keep["quant"] = {k: v for k, v in keep["quant"].items() if k != "rounding" and not k.startswith("gptq")}
     settings = {"model": model, "config": keep, "eigen_iters": eigen_iters,
-                "train": config_to_dict(cfg.train) if finetune_epochs > 0 else None,
+                "train": config_key(cfg.train) if finetune_epochs > 0 else None,
                 "finetune_epochs": finetune_epochs}
     cells = CellFile(out_dir / f"{model}.jsonl", settings)
     ctx = build_context(model, cfg, out_dir / "work" / model, config_dir, progress)

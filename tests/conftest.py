@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
@@ -7,6 +8,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Subprocesses (the CLI, torchrun) import the checkout under test, not an installed hawq: a relative
+# PYTHONPATH such as "." would point elsewhere once a test changes the working directory.
+_inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *_inherited])
 
 
 def load_script(name: str) -> types.ModuleType:

@@ -37,7 +37,7 @@ def test_int_is_accepted_for_float_field():
     ("sensitivity.exact_directions=0", "sensitivity.exact_directions must be null or an integer >= 1"),
     ("sensitivity.variance_reduction=hutch",
      "sensitivity.variance_reduction must be 'nystrom', 'gauss_newton' or 'none'"),
-    ("sensitivity.curvature=gn", "config key 'sensitivity.curvature': expected one of 'hessian', 'gauss_newton'"),
+    ("sensitivity.curvature=gn", "sensitivity.curvature must be 'hessian' or 'gauss_newton'"),
     ("sensitivity.hvp_method=jvp", "sensitivity.hvp_method must be 'auto', 'autograd' or 'finite_difference'"),
 ])
 def test_bad_overrides_name_the_key(override, message):

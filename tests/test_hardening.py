@@ -311,7 +311,7 @@ def test_resume_removes_orphan_temp_files(tmp_path):
 
 
 def test_accuracy_at_chance_after_finetune_is_divergence():
-    from hawq.pipeline import check_not_at_chance
+    from hawq.train.stage import check_not_at_chance
 
     run = SimpleNamespace(data=SimpleNamespace(num_classes=10), task=ClassificationTask(),
                           cfg=SimpleNamespace(train=SimpleNamespace(lr=0.5)), primary=lambda m: m["top1"])
@@ -322,8 +322,8 @@ def test_accuracy_at_chance_after_finetune_is_divergence():
 
 
 def test_uninformative_sensitivity():
-    from hawq.pipeline import check_informative
     from hawq.sensitivity import TraceEstimate
+    from hawq.sensitivity.stage import check_informative
 
     zero = {n: TraceEstimate(0.0, 0.0, 4, 10) for n in ("a", "b")}
     check_informative(zero)  # warns (logged), the run goes on

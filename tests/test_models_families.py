@@ -11,7 +11,7 @@ from torch import nn
 
 from hawq import HawqError
 from hawq.data import build_data
-from hawq.data.checks import check_compatible, model_num_outputs
+from hawq.data.checks import check_compatible
 from hawq.data.config import DataConfig
 from hawq.data.image_folder import make_fake_image_folder
 from hawq.models import get_model_spec, get_task
@@ -111,7 +111,7 @@ def test_large_families_build_with_valid_pins(name):
         model = spec.builder(num_classes=7)
     layers = spec.layers(model)
     assert set(spec.default_pins) <= set(layers)
-    assert model_num_outputs(model) == 7
+    assert spec.num_outputs(model) == 7
 
 
 def test_weights_download_failure_says_use_checkpoint(monkeypatch):

@@ -116,7 +116,7 @@ def test_curvature_option_reaches_traces_and_report(tiny_run, tiny_data, tmp_pat
     (["--set", "data.root=/nonexistent/fmnist"], "Fashion-MNIST folder not found: /nonexistent/fmnist"),
     (["--set", "search.budget.size_mbb=1"], "unknown config key 'search.budget.size_mbb'"),
     (["--config", "missing.yaml"], "config file not found"),
-    (["--set", "sensitivity.curvature=psd"], "config key 'sensitivity.curvature': expected one of 'hessian', "),
+    (["--set", "sensitivity.curvature=psd"], "sensitivity.curvature must be 'hessian' or 'gauss_newton'"),
 ])
 def test_bad_input_one_line_exit_2_no_run_folder(tmp_path, args, message):
     argv = list(args)

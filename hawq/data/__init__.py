@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from hawq import HawqError
+from hawq import HawqError, did_you_mean
 from hawq.data.config import DataConfig
 
 
@@ -55,8 +54,7 @@ def build_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Build the named data set and apply the configured subsets (seeded, so runs repeat)."""
     _load_builtin()
     if cfg.name not in DATASETS:
-        close = difflib.get_close_matches(cfg.name, list(DATASETS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(cfg.name, DATASETS)
         raise HawqError(f"unknown data set '{cfg.name}'{hint}; known: {', '.join(sorted(DATASETS))}")
     bundle = DATASETS[cfg.name](cfg)
     bundle.train = _subset(bundle.train, cfg.train_subset, seed)

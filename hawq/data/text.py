@@ -23,6 +23,7 @@ import hawq
 from hawq import HawqError
 from hawq.data import DataBundle
 from hawq.data.config import DataConfig
+from hawq.models.registry import shipped_tokenizer
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
 def resolve_tokenizer_path(name: str | None) -> Path:
     if not name:
         raise HawqError("data.tokenizer is not set: point it at the model checkpoint folder (or 'minilm')")
-    if name == "minilm":
-        from hawq.models.bert import minilm_path
-
-        return minilm_path()
+    shipped = shipped_tokenizer(name)
+    if shipped is not None:  # a model that ships its tokenizer, named by its registry name ("minilm")
+        return shipped()
     path = Path(name)
     if not path.is_dir():
         raise HawqError(f"data.tokenizer folder not found: {name}")

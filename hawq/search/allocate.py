@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 from hawq import HawqError
-from hawq.bitmap import FLOAT_BITS, MAX_BITS, MIN_BITS, BitMap, LayerBits
+from hawq.bitmap import FLOAT_BITS, MAX_BITS, MIN_BITS, BitMap, LayerBits, check_bits
 from hawq.search.config import BudgetConfig, SearchConfig
 from hawq.search.costs import MB, SCALE_BITS, LayerCost, model_size_mb, num_scales, weight_perturbations
 from hawq.search.ilp import SOLVERS, IlpSolution, Option, evaluate, solve_bit_allocation, tie_groups
@@ -102,13 +102,6 @@ def _check_bit_list(values: Any, where: str) -> list[int]:
     return sorted(set(values))
 
 
-def _check_pin_bits(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (
-            MIN_BITS <= value <= MAX_BITS or value == FLOAT_BITS):
-        raise HawqError(f"{where}: bits must be in {MIN_BITS}..{MAX_BITS} (or 32 for float), got {value!r}")
-    return value
-
-
 def _check_budgets(budget: BudgetConfig) -> None:
     for name in ("size_mb", "bops_g", "latency_ms"):
         v = getattr(budget, name)
@@ -117,7 +110,7 @@ def _check_budgets(budget: BudgetConfig) -> None:
     for name in ("size_uniform_bits", "bops_uniform_bits"):
         v = getattr(budget, name)
         if v is not None:
-            _check_pin_bits(v, f"search.budget.{name}")
+            check_bits(v, f"search.budget.{name}")
     if budget.size_mb is not None and budget.size_uniform_bits is not None:
         raise HawqError("search.budget: set size_mb or size_uniform_bits, not both")
     if budget.bops_g is not None and budget.bops_uniform_bits is not None:
@@ -140,7 +133,7 @@ def validate_search_config(cfg: SearchConfig, layers: list[str] | None) -> tuple
         if not isinstance(spec, Mapping) or not spec or set(spec) - {"weight", "activation"}:
             raise HawqError(f"search.pins: layer '{name}' must map to {{weight: N, activation: N}}")
         for key, v in spec.items():
-            _check_pin_bits(v, f"search.pins.{name}.{key}")
+            check_bits(v, f"search.pins.{name}.{key}")
     for group in cfg.ties:
         if not isinstance(group, (list, tuple)) or len(group) < 2:
             raise HawqError(f"search.ties: each tie must list at least two layers, got {group!r}")

@@ -31,14 +31,16 @@ from tqdm.auto import tqdm
 
 from hawq import HawqError
 from hawq.bitmap import atomic_write_text
+from hawq.choices import check_choice, choices_of
+from hawq.sensitivity.config import Curvature, Estimator, HvpMethod, VarianceReduction
 from hawq.sensitivity.gauss_newton import gauss_newton_traces
 from hawq.sensitivity.hvp import HessianOperator, LossFn, resolve_layers
 from hawq.sensitivity.losses import OutputLoss
 
 TRACES_FORMAT_VERSION = 1
 ESTIMATORS = ("hutchinson", "gauss_newton", "gn_sampled")  # TraceEstimate.estimator
-CURVATURES = ("hessian", "gauss_newton")  # which matrix's block trace: sensitivity.curvature
-VARIANCE_REDUCTIONS = ("nystrom", "gauss_newton", "none")
+CURVATURES = choices_of(Curvature)  # which matrix's block trace: sensitivity.curvature
+VARIANCE_REDUCTIONS = choices_of(VarianceReduction)
 NEGATIVE_Z = 2.0  # a Hutchinson trace below -NEGATIVE_Z standard errors is "significantly negative"
 
 
@@ -93,7 +95,7 @@ def _summary(samples: Tensor) -> tuple[Tensor, Tensor]:
 def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    layers: list[str] | None = None, tol: float = 0.05, max_probes: int = 200,
                    min_probes: int = 8, seed: int = 0, progress: bool = True,
-                   meta: dict | None = None, method: str = "auto",
+                   method: str = "auto",
                    probing: str = "per_layer", probes_per_pass: int = 1,
                    variance_reduction: str = "nystrom", estimator: str = "auto",
                    exact_directions: int | None = None, curvature: str = "hessian",
@@ -104,8 +106,7 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     ``H`` is the Hessian of ``mean over batches of loss_fn(model, batch)``; probes are seeded
     Rademacher vectors. A layer stops once ``std_err <= max(tol * |trace|, tol * 1e-3 * max_l |trace_l|)``
     after ``min_probes``, or at ``max_probes``. The model's buffers and weights are left exactly as
-    they were; the caller picks ``model.eval()`` or ``model.train()``. ``meta`` is the caller's
-    bookkeeping and is not read.
+    they were; the caller picks ``model.eval()`` or ``model.train()``.
 
     ``probing``: "per_layer" (default) draws each layer's probe on that layer alone and answers it
     with a double backward from that layer's gradient, on one shared graph per batch; converged
@@ -147,9 +148,7 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     outputs) of every layer with a per-sample norm formula (Conv2d, Linear, Embedding), certified
     or not; it needs an ``OutputLoss`` and ``estimator="auto"``.
     """
-    del meta  # the caller's record; nothing here depends on it
-    if method not in ("auto", "autograd", "finite_difference"):
-        raise HawqError(f"method must be 'auto', 'autograd' or 'finite_difference', got {method!r}")
+    check_choice(method, HvpMethod, "method")
     if isinstance(batches, Tensor):
         raise HawqError("batches must be a list of batches (each what loss_fn takes, e.g. an (inputs, labels) "
                         "pair), got a bare tensor")
@@ -159,16 +158,12 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"min_probes must be an integer in 2..max_probes ({max_probes}), got {min_probes!r}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise HawqError(f"tol must be a finite number >= 0, got {tol!r}")
-    if probing not in ("per_layer", "joint"):
-        raise HawqError(f"probing must be 'per_layer' or 'joint', got {probing!r}")
-    if variance_reduction not in VARIANCE_REDUCTIONS:
-        raise HawqError(f"variance_reduction must be 'nystrom', 'gauss_newton' or 'none', got {variance_reduction!r}")
+    check_choice(probing, ("per_layer", "joint"), "probing")
+    check_choice(variance_reduction, VarianceReduction, "variance_reduction")
     if variance_reduction == "gauss_newton" and (not isinstance(loss_fn, OutputLoss) or probing != "per_layer"):
         raise HawqError("variance_reduction='gauss_newton' needs an OutputLoss and per-layer probing")
-    if estimator not in ("auto", "hutchinson"):
-        raise HawqError(f"estimator must be 'auto' or 'hutchinson', got {estimator!r}")
-    if curvature not in CURVATURES:
-        raise HawqError(f"curvature must be 'hessian' or 'gauss_newton', got {curvature!r}")
+    check_choice(estimator, Estimator, "estimator")
+    check_choice(curvature, Curvature, "curvature")
     if curvature == "gauss_newton" and (estimator != "auto" or not isinstance(loss_fn, OutputLoss)):
         raise HawqError("curvature='gauss_newton' needs estimator='auto' and an OutputLoss (outputs and a loss "
                         "on them, e.g. task_loss(task))")

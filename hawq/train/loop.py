@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from hawq import HawqError
+from hawq.choices import check_literals
 from hawq.models.tasks import Task
 from hawq.train import distributed as D
 from hawq.train.checkpoint import (
@@ -57,10 +58,7 @@ DIVERGENCE_FACTOR = 1000.0
 def validate_config(cfg: TrainConfig) -> None:
     if not (isinstance(cfg.epochs, (int, float)) and 0 < cfg.epochs < math.inf):
         raise HawqError(f"train.epochs must be a finite number > 0, got {cfg.epochs!r}")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise HawqError(f"train.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
-    if cfg.schedule not in ("cosine", "constant"):
-        raise HawqError(f"train.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    check_literals(cfg, "train")  # optimizer, schedule, amp_dtype: a TrainConfig built in code
     if not 0 < cfg.lr < math.inf:
         raise HawqError(f"train.lr must be a finite number > 0, got {cfg.lr!r}")
     for name in ("momentum", "weight_decay", "min_lr"):
@@ -81,8 +79,6 @@ def validate_config(cfg: TrainConfig) -> None:
         raise HawqError(f"train.distill.alpha must be in [0, 1], got {cfg.distill.alpha!r}")
     if not cfg.distill.temperature > 0:
         raise HawqError(f"train.distill.temperature must be > 0, got {cfg.distill.temperature!r}")
-    if cfg.amp_dtype not in ("float16", "bfloat16"):
-        raise HawqError(f"train.amp_dtype must be 'float16' or 'bfloat16', got {cfg.amp_dtype!r}")
     for name in ("freeze_bn_after_epochs", "freeze_act_after_epochs"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
