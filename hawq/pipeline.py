@@ -496,7 +496,9 @@ def uniform_bits_same_size(run: Run, bits: BitMap) -> tuple[int, BitMap]:
 def _uniform(run: Run, bits: BitMap, w: int) -> BitMap:
     pins = effective_pins(run)
     a = max(run.cfg.search.activation_bits)
-    return {name: bits[name] if name in pins else LayerBits(w, a) for name in run.layers}
+    # A pin fixes only the widths it names: an activation-only pin leaves the weight uniform.
+    return {name: LayerBits(pins[name].get("weight", w), pins[name].get("activation", a)) if name in pins
+            else LayerBits(w, a) for name in run.layers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,13 +740,13 @@ def _export_onnx_integer(run: Run, qmodel: nn.Module, example: tuple[Any, ...]) 
 
     if len(example) != 1:
         return {"skipped": "the integer ONNX export takes models with a single tensor input"}
+    path = run.run_dir / "model_int.onnx"
     try:
         int_model = to_integer(qmodel, example[0])
-    except HawqError as e:  # e.g. float-only ops (transformers) or layers above 8 bits
+        export_onnx_integer(int_model, example[0], path, opset=run.cfg.export.onnx_opset)
+    except HawqError as e:  # e.g. float-only ops (transformers), layers above 8 bits, inputs above 8 bits
         log.info("integer onnx export skipped: %s", e)
         return {"skipped": str(e)}
-    path = run.run_dir / "model_int.onnx"
-    export_onnx_integer(int_model, example[0], path, opset=run.cfg.export.onnx_opset)
     return {"path": "model_int.onnx", "check": compare_onnx_integer(int_model, path, example[0])}
 
 

@@ -12,6 +12,8 @@ options), activation ranges calibrated, and evaluated without any finetuning. Ev
     python scripts/results_gptq.py --models minilm --threads 1 --out runs/results_gptq/minilm
     python scripts/results_gptq.py --models minilm --variants nearest_weights_only,gptq_weights_only \
         --threads 1 --out runs/results_gptq/minilm   # activations off: what the weights alone cost
+    python scripts/results_gptq.py --models minilm_ffn12 --variants nearest,gptq,gptq_act_order_clip_4x \
+        --threads 1 --out runs/results_gptq/minilm_ffn12   # FFN inputs on 12-bit grids
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from hawq.search.allocate import resolve_budgets  # noqa: E402
 MODELS = {  # name: (config, size budget as uniform weight bits, metric shown in the table)
     "fashion": ("configs/fashion_resnet.yaml", 3, "top1"),
     "minilm": ("configs/minilm_sentence.yaml", 4, "cosine_mean"),
+    # the same with the FFN inputs (LayerNorm and GELU outputs) on 12-bit activation grids
+    "minilm_ffn12": ("configs/minilm_sentence_ffn12.yaml", 4, "cosine_mean"),
 }
 VARIANTS: dict[str, dict[str, Any]] = {  # QuantConfig overrides of each rounding variant
     "nearest": {"rounding": "nearest"},
@@ -68,6 +72,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # QuantConfig overrides of each roundin
     "gptq_act_order_clip_4x": {"rounding": "gptq", "gptq_act_order": True, "gptq_clip_search": True,
                                "gptq_batches": "4x"},
     "gptq_asym": {"rounding": "gptq", "gptq_asymmetric": True},
+    # activation ranges by the MSE-optimal clipped extent instead of min-max (quant.act_calibration)
+    "nearest_mse": {"rounding": "nearest", "act_calibration": "mse"},
+    "gptq_mse": {"rounding": "gptq", "act_calibration": "mse"},
     # diagnostics: the same models evaluated with activation quantization off (weights alone)
     "nearest_weights_only": {"rounding": "nearest", "weights_only": True},
     "gptq_weights_only": {"rounding": "gptq", "weights_only": True},

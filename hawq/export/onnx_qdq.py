@@ -445,6 +445,9 @@ def _int_input_codes(b: _IntOnnxBuilder, layer: nn.Module, v: str, name: str) ->
         q = b.rescale(v, layer.in_mult, layer.in_shift, f"{name}_requant")
         q = b.op("Clip", [q, b.const(f"{name}_qmin", layer.qmin, np.int64),
                           b.const(f"{name}_qmax", layer.qmax, np.int64)], f"{name}_in_clip")
+    if layer.qmin < -128 or layer.qmax > 255:  # MatMulInteger / ConvInteger take 8-bit inputs only
+        raise HawqError(f"export_onnx_integer: layer '{name}' has input codes wider than 8 bits "
+                        f"({layer.qmin}..{layer.qmax}); only the reference integer engine runs them")
     container = TensorProto.UINT8 if layer.qmax > 127 else TensorProto.INT8
     return b.op("Cast", [q], f"{name}_codes", to=container)
 

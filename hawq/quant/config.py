@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hawq import HawqError
+from hawq.quant.observers import ActCalibration
 
 ROUNDING_MODES = ("nearest", "gptq")
 
@@ -13,7 +14,9 @@ class QuantConfig:
 
     per_channel: bool = True  # symmetric per-output-channel weight scales
     group_size: int | None = None  # per-group weights for Linear/Embedding (Q-BERT); None = per-channel
-    act_calibration: str = "minmax"  # "minmax", "ema" or "percentile"
+    # Activation range per tensor (hawq.quant.modules.QuantAct): "minmax", "ema", "percentile", or "mse"
+    # (the clipped extent minimising the squared quantization error; docs/quant.md).
+    act_calibration: ActCalibration = "minmax"
     act_percentile: float = 99.99
     ema_decay: float = 0.99
     calib_batches: int = 8

@@ -30,18 +30,21 @@ ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 METHOD_FUNCS: dict[str, Any] = {"flatten": torch.flatten, "relu": F.relu, "relu_": F.relu, "add": torch.add}
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 MAX_BITS = 8
+# The reference integer engine takes wider layer inputs (int64 storage, exact float64 products); its
+# conversion checks that the worst-case accumulator of every layer still fits in int32.
+REFERENCE_ACT_MAX_BITS = 16
 
 
 # --- checks shared by the conversions (pure functions) -----------------------------------------
-def check_input_quant(layer: nn.Module, name: str, what: str) -> QuantAct:
-    """The layer's calibrated, at most 8-bit input quantizer, or a HawqError naming the problem."""
+def check_input_quant(layer: nn.Module, name: str, what: str, max_bits: int = MAX_BITS) -> QuantAct:
+    """The layer's calibrated, at most ``max_bits``-bit input quantizer, or a HawqError naming the problem."""
     act = layer.input_quant
     if act is None:
         raise HawqError(f"{what}: layer '{name}' has float activations (activation bits 32)")
     if not act.calibrated:
         raise HawqError(f"{what}: the input quantizer of '{name}' is not calibrated; run calibrate() first")
-    if act.bits > MAX_BITS:
-        raise HawqError(f"{what}: layer '{name}' has {act.bits}-bit activations; at most {MAX_BITS} supported")
+    if act.bits > max_bits:
+        raise HawqError(f"{what}: layer '{name}' has {act.bits}-bit activations; at most {max_bits} supported")
     return act
 
 

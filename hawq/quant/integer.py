@@ -52,6 +52,7 @@ from hawq.quant.fast import pair_safe_codes
 from hawq.quant.fx_rewrite import (
     ADD_FUNCS,
     QUANT_LAYERS,
+    REFERENCE_ACT_MAX_BITS,
     RELU_FUNCS,
     GraphRewriter,
     check_input_quant,
@@ -755,7 +756,7 @@ class _Converter(GraphRewriter):
 
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         v, meta = self.value(node, node.args[0])
-        act = check_input_quant(mod, name, _WHAT)
+        act = check_input_quant(mod, name, _WHAT, REFERENCE_ACT_MAX_BITS)
         codes, w_scale, bias = _layer_codes(mod, name)
         acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
         bias_int = _bias_codes(bias, acc_scale, name)
@@ -892,7 +893,7 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
     """
     for name, mod in model.named_modules():
         if isinstance(mod, QUANT_LAYERS):
-            check_input_quant(mod, name, _WHAT)
+            check_input_quant(mod, name, _WHAT, REFERENCE_ACT_MAX_BITS)
         elif isinstance(mod, StaticGrid) and not mod.calibrated:
             raise HawqError(f"to_integer: the grid '{name}' is not calibrated; run calibrate() first")
     if transformer not in TRANSFORMER_MODES:
