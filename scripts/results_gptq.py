@@ -75,6 +75,7 @@ VARIANTS: dict[str, dict[str, Any]] = {  # QuantConfig overrides of each roundin
     # activation ranges by the MSE-optimal clipped extent instead of min-max (quant.act_calibration)
     "nearest_mse": {"rounding": "nearest", "act_calibration": "mse"},
     "gptq_mse": {"rounding": "gptq", "act_calibration": "mse"},
+    "gptq_percentile": {"rounding": "gptq", "act_calibration": "percentile"},  # act_percentile 99.99
     # diagnostics: the same models evaluated with activation quantization off (weights alone)
     "nearest_weights_only": {"rounding": "nearest", "weights_only": True},
     "gptq_weights_only": {"rounding": "gptq", "weights_only": True},
