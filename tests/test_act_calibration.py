@@ -170,3 +170,16 @@ def test_activation_only_pin_keeps_the_uniform_weight() -> None:
     uniform = _uniform(run, hawq_map, 4)
     assert uniform["a"] == LayerBits(8, 8)  # a weight pin: that weight, the searched activation width
     assert all(uniform[n] == LayerBits(4, 12) for n in pinned)  # not the HAWQ map's 3-bit weight
+
+
+def test_results_gptq_counts_activation_widths_in_bops() -> None:
+    from conftest import load_script
+
+    script = load_script("results_gptq")
+    assert (REPO / script.MODELS["minilm_ffn12"][0]).is_file()
+    assert script.VARIANTS["gptq_mse"] == {"rounding": "gptq", "act_calibration": "mse"}
+    data = {"cells": {"minilm_ffn12/hawq/gptq": {"metric": "cosine_mean", "value": 0.98, "cpu_s_quantize": 29.3}},
+            "fp32": {"minilm_ffn12": {"cosine_mean": 1.0}}, "sizes_mb": {"minilm_ffn12/hawq": 12.198},
+            "bops_g": {"minilm_ffn12/hawq": 1.234}}
+    row = script.markdown_table(data).splitlines()[2]
+    assert row == "| minilm_ffn12 | hawq | 12.198 | 1.234 | gptq | cosine_mean | 0.9800 | -0.0200 | 29.3 |"
