@@ -259,8 +259,6 @@ _RANGES: list[tuple[str, str, Callable[[Any], bool]]] = [
     ("model.pretrain_epochs", ">= 0", lambda v: v >= 0),
     ("model.pretrain_lr", "> 0", lambda v: v > 0),
     ("quant.group_size", "an integer >= 1 or null (per-channel)", lambda v: v is None or v >= 1),
-    ("quant.act_calibration", "'minmax', 'ema', 'percentile' or 'mse'",
-     lambda v: v in ("minmax", "ema", "percentile", "mse")),
     ("quant.act_percentile", "in (0, 100]", lambda v: 0 < v <= 100),
     ("quant.ema_decay", "in [0, 1)", lambda v: 0 <= v < 1),
     ("quant.calib_batches", "an integer >= 1", lambda v: v >= 1),
