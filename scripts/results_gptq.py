@@ -12,6 +12,8 @@ options), activation ranges calibrated, and evaluated without any finetuning. Ev
     python scripts/results_gptq.py --models minilm --threads 1 --out runs/results_gptq/minilm
     python scripts/results_gptq.py --models minilm --variants nearest_weights_only,gptq_weights_only \
         --threads 1 --out runs/results_gptq/minilm   # activations off: what the weights alone cost
+    python scripts/results_gptq.py --models minilm_ffn12 --variants nearest,gptq,gptq_act_order_clip_4x \
+        --threads 1 --out runs/results_gptq/minilm_ffn12   # FFN inputs on 12-bit grids
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from hawq.quant import set_act_quant  # noqa: E402
 from hawq.quant.config import check_rounding  # noqa: E402
 from hawq.quant.stage import quantized_copy  # noqa: E402
 from hawq.run import Run, build_model_and_data, example_forward, read_json, seed_everything, write_json  # noqa: E402
-from hawq.search import build_search_problem, layer_costs, model_size_mb, solve_problem  # noqa: E402
+from hawq.search import bops_g, build_search_problem, layer_costs, model_size_mb, solve_problem  # noqa: E402
 from hawq.search.allocate import resolve_budgets  # noqa: E402
 from hawq.search.stage import uniform_bits_same_size  # noqa: E402
 from hawq.sensitivity.stage import stage_sensitivity  # noqa: E402
@@ -50,6 +52,8 @@ from hawq.sensitivity.stage import stage_sensitivity  # noqa: E402
 MODELS = {  # name: (config, size budget as uniform weight bits, metric shown in the table)
     "fashion": ("configs/fashion_resnet.yaml", 3, "top1"),
     "minilm": ("configs/minilm_sentence.yaml", 4, "cosine_mean"),
+    # the same with the FFN inputs (LayerNorm and GELU outputs) on 12-bit activation grids
+    "minilm_ffn12": ("configs/minilm_sentence_ffn12.yaml", 4, "cosine_mean"),
 }
 VARIANTS: dict[str, dict[str, Any]] = {  # QuantConfig overrides of each rounding variant
     "nearest": {"rounding": "nearest"},
@@ -61,14 +65,20 @@ VARIANTS: dict[str, dict[str, Any]] = {  # QuantConfig overrides of each roundin
     "gptq_act_order_clip_4x": {"rounding": "gptq", "gptq_act_order": True, "gptq_clip_search": True,
                                "gptq_batches": "4x"},
     "gptq_asym": {"rounding": "gptq", "gptq_asymmetric": True},
+    # activation ranges by the MSE-optimal clipped extent instead of min-max (quant.act_calibration)
+    "nearest_mse": {"rounding": "nearest", "act_calibration": "mse"},
+    "gptq_mse": {"rounding": "gptq", "act_calibration": "mse"},
+    "gptq_percentile": {"rounding": "gptq", "act_calibration": "percentile"},  # act_percentile 99.99
     # diagnostics: the same models evaluated with activation quantization off (weights alone)
     "nearest_weights_only": {"rounding": "nearest", "weights_only": True},
     "gptq_weights_only": {"rounding": "gptq", "weights_only": True},
 }
 
 
-def _maps(run: Run, cfg: Config, budget_bits: int, out_dir: Path, progress: bool) -> dict[str, BitMap]:
-    """The uniform map at the budget and the HAWQ map of the same size (traces cached in ``out_dir``)."""
+def _maps(run: Run, cfg: Config, budget_bits: int, out_dir: Path,
+          progress: bool) -> tuple[dict[str, BitMap], dict[str, Any]]:
+    """The uniform map at the budget and the HAWQ map of the same size (traces cached in ``out_dir``), and the
+    layer costs (MACs) for their BOPs."""
     brun = _seed_run(run, cfg, cfg.run.seed, budget_bits)
     brun.run_dir = out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +89,7 @@ def _maps(run: Run, cfg: Config, budget_bits: int, out_dir: Path, progress: bool
                                    group_size=cfg.quant.group_size, progress=progress)
     hawq_bits = solve_problem(problem, resolve_budgets(problem, brun.cfg.search)).bits
     uniform = uniform_bits_same_size(brun, hawq_bits)[1]
-    return {f"uniform{budget_bits}": uniform, "hawq": hawq_bits}
+    return {f"uniform{budget_bits}": uniform, "hawq": hawq_bits}, costs
 
 
 def _with_quant(run: Run, **changes: Any) -> Run:
@@ -111,10 +121,12 @@ def run_gptq_results(models: Sequence[str], variants: Sequence[str], out_dir: Pa
         if model not in data["fp32"]:
             data["fp32"][model] = run.evaluate(run.fp32, "eval fp32")
             write_json(path, data)
-        maps = _maps(run, cfg, budget_bits, out_dir / f"work_{model}", progress)
+        maps, costs = _maps(run, cfg, budget_bits, out_dir / f"work_{model}", progress)
         for map_name, bits in maps.items():
             data["sizes_mb"][f"{model}/{map_name}"] = model_size_mb(run.fp32, bits, run.layers, cfg.quant.per_channel,
                                                                    cfg.quant.group_size)
+            # activation widths count here (the size counts weights only): MACs x weight bits x activation bits
+            data.setdefault("bops_g", {})[f"{model}/{map_name}"] = round(bops_g(run.fp32, bits, costs=costs), 3)
             for variant in variants:
                 cell = f"{model}/{map_name}/{variant}"
                 if cell in data["cells"]:
@@ -139,12 +151,14 @@ def run_gptq_results(models: Sequence[str], variants: Sequence[str], out_dir: Pa
 
 
 def markdown_table(data: dict[str, Any]) -> str:
-    lines = ["| model | weights (act. 8-bit) | size (MB) | rounding | metric | value | vs FP32 | "
-             "quantize CPU s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | weights | size (MB) | BOPs (G) | rounding | metric | value | vs FP32 | "
+             "quantize CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     for cell, r in data["cells"].items():
         model, map_name, variant = cell.split("/")
         fp32 = float(data["fp32"][model][r["metric"]])
-        lines.append(f"| {model} | {map_name} | {data['sizes_mb'][f'{model}/{map_name}']:.3f} | {variant} | "
+        bops = data.get("bops_g", {}).get(f"{model}/{map_name}")
+        lines.append(f"| {model} | {map_name} | {data['sizes_mb'][f'{model}/{map_name}']:.3f} | "
+                     f"{'' if bops is None else bops} | {variant} | "
                      f"{r['metric']} | {r['value']:.4f} | {r['value'] - fp32:+.4f} | {r['cpu_s_quantize']} |")
     fp = ", ".join(f"{m} {v[MODELS[m][2]]:.4f}" for m, v in data["fp32"].items())
     lines.append(f"\nFP32: {fp}")

@@ -738,6 +738,9 @@ def run_model(model: str, cfg: Config, out_dir: Path, seeds: Sequence[int], budg
     keep = {k: v for k, v in config_key(cfg).items() if k in ("model", "data", "sensitivity", "quant", "search")}
     # the rounding is part of each cell's key, so its options (a later hawq's) do not void the file
     keep["quant"] = {k: v for k, v in keep["quant"].items() if k != "rounding" and not k.startswith("gptq")}
+    # likewise a later option at the value that reproduces the files' behaviour before it existed
+    if keep["sensitivity"].get("curvature") == "hessian":
+        del keep["sensitivity"]["curvature"]
     settings = {"model": model, "config": keep, "eigen_iters": eigen_iters,
                 "train": config_key(cfg.train) if finetune_epochs > 0 else None,
                 "finetune_epochs": finetune_epochs}

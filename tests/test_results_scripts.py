@@ -139,3 +139,16 @@ def test_minilm_results_on_a_tiny_encoder(tmp_path):
     assert data["cells"]["uniform8"]["before"] > data["cells"]["uniform4"]["before"]
     table = results_minilm.markdown_table(data)
     assert table.count("\n|") == 4 and "hawq" in table
+
+
+def test_act_ablation_roles_cover_every_minilm_linear(capsys):
+    ablation = load_script("results_act_ablation")
+    names = [f"bert.encoder.layer.{i}.{s}" for i in range(6) for s in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")]
+    roles = [ablation._role_of(n) for n in names]
+    assert [roles.count(r) for r in ablation.ROLES] == [18, 6, 6, 6]
+    assert ablation._role_of("bert.encoder.layer.3.output.dense") == "GELU out -> output.dense"
+    assert ablation._role_of("bert.encoder.layer.3.attention.output.dense").startswith("attention context")
+    assert ablation.main(["--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --threads must be >= 1, got 0"

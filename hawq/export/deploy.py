@@ -273,10 +273,10 @@ def _export_integer(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, op
         return {"skipped": "the integer ONNX export takes models with a single tensor input"}
     try:
         int_model = to_integer(model, inputs[0])
-    except HawqError as e:  # e.g. float-only ops (transformers) or layers above 8 bits
+        export_onnx_integer(int_model, inputs[0], path, opset=opset)
+    except HawqError as e:  # e.g. float-only ops (transformers), layers above 8 bits, inputs above 8 bits
         log.info("integer onnx export skipped: %s", e)
         return {"skipped": str(e)}
-    export_onnx_integer(int_model, inputs[0], path, opset=opset)
     try:
         return {"path": path.name, "check": check_integer(int_model, path, inputs[0])}
     except Exception as e:  # noqa: BLE001

@@ -5,6 +5,7 @@ from typing import Literal, get_args
 
 from hawq import HawqError
 from hawq.keys import added_setting
+from hawq.quant.observers import ActCalibration
 
 ROUNDING_MODES = ("nearest", "gptq")
 TransformerMode = Literal["float", "ibert"]
@@ -21,7 +22,9 @@ class QuantConfig:
 
     per_channel: bool = True  # symmetric per-output-channel weight scales
     group_size: int | None = None  # per-group weights for Linear/Embedding (Q-BERT); None = per-channel
-    act_calibration: Literal["minmax", "ema", "percentile"] = "minmax"
+    # Activation range per tensor (hawq.quant.modules.QuantAct): "minmax", "ema", "percentile", or "mse"
+    # (the clipped extent minimising the squared quantization error; docs/quant.md).
+    act_calibration: ActCalibration = "minmax"
     act_percentile: float = 99.99
     ema_decay: float = 0.99
     calib_batches: int = 8

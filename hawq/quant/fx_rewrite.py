@@ -25,18 +25,21 @@ from hawq.quant.ops import ANY_TARGET, IDENTITY_MODULES, handles, match
 from hawq.quant.quantizers import FLOAT_BITS
 
 MAX_BITS = 8  # integer kernels: weights and activations of at most 8 bits
+# The reference integer engine takes wider layer inputs (int64 storage, exact float64 products); its
+# conversion checks that the worst-case accumulator of every layer still fits in int32.
+REFERENCE_ACT_MAX_BITS = 16
 
 
 # --- checks shared by the conversions (pure functions) -----------------------------------------
-def check_input_quant(layer: nn.Module, name: str, what: str) -> QuantAct:
-    """The layer's calibrated, at most 8-bit input quantizer, or a HawqError naming the problem."""
+def check_input_quant(layer: nn.Module, name: str, what: str, max_bits: int = MAX_BITS) -> QuantAct:
+    """The layer's calibrated, at most ``max_bits``-bit input quantizer, or a HawqError naming the problem."""
     act = layer.input_quant
     if act is None:
         raise HawqError(f"{what}: layer '{name}' has float activations (activation bits 32)")
     if not act.calibrated:
         raise HawqError(f"{what}: the input quantizer of '{name}' is not calibrated; run calibrate() first")
-    if act.bits > MAX_BITS:
-        raise HawqError(f"{what}: layer '{name}' has {act.bits}-bit activations; at most {MAX_BITS} supported")
+    if act.bits > max_bits:
+        raise HawqError(f"{what}: layer '{name}' has {act.bits}-bit activations; at most {max_bits} supported")
     return act
 
 

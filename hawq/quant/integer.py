@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from hawq import HawqError
 from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.fx_rewrite import (
+    REFERENCE_ACT_MAX_BITS,
     GraphRewriter,
     check_input_quant,
     check_weights,
@@ -202,6 +203,9 @@ class _InputRequant(nn.Module):
 
     def onnx_input_codes(self, g: OnnxBuilder, v: str, name: str) -> str:
         """:meth:`input_codes` in ONNX, as INT8 codes (UINT8 for an unsigned 8-bit grid)."""
+        if self.qmin < -128 or self.qmax > 255:  # MatMulInteger / ConvInteger take 8-bit inputs only
+            raise HawqError(f"export_onnx_integer: layer '{name}' has input codes wider than 8 bits "
+                            f"({self.qmin}..{self.qmax}); only the reference integer engine runs them")
         if self.from_float:  # round(x / s) in float64, as the PyTorch integer model does
             x = g.cast(v, torch.float64, f"{name}_in_f64")
             q = g.op("Round", [g.op("Div", [x, g.const(f"{name}_act_scale", self.act_scale, torch.float64)],
@@ -795,7 +799,7 @@ class _Converter(GraphRewriter):
 
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         v, meta = self.value(node, node.args[0])
-        act = check_input_quant(mod, name, _WHAT)
+        act = check_input_quant(mod, name, _WHAT, REFERENCE_ACT_MAX_BITS)
         codes, w_scale, bias = _layer_codes(self.source_modules.get(name, mod), name)
         acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
         bias_int = _bias_codes(bias, acc_scale, name)
@@ -1060,7 +1064,7 @@ def to_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...] | No
     """
     for name, mod in model.named_modules():
         if isinstance(mod, QUANT_LAYERS):
-            check_input_quant(mod, name, _WHAT)
+            check_input_quant(mod, name, _WHAT, REFERENCE_ACT_MAX_BITS)
         elif isinstance(mod, StaticGrid) and not mod.calibrated:
             raise HawqError(f"to_integer: the grid '{name}' is not calibrated; run calibrate() first")
     cfg = infer_quant_config(model) if cfg is None else cfg

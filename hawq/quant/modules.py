@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from hawq import HawqError
 from hawq.quant.config import QuantConfig
+from hawq.quant.observers import ACT_CALIBRATIONS, mse_extent, strided_sample
 from hawq.quant.quantizers import (
     FLOAT_BITS,
     fake_quant_act,
@@ -55,7 +56,9 @@ class QuantAct(nn.Module):
     Calibration methods (``QuantConfig.act_calibration``): ``"minmax"`` (running extremes over all
     batches), ``"ema"`` (exponential moving average of per-batch extremes, decay ``ema_decay``),
     ``"percentile"`` (mean over batches of the ``act_percentile``-th percentile of ``|x|``, or of
-    ``x`` when unsigned, which clips outliers).
+    ``x`` when unsigned, which clips outliers), ``"mse"`` (the extent whose grid minimises the squared
+    quantization error over a fixed-stride sample of every calibration batch so far,
+    :func:`hawq.quant.observers.mse_extent`).
     """
 
     def __init__(self, bits: int, signed: bool | None = None, cfg: QuantConfig | None = None) -> None:
@@ -63,8 +66,8 @@ class QuantAct(nn.Module):
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
             raise HawqError(f"QuantAct: bits must be an integer in 2..16, got {bits!r}")
         cfg = cfg or QuantConfig()
-        if cfg.act_calibration not in ("minmax", "ema", "percentile"):
-            raise HawqError(f"QuantAct: act_calibration must be minmax, ema or percentile, "
+        if cfg.act_calibration not in ACT_CALIBRATIONS:
+            raise HawqError(f"QuantAct: act_calibration must be one of {', '.join(ACT_CALIBRATIONS)}, "
                             f"got '{cfg.act_calibration}'")
         self.bits = bits
         self.fixed_signed = signed
@@ -76,10 +79,11 @@ class QuantAct(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.register_buffer("min_val", torch.tensor(0.0))
         self.register_buffer("max_val", torch.tensor(0.0))
-        self.register_buffer("range_val", torch.tensor(0.0))  # |x| extent used by the percentile method
+        self.register_buffer("range_val", torch.tensor(0.0))  # |x| extent used by the percentile and mse methods
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("signed", torch.tensor(True if signed is None else signed))
         self._flags: tuple[bool, bool] | None = None  # (calibrated, signed) mirrored from the buffers
+        self._mse_samples: list[Tensor] = []  # "mse": the calibration batches' samples, pooled
 
     # --- grid -------------------------------------------------------------------------------
     def _host_flags(self) -> tuple[bool, bool]:
@@ -97,6 +101,7 @@ class QuantAct(nn.Module):
         self.num_batches.zero_()
         self.range_val.zero_()
         self._flags = None
+        self._mse_samples = []
 
     @property
     def calibrated(self) -> bool:
@@ -138,18 +143,29 @@ class QuantAct(nn.Module):
             self.max_val.copy_(torch.maximum(self.max_val, bmax))
         if self.fixed_signed is None:
             self.signed.fill_(bool(self.min_val < 0))
-        if self.method == "percentile":
-            p = _percentile(x.abs() if bool(self.signed) else x.clamp_min(0), self.percentile)
+        if self.method == "mse":  # one search over every batch seen, not a mean of per-batch optima
+            self._mse_samples.append(strided_sample(x))
+            signed = bool(self.signed)
+            amax = torch.maximum(self.min_val.abs(), self.max_val.abs()) if signed else self.max_val.clamp_min(0)
+            self.range_val.copy_(mse_extent(torch.cat(self._mse_samples), self.bits, signed, amax=amax))
+        elif self.method == "percentile":
+            p = self._batch_extent(x, bool(self.signed))
             n = float(self.num_batches)
             self.range_val.copy_((self.range_val * n + p) / (n + 1))
         self.num_batches += 1
         self._flags = None
         self._update_scale()
 
+    def _batch_extent(self, x: Tensor, signed: bool) -> Tensor:
+        """One batch's clipped extent (percentile or MSE methods)."""
+        if self.method == "mse":
+            return mse_extent(x, self.bits, signed).to(self.range_val.device)
+        return _percentile(x.abs() if signed else x.clamp_min(0), self.percentile)
+
     def _update_scale(self) -> None:
         # Tensor ops only (no host sync): this runs every training step in "tracking" mode.
         signed = self.signed
-        if self.method == "percentile":
+        if self.method in ("percentile", "mse"):
             extent = self.range_val
         else:
             extent = torch.where(signed, torch.maximum(self.min_val.abs(), self.max_val.abs()),
@@ -165,9 +181,8 @@ class QuantAct(nn.Module):
         x = x.detach()
         self.min_val.mul_(d).add_((1 - d) * x.min().float())
         self.max_val.mul_(d).add_((1 - d) * x.max().float())
-        if self.method == "percentile":
-            p = _percentile(x.abs() if self.is_signed else x.clamp_min(0), self.percentile)
-            self.range_val.mul_(d).add_((1 - d) * p)
+        if self.method in ("percentile", "mse"):
+            self.range_val.mul_(d).add_((1 - d) * self._batch_extent(x, self.is_signed))
         self._update_scale()
 
     # --- forward ----------------------------------------------------------------------------

@@ -117,5 +117,7 @@ def uniform_bits_same_size(run: Run, bits: BitMap) -> tuple[int, BitMap]:
 def _uniform(run: Run, bits: BitMap, w: int) -> BitMap:
     pins = effective_pins(run)
     a = max(run.cfg.search.activation_bits)
-    return {name: bits[name] if name in pins else LayerBits(w, a) for name in run.layers}
+    # A pin fixes only the widths it names: an activation-only pin leaves the weight uniform.
+    return {name: LayerBits(pins[name].get("weight", w), pins[name].get("activation", a)) if name in pins
+            else LayerBits(w, a) for name in run.layers}
 
