@@ -117,18 +117,18 @@ def test_mse_grids_run_integer_only_bit_for_bit(monkeypatch) -> None:
     for name in bits:
         if name.endswith(("intermediate.dense", "output.dense")) and "attention" not in name:
             bits[name] = LayerBits(4, 12)
-    q = quantize_model(copy.deepcopy(layer), bits, QuantConfig(act_calibration="mse"), transformer="ibert")
+    q = quantize_model(copy.deepcopy(layer), bits, QuantConfig(act_calibration="mse", transformer="ibert"))
     calibrate(q, [(x[:8],)], lambda m, b: m(*b), progress=False)
     wide = [m for n, m in q.named_modules() if isinstance(m, QuantAct) and m.bits == 12]
     assert len(wide) == 2 and all(m.method == "mse" for m in wide)
-    int_model = to_integer(q, example_input=(x[:8],), transformer="ibert")
+    int_model = to_integer(q, example_input=(x[:8],))
     assert not getattr(int_model, "float_nodes", [])
     with torch.no_grad():
         out = int_model(x[8:]).double()
         ref = copy.deepcopy(q).double()(x[8:].double())
     assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), float((out - ref).abs().max() / ref.abs().max())
     # 12-bit input codes: the reference engine only (MatMulInteger takes 8-bit inputs), said in one line.
-    assert set_integer_backend(copy.deepcopy(int_model), "fast")(x[8:]).double().equal(out)
+    assert set_integer_backend(copy.deepcopy(int_model), "int_mm")(x[8:]).double().equal(out)
 
 
 def test_wide_inputs_integer_reference_only(tmp_path) -> None:
