@@ -159,7 +159,7 @@ def test_config_names_the_method() -> None:
 
 
 def test_activation_only_pin_keeps_the_uniform_weight() -> None:
-    from hawq.pipeline import _uniform
+    from hawq.search.stage import _uniform
 
     cfg = load_config(REPO / "configs" / "minilm_sentence_ffn12.yaml")
     pinned = [n for n, p in cfg.search.pins.items() if p == {"activation": 12}]

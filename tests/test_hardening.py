@@ -71,8 +71,8 @@ BAD_VALUES = [
     ("export.onnx_opset=999", "export.onnx_opset is 999 but the installed onnx knows opsets up to"),
     ("train.schedule=linear", "train.schedule must be 'cosine' or 'constant'"),
     ("model.pretrain_lr=0", "model.pretrain_lr must be > 0"),
-    ("quant.act_calibration=max", "config key 'quant.act_calibration': expected one of 'minmax', 'ema', "
-                                  "'percentile', 'mse', got 'max'"),
+    ("quant.act_calibration=max", "quant.act_calibration must be 'minmax', 'ema', 'percentile' or 'mse', "
+                                  "got 'max' (did you mean 'minmax'?)"),
     ("search.weight_bits=[1,4]", "search.weight_bits: bit options must be integers in 2..16, got 1"),
     ("search.solver=glpk", "search.solver: unknown solver 'glpk'"),
     ("search.pins={fc: {weight: 1}}", "search.pins.fc.weight: bits must be in 2..16"),
