@@ -152,3 +152,36 @@ def test_act_ablation_roles_cover_every_minilm_linear(capsys):
     assert ablation._role_of("bert.encoder.layer.3.attention.output.dense").startswith("attention context")
     assert ablation.main(["--threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --threads must be >= 1, got 0"
+
+
+def test_family_exports_resnet18_row_passes_both_verdicts(tmp_path, capsys):
+    family_exports = load_script("family_exports")
+    threads = torch.get_num_threads()
+    try:
+        family_exports.main(["--families", "resnet18", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| family | FP32 score |") and len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == "resnet18"
+    assert float(cells[1]) > 100 / 3  # briefly trained: above chance on the 3 stand-in classes
+    assert cells[2].startswith("pass: worst ") and cells[2].endswith("argmax 100%"), cells[2]
+    assert cells[3] == "pass: bit-identical", cells[3]
+    report = json.loads((tmp_path / "resnet18" / "report.json").read_text())
+    assert report["export"]["onnx"]["check"]["verdict"] == "pass"
+    assert report["export"]["onnx_integer"]["check"]["exact_fraction"] == 1.0
+    # a finished family is reused, not run again
+    (tmp_path / "resnet18" / "report.json").unlink()
+    family_exports.main(["--families", "resnet18", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.strip().splitlines()[2] == lines[2]
+    for bad in (["--families", "resnet18,vgg"], ["--families", ","]):
+        with pytest.raises(SystemExit) as e:
+            family_exports.main([*bad, "--out", str(tmp_path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("--families: unknown family") and "\n" not in err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        family_exports.main(["--out", str(tmp_path / "file" / "sub")])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err
