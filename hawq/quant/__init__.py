@@ -13,6 +13,8 @@ from hawq.quant.ibert import (
 from hawq.quant.integer import (
     Dequantize,
     IntAdd,
+    IntAvgPool2d,
+    IntCat,
     IntConv2d,
     IntLinear,
     IntRequant,
@@ -64,6 +66,8 @@ __all__ = [
     "Dequantize",
     "FakeQuantSTE",
     "IntAdd",
+    "IntAvgPool2d",
+    "IntCat",
     "IntConv2d",
     "IntLinear",
     "IntRequant",

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 import operator
 from typing import Any, Protocol
 
@@ -400,25 +401,14 @@ class IntMaxPool2d(nn.Module):
 
 
 class IntSumPool2d(nn.Module):
-    """Average pooling as an integer window sum and a rounded integer division (scale unchanged)."""
-
-    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None) -> None:
-        super().__init__()
-        self.kernel, self.stride = kernel, stride  # kernel None: global average
+    """Global average pooling as an integer sum and a rounded integer division (scale unchanged)."""
 
     def forward(self, v: Tensor) -> Tensor:
-        if self.kernel is None:
-            n = v.shape[-1] * v.shape[-2]
-            s = v.sum(dim=(-2, -1), keepdim=True)
-        else:
-            n = self.kernel[0] * self.kernel[1]
-            s = F.avg_pool2d(v.to(torch.float64), self.kernel, self.stride, divisor_override=1).to(torch.int64)
+        n = v.shape[-1] * v.shape[-2]
+        s = v.sum(dim=(-2, -1), keepdim=True)
         return torch.div(s + n // 2, n, rounding_mode="floor")
 
     def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
-        if self.kernel is not None:
-            raise HawqError(f"export_onnx_integer: windowed average pool '{name}' is not supported "
-                            "(global average pooling is)")
         total = g.op("ReduceSum", [args[0], g.const(f"{name}_axes", [2, 3], torch.int64)], f"{name}_sum",
                      keepdims=1)
         hw = g.op("Slice", [g.op("Shape", [args[0]], f"{name}_shape"), g.const(f"{name}_start", [2], torch.int64),
@@ -426,6 +416,100 @@ class IntSumPool2d(nn.Module):
         n = g.op("ReduceProd", [hw], f"{name}_n", keepdims=0)
         half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")
         return g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, name)
+
+
+class IntAvgPool2d(nn.Module):
+    """Windowed average pooling (``avg_pool2d``, ``ceil_mode=False``) on an integer tensor.
+
+    ``out = floor((S * 2^k + n // 2) / n)``: ``S`` is the exact integer sum of the window over the
+    zero-padded input, ``n`` the divisor of that output position (``kh * kw`` with
+    ``count_include_pad``, the number of in-bounds elements without it, or ``divisor_override``) and
+    ``2^k`` the fractional bits the output gains (its scale is the input's ``/ 2^k``). That is the
+    exact quotient ``S * 2^k / n`` rounded half up -- the one rounding of the op.
+    """
+
+    def __init__(self, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                 count_include_pad: bool, divisor_override: int | None, frac_bits: int) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
+        self.frac_bits = frac_bits
+
+    def _window_sum(self, v: Tensor) -> Tensor:
+        # float64 holds every sum of kh*kw int32 values exactly; the pads add zeros.
+        s = F.avg_pool2d(v.to(torch.float64), self.kernel, self.stride, self.padding, divisor_override=1)
+        return s.to(torch.int64)
+
+    def _const_divisor(self) -> int | None:
+        if self.divisor_override is not None:
+            return int(self.divisor_override)
+        if self.count_include_pad or self.padding == (0, 0):  # ceil_mode=False: every window is whole
+            return self.kernel[0] * self.kernel[1]
+        return None
+
+    def forward(self, v: Tensor) -> Tensor:
+        total = self._window_sum(v) * 2**self.frac_bits
+        n: Tensor | int | None = self._const_divisor()
+        if n is None:  # in-bounds elements per output position
+            n = self._window_sum(torch.ones((1, 1, *v.shape[-2:]), dtype=torch.int64, device=v.device))
+        return torch.div(total + n // 2, n, rounding_mode="floor")
+
+    def _onnx_window_sum(self, g: OnnxBuilder, x: str, name: str) -> str:
+        """The window sum as ``kh * kw`` strided slices of the zero-padded input, added in INT64."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        if ph or pw:
+            x = g.op("Pad", [x, g.const(f"{name}_pads", [0, 0, ph, pw, 0, 0, ph, pw], torch.int64)], f"{name}_pad")
+        steps = g.const(f"{name}_steps", [sh, sw], torch.int64)
+        axes = g.const(f"{name}_axes", [2, 3], torch.int64)
+        total = None
+        big = 2**62
+        for i in range(kh):
+            for j in range(kw):
+                # From offset (i, j) to (kh-1-i, kw-1-j) before the end: exactly the output size per axis.
+                ends = [-(kh - 1 - i) or big, -(kw - 1 - j) or big]
+                part = g.op("Slice", [x, g.const(f"{name}_start_{i}_{j}", [i, j], torch.int64),
+                                      g.const(f"{name}_end_{i}_{j}", ends, torch.int64), axes, steps],
+                            f"{name}_win_{i}_{j}")
+                total = part if total is None else g.op("Add", [total, part], f"{name}_sum_{i}_{j}")
+        return total
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        total = self._onnx_window_sum(g, args[0], name)
+        if self.frac_bits:
+            total = g.op("Mul", [total, g.const(f"{name}_frac", 2**self.frac_bits, torch.int64)], f"{name}_scaled")
+        const_n = self._const_divisor()
+        if const_n is not None:
+            n, half = g.const(f"{name}_n", const_n, torch.int64), g.const(f"{name}_half", const_n // 2, torch.int64)
+        else:
+            corner = g.op("Slice", [args[0], g.const(f"{name}_c0", [0, 0], torch.int64),
+                                    g.const(f"{name}_c1", [1, 1], torch.int64),
+                                    g.const(f"{name}_caxes", [0, 1], torch.int64)], f"{name}_corner")
+            zero = g.op("Mul", [corner, g.const(f"{name}_zero", 0, torch.int64)], f"{name}_zeros")
+            ones = g.op("Add", [zero, g.const(f"{name}_one", 1, torch.int64)], f"{name}_ones")
+            n = self._onnx_window_sum(g, ones, f"{name}_count")
+            half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")  # n > 0: floor
+        return g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, name)
+
+
+class IntCat(nn.Module):
+    """Concatenation on one shared grid: each input rescaled (dyadic) to the common scale, then joined."""
+
+    def __init__(self, scales: list[Tensor], scale_out: Tensor, dim: int) -> None:
+        super().__init__()
+        self.dim, self.n = dim, len(scales)
+        for i, s in enumerate(scales):
+            m, c = dyadic(s / scale_out)
+            self.register_buffer(f"mult_{i}", m)
+            self.register_buffer(f"shift_{i}", c)
+
+    def forward(self, *vs: Tensor) -> Tensor:
+        return torch.cat([rescale(v, getattr(self, f"mult_{i}"), getattr(self, f"shift_{i}"))
+                          for i, v in enumerate(vs)], self.dim)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        parts = [g.rescale(a, getattr(self, f"mult_{i}"), getattr(self, f"shift_{i}"), f"{name}_{i}")
+                 for i, a in enumerate(args)]
+        return g.op("Concat", parts, f"{name}_out", axis=self.dim)
 
 
 class IntFlatten(nn.Module):
@@ -547,7 +631,8 @@ class _Converter(GraphRewriter):
 
     what = _WHAT
     target = "integer"
-    supported = "quantized Conv2d/Linear, BatchNorm2d, ReLU, add, max/avg pool, flatten, dropout"
+    supported = ("quantized Conv2d/Linear, BatchNorm2d, ReLU, add, cat, max pool, avg pool (ceil_mode=False), "
+                 "global avg pool, flatten, dropout")
     float_layer_hint = "integer inference needs every conv/linear quantized"
     graph_name = "IntegerModel"
 
@@ -913,21 +998,67 @@ class _Converter(GraphRewriter):
         end = node.args[2] if len(node.args) > 2 else -1
         self._flatten(node, node.name, self.env[node.args[0]], self.info[node.args[0]], start, end)
 
+    def _pool_args(self, node: fx.Node, mod: nn.Module | None, names: tuple[str, ...]) -> dict[str, Any] | None:
+        """A pooling node's settings by name (module attributes or the call's arguments), or None when
+        its input is not one integer tensor."""
+        if mod is not None:
+            if len(node.args) != 1 or node.kwargs or not self._all_int(node):
+                return None
+            return {k: getattr(mod, k) for k in names[1:]}
+        bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        if set(bound) - set(names) or not isinstance(bound.get("input"), fx.Node) or not self._all_int(node):
+            return None
+        return bound
+
+    _MAX_POOL = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    _AVG_POOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
     @handles("max_pool", "integer")
     def _rule_max_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
-        unary = self._unary_int(node) if mod is not None else None
-        if unary is None:
+        p = self._pool_args(node, mod, self._MAX_POOL)
+        if p is None or p.get("return_indices", False):
             return self._float_op(node, mod)
-        self._emit(node, node.target, IntMaxPool2d(mod), (unary[0],), unary[1])
+        pool = mod if mod is not None else nn.MaxPool2d(
+            p["kernel_size"], p.get("stride"), p.get("padding", 0), p.get("dilation", 1),
+            ceil_mode=p.get("ceil_mode", False))
+        v, meta = self.env[node.args[0]], self.info[node.args[0]]
+        self._emit(node, node.target if mod is not None else node.name, IntMaxPool2d(pool), (v,), meta)
 
     @handles("avg_pool", "integer")
     def _rule_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
-        unary = self._unary_int(node) if mod is not None else None
-        if unary is None or mod.padding not in (0, (0, 0)) or mod.ceil_mode:
-            return self._float_op(node, mod)
-        k = nn.modules.utils._pair(mod.kernel_size)
-        s = nn.modules.utils._pair(mod.stride or mod.kernel_size)
-        self._emit(node, node.target, IntSumPool2d(k, s), (unary[0],), unary[1])
+        p = self._pool_args(node, mod, self._AVG_POOL)
+        pair = nn.modules.utils._pair
+        if p is None or p.get("ceil_mode", False) or isinstance(p.get("padding", 0), str):
+            return self._float_op(node, mod, why=": integer average pooling needs ceil_mode=False"
+                                  if p is not None and p.get("ceil_mode", False) else "")
+        k = pair(p["kernel_size"])
+        s = pair(p.get("stride") or p["kernel_size"])
+        pad = pair(p.get("padding", 0))
+        v, meta = self.env[node.args[0]], self.info[node.args[0]]
+        # Fractional bits for the quotient, as many as keep |out| < 2^30 (at most FRACTION_BITS).
+        top = float(meta.bound.max()) + 1
+        frac = int(min(max(math.floor(math.log2(2.0**30 / top)), 0), FRACTION_BITS))
+        module = IntAvgPool2d(k, s, pad, bool(p.get("count_include_pad", True)), p.get("divisor_override"), frac)
+        name = node.target if mod is not None else node.name
+        self._emit(node, name, module, (v,), _Meta(meta.scale / 2.0**frac, bound=meta.bound * 2.0**frac + 1))
+
+    @handles("cat", "integer")
+    def _rule_cat(self, node: fx.Node, mod: nn.Module | None) -> None:
+        bound = dict(zip(("tensors", "dim"), node.args, strict=False)) | dict(node.kwargs)
+        parts = bound.get("tensors")
+        if (set(bound) - {"tensors", "dim"} or not isinstance(parts, (list, tuple)) or not parts
+                or not all(isinstance(t, fx.Node) for t in parts) or not self._all_int(node)):
+            return self._float_op(node)
+        metas = [self.info[t] for t in parts]
+        # One per-tensor grid for all parts: the finest part's scale refined by up to FRACTION_BITS
+        # while the largest value stays below 2^30 (as for the residual add).
+        real_bound = max(float((m.bound * m.scale).max()) for m in metas)
+        finest = min(float(m.scale.min()) for m in metas)
+        out = torch.tensor(max(finest / 2.0**FRACTION_BITS, real_bound / 2.0**30), dtype=torch.float64)
+        module = IntCat([m.scale for m in metas], out, int(bound.get("dim", 0)))
+        bound_out = torch.tensor(real_bound / float(out) + 1, dtype=torch.float64)
+        self._emit(node, node.name, module, tuple(self.env[t] for t in parts),
+                   _Meta(out, all(m.spatial_one for m in metas), bound_out))
 
     @handles("adaptive_avg_pool", "integer")
     def _rule_adaptive_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
@@ -942,7 +1073,7 @@ class _Converter(GraphRewriter):
         if unary is None or not is_global:
             return self._float_op(node, mod)
         v, meta = unary
-        self._emit(node, name, IntSumPool2d(None, None), (v,), _Meta(meta.scale, True, meta.bound))
+        self._emit(node, name, IntSumPool2d(), (v,), _Meta(meta.scale, True, meta.bound))
 
     @handles("grid", "integer")
     def _rule_grid(self, node: fx.Node, mod: nn.Module | None) -> None:
