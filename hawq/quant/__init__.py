@@ -12,6 +12,7 @@ from hawq.quant.ibert import (
 )
 from hawq.quant.integer import (
     Dequantize,
+    InputTransform,
     IntAdd,
     IntAvgPool2d,
     IntCat,
@@ -68,6 +69,7 @@ __all__ = [
     "IntAdd",
     "IntAvgPool2d",
     "IntCat",
+    "InputTransform",
     "IntConv2d",
     "IntLinear",
     "IntRequant",

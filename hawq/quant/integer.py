@@ -552,6 +552,52 @@ class QuantizeInput(nn.Module):
         return torch.round(x.to(torch.float64) / self.act_scale).clamp(self.qmin, self.qmax).to(torch.int64)
 
 
+class InputTransform(nn.Module):
+    """One op of a float transform of the model input before its quantization (e.g. Inception-V3's
+    ``transform_input``): in float64, in PyTorch and in ONNX alike (IEEE operations, same results).
+
+    ``kind``: ``"index"`` (``x[:, i]``: full slices and integers), ``"unsqueeze"``, ``"mul"``,
+    ``"add"``, ``"sub"``, ``"div"`` (with a Python number, ``reverse``: the number on the left) or
+    ``"cat"``.
+    """
+
+    ARITH = {"mul": ("Mul", operator.mul), "add": ("Add", operator.add), "sub": ("Sub", operator.sub),
+             "div": ("Div", operator.truediv)}
+
+    def __init__(self, kind: str, param: Any = None, reverse: bool = False) -> None:
+        super().__init__()
+        self.kind, self.param, self.reverse = kind, param, reverse
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        xs = tuple(x.to(torch.float64) for x in xs)
+        if self.kind == "index":
+            return xs[0][self.param]
+        if self.kind == "unsqueeze":
+            return xs[0].unsqueeze(self.param)
+        if self.kind == "cat":
+            return torch.cat(xs, self.param)
+        fn = self.ARITH[self.kind][1]
+        return fn(self.param, xs[0]) if self.reverse else fn(xs[0], self.param)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        xs = [g.cast(a, torch.float64, f"{name}_f64_{i}") for i, a in enumerate(args)]
+        if self.kind == "index":
+            x, axis = xs[0], 0
+            for k, item in enumerate(self.param):
+                if isinstance(item, int):  # Gather with a scalar index drops the axis
+                    x = g.op("Gather", [x, g.const(f"{name}_idx_{k}", item, torch.int64)], f"{name}_take_{k}",
+                             axis=axis)
+                else:
+                    axis += 1
+            return x
+        if self.kind == "unsqueeze":
+            return g.op("Unsqueeze", [xs[0], g.const(f"{name}_axes", [self.param], torch.int64)], f"{name}_out")
+        if self.kind == "cat":
+            return g.op("Concat", xs, f"{name}_out", axis=self.param)
+        c = g.const(f"{name}_c", float(self.param), torch.float64)
+        return g.op(self.ARITH[self.kind][0], [c, xs[0]] if self.reverse else [xs[0], c], f"{name}_out")
+
+
 class Dequantize(nn.Module):
     """Final dequantization: ``v * s`` (the only float op after the input quantization)."""
 
@@ -578,12 +624,13 @@ class _Meta:
     """Conversion-time facts about one integer tensor: its scale and whether dims after C are 1."""
 
     def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None,
-                 grid: tuple[int, int] | None = None, fixed: bool = False) -> None:
+                 grid: tuple[int, int] | None = None, fixed: bool = False, input_side: bool = False) -> None:
         self.scale = scale  # None: the float model input
         self.spatial_one = spatial_one
         self.bound = bound  # a static bound on |v| (same broadcast shape as scale): proves no overflow
         self.grid = grid  # (qmin, qmax) when v holds codes of a per-tensor grid (matmul operands)
         self.fixed = fixed  # the grid is the fake-quant model's (a StaticGrid / QuantSoftmax): keep it as is
+        self.input_side = input_side  # a float value computed from the model inputs only (before quantization)
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -850,6 +897,10 @@ class _Converter(GraphRewriter):
     def _float_op(self, node: fx.Node, mod: nn.Module | None = None, why: str = "") -> None:
         """Run ``node`` unchanged on plain float64 values (only with ``float_ops=True``)."""
         if not self.float_ops:
+            transform = self._input_transform(node)
+            if transform is not None:
+                args = tuple(self.env[a] for a in self._tensor_inputs(node))
+                return self._emit(node, node.name, transform, args, _Meta(None, input_side=True))
             raise self.unsupported(node, why + " (float_ops=True runs it in float)", module=mod)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._plain)
         target = node.target
@@ -861,9 +912,37 @@ class _Converter(GraphRewriter):
             self.float_nodes.append(str(node.target) if node.op == "call_module" else node.name)
 
     # --- handlers -----------------------------------------------------------------------------
+    _ARITH_OPS = {operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.add: "add", torch.add: "add",
+                  "add": "add", operator.sub: "sub", torch.sub: "sub", "sub": "sub", operator.truediv: "div",
+                  torch.div: "div", "div": "div"}
+
+    def _input_transform(self, node: fx.Node) -> InputTransform | None:
+        """``node`` as an :class:`InputTransform` when it transforms the float model input (every tensor
+        input is a float value computed from model inputs only) with a supported op, else None."""
+        inputs = self._tensor_inputs(node)
+        if (node.op == "call_module" or not inputs or node.kwargs
+                or not all(self.info[a].scale is None and self.info[a].input_side for a in inputs)):
+            return None
+        t, args = node.target, node.args
+        if t is operator.getitem and len(args) == 2:
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            full = slice(None)
+            if all(isinstance(i, int) or i == full for i in idx):
+                return InputTransform("index", idx)
+        elif t in (torch.unsqueeze, "unsqueeze") and len(args) == 2 and isinstance(args[1], int):
+            return InputTransform("unsqueeze", args[1])
+        elif t in (torch.cat, torch.concat) and len(args) in (1, 2) and isinstance(args[0], (list, tuple)):
+            return InputTransform("cat", args[1] if len(args) == 2 else 0)
+        elif t in self._ARITH_OPS and len(args) == 2 and len(inputs) == 1:
+            number = args[1] if isinstance(args[0], fx.Node) else args[0]
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                return InputTransform(self._ARITH_OPS[t], number, reverse=not isinstance(args[0], fx.Node))
+        return None
+
     def on_placeholder(self, node: fx.Node) -> None:
         ph = self.graph.placeholder(node.name, default_value=node.args[0] if node.args else inspect.Signature.empty)
-        self.bind(node, self.graph.call_function(_as_float64, (ph,)) if self.float_ops else ph, _Meta(None))
+        self.bind(node, self.graph.call_function(_as_float64, (ph,)) if self.float_ops else ph,
+                  _Meta(None, input_side=True))
 
     def on_get_attr(self, node: fx.Node) -> None:
         self._float_op(node)
