@@ -14,9 +14,11 @@ Operators (the ``"integer"`` handlers of :data:`hawq.quant.ops.RULES`; each inte
 itself to ONNX with ``to_onnx``): QuantConv2d / QuantBnConv2d / QuantLinear (the layer's own
 ``int_weight()`` codes x int8 input codes -> int32, bias in int32 at ``s_in * s_w``); BatchNorm2d
 on an integer tensor (eval statistics; folded into the per-channel scale, a sign flip and an int32
-bias); ReLU; residual add (both operands rescaled to a common scale with dyadic multipliers); max
-pool; global / non-overlapping average pool (integer sum then rounded integer division); flatten;
-dropout and identity.
+bias); ReLU; residual add and concatenation (every operand rescaled to one common scale with dyadic
+multipliers); max pool; global and windowed average pooling (integer window sum, then the exact
+quotient by each position's divisor rounded half up: padding, ``count_include_pad``); flatten;
+dropout and identity; a float transform of the model input before its quantization (Inception-V3's
+``transform_input``), in float64.
 
 With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT
 kernels of :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
