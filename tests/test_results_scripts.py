@@ -1,4 +1,4 @@
-"""The results scripts (scripts/results_fashion.py, scripts/results_minilm.py) on tiny settings."""
+"""The results scripts (results_fashion, results_minilm, integer_inception in scripts/) on tiny settings."""
 
 import json
 from pathlib import Path
@@ -139,3 +139,19 @@ def test_minilm_results_on_a_tiny_encoder(tmp_path):
     assert data["cells"]["uniform8"]["before"] > data["cells"]["uniform4"]["before"]
     table = results_minilm.markdown_table(data)
     assert table.count("\n|") == 4 and "hawq" in table
+
+
+def test_integer_inception_script_small(monkeypatch, capsys):
+    script = load_script("integer_inception")
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "75", "--classes", "10"])
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "model_int.onnx pass (bit-identical" in out and "9 Pad" in out, out
+    monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "32"])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2
