@@ -290,3 +290,15 @@ def test_integer_avg_pool_and_cat_match_fake_quant(count_include_pad: bool) -> N
     assert (diff <= step).all(dim=1).float().mean() >= 0.95
     assert diff.max() <= 0.01 * logits_fq64.abs().max()
     assert (logits_int.argmax(1) == logits_fq64.argmax(1)).float().mean() >= 0.95
+
+
+def test_avg_pool_ceil_mode_is_a_one_line_error() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(3, 2, 1, ceil_mode=True), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 2))
+    x = torch.randn(4, 1, 8, 8)
+    q = quantize_model(net, uniform_bitmap(["0", "3"], 8, 8))
+    calibrate(q, [x], _run, progress=False)
+    with pytest.raises(HawqError, match=r"cannot convert module '1' \(AvgPool2d\): integer average pooling needs "
+                                        r"ceil_mode=False"):
+        to_integer(q, x)

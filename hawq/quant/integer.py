@@ -1109,7 +1109,8 @@ class _Converter(GraphRewriter):
     def _rule_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
         p = self._pool_args(node, mod, self._AVG_POOL)
         pair = nn.modules.utils._pair
-        if p is None or p.get("ceil_mode", False) or isinstance(p.get("padding", 0), str):
+        if (p is None or p.get("ceil_mode", False) or isinstance(p.get("padding", 0), str)
+                or self.info[node.args[0]].bound is None):
             return self._float_op(node, mod, why=": integer average pooling needs ceil_mode=False"
                                   if p is not None and p.get("ceil_mode", False) else "")
         k = pair(p["kernel_size"])
@@ -1128,7 +1129,8 @@ class _Converter(GraphRewriter):
         bound = dict(zip(("tensors", "dim"), node.args, strict=False)) | dict(node.kwargs)
         parts = bound.get("tensors")
         if (set(bound) - {"tensors", "dim"} or not isinstance(parts, (list, tuple)) or not parts
-                or not all(isinstance(t, fx.Node) for t in parts) or not self._all_int(node)):
+                or not all(isinstance(t, fx.Node) for t in parts) or not self._all_int(node)
+                or any(self.info[t].bound is None for t in parts)):
             return self._float_op(node)
         metas = [self.info[t] for t in parts]
         # One per-tensor grid for all parts: the finest part's scale refined by up to FRACTION_BITS
