@@ -1,4 +1,4 @@
-"""The results scripts (scripts/results_fashion.py, scripts/results_minilm.py) on tiny settings."""
+"""The results scripts (results_fashion, results_minilm, integer_inception in scripts/) on tiny settings."""
 
 import json
 from pathlib import Path
@@ -152,3 +152,19 @@ def test_act_ablation_roles_cover_every_minilm_linear(capsys):
     assert ablation._role_of("bert.encoder.layer.3.attention.output.dense").startswith("attention context")
     assert ablation.main(["--threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --threads must be >= 1, got 0"
+
+
+def test_integer_inception_script_small(monkeypatch, capsys):
+    script = load_script("integer_inception")
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "75", "--classes", "10"])
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "model_int.onnx pass (bit-identical" in out and "9 Pad" in out, out
+    monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "32"])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2
