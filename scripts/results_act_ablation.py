@@ -37,8 +37,8 @@ from results_fashion import build_config  # noqa: E402
 
 from hawq import HawqError  # noqa: E402
 from hawq.bitmap import LayerBits  # noqa: E402
-from hawq.run import Run, build_model_and_data, seed_everything  # noqa: E402
 from hawq.quant import QuantAct, calibrate, quantize_model  # noqa: E402
+from hawq.run import Run, build_model_and_data, seed_everything  # noqa: E402
 
 CONFIG = "configs/minilm_sentence.yaml"
 ROLES = {  # role: the Linear whose input it is (suffix of the layer name)
