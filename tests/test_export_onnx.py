@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import onnx
 import pytest
 import torch
+from conftest import branches_model
 from onnx import TensorProto
 from torch import nn
 
@@ -142,6 +145,62 @@ def test_integer_onnx_is_bit_identical_to_pytorch_integer_model(tmp_path, fold):
     assert result["max_diff_in_steps"] <= 1.0, result
     assert result["exact_fraction"] == 1.0 and result["max_abs_diff"] == 0.0, result
     assert result["argmax_agreement"] == 1.0, result
+
+
+def _assert_bit_identical(int_model, path, inputs) -> dict:
+    result = compare_onnx_integer(int_model, path, inputs)
+    assert result["exact_fraction"] == 1.0 and result["max_abs_diff"] == 0.0, result
+    assert result["argmax_agreement"] == 1.0, result
+    return result
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_integer_onnx_windowed_avg_pool_and_cat_bit_identical(tmp_path, count_include_pad):
+    q, x = branches_model(count_include_pad)
+    int_model = to_integer(q, x[:2])
+    path = export_onnx_integer(int_model, x[:2], tmp_path / "branches.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Concat" in ops and "Pad" in ops and "MaxPool" in ops
+    assert not {"AveragePool", "Conv", "Gemm", "MatMul"} & set(ops)  # the window sums are INT64 slices
+    _assert_bit_identical(int_model, path, torch.randn(40, 1, 13, 11) * 2)  # other batch, clipping
+
+
+@pytest.mark.parametrize("transform_input", [False, True])
+def test_inception_v3_integer_onnx_bit_identical(tmp_path, transform_input):
+    """torchvision Inception-V3 as deployed (no aux head, eval), 75x75, 10 classes: to_integer and
+    export_onnx_integer convert every op (padded 3x3 average pools, branch concatenations, max
+    pools, global pool, dropout, and with ImageNet weights' ``transform_input`` the float64 input
+    transform before the input quantization); onnxruntime computes the PyTorch integer model bit for bit."""
+    from hawq.models.registry import get_model_spec
+    from hawq.quant import InputTransform, integer_layers
+
+    torch.manual_seed(0)
+    net = get_model_spec("inception_v3").builder(num_classes=10, aux_logits=False,
+                                                 transform_input=transform_input).eval()
+    x = torch.rand(4, 3, 75, 75)
+    q = quantize_model(net, {n: LayerBits(4 if i % 3 == 1 else 8, 8)
+                             for i, n in enumerate(quantizable_layers(net))}, QuantConfig())
+    calibrate(q, [x], lambda m, b: m(b), progress=False)
+    int_model = to_integer(q.eval(), x[:2])
+    assert not int_model.float_nodes
+    kinds = [type(m).__name__ for m in int_model.modules()]
+    assert kinds.count("IntAvgPool2d") == 9 and kinds.count("IntCat") >= 11
+    assert any(isinstance(m, InputTransform) for m in int_model.modules()) == transform_input
+    # The input quantization sees what the fake-quant model's first quantizer sees (in float64).
+    xt = torch.rand(3, 3, 75, 75) * 1.2 - 0.1
+    seen = {}
+    first = q.Conv2d_1a_3x3.conv
+    hook = first.input_quant.register_forward_pre_hook(lambda m, inp: seen.update(fq=inp[0].detach()))
+    copy.deepcopy(q).double()(xt.double())
+    hook.remove()
+    conv = integer_layers(int_model)["Conv2d_1a_3x3.conv"]
+    hook = conv.register_forward_pre_hook(lambda m, inp: seen.update(int=m.input_codes(inp[0])))
+    int_model(xt)
+    hook.remove()
+    act = first.input_quant
+    assert torch.equal(seen["int"], torch.round(seen["fq"] / float(act.scale)).clamp(act.qmin, act.qmax).long())
+    path = export_onnx_integer(int_model, x[:2], tmp_path / "inception_int.onnx")
+    _assert_bit_identical(int_model, path, xt)
 
 
 def test_integer_onnx_linear_signed_and_unsigned_grids(tmp_path):

@@ -187,7 +187,7 @@ def test_gptq_restores_activation_modes_and_rejects_bad_input():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("quant.rounding=gptqq", "quant.rounding must be one of nearest, gptq"),
+    ("quant.rounding=gptqq", "quant.rounding must be 'nearest' or 'gptq', got 'gptqq'"),
     ("quant.gptq_damp=0", "quant.gptq_damp"),
     ("quant.gptq_block_size=0", "quant.gptq_block_size"),
     ("quant.gptq_batches=0", "quant.gptq_batches"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import branches_model
 from torch import nn
 
 from hawq import HawqError
@@ -246,3 +247,58 @@ def test_bert_style_block_with_float_islands() -> None:
     # Islands see exactly the dequantized accumulators, so only float rounding separates the two.
     assert (out.double() - ref).abs().max() < 1e-6 * ref.abs().max()
     assert torch.equal(set_integer_backend(int_model, "int_mm")(ids), out)
+
+
+# --- windowed average pooling and concatenation (Inception-V3's ops) ----------------------------
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "override"),
+                         [(3, 1, 1, None), (3, 2, 1, None), ((2, 3), (2, 1), (1, 0), None), (3, 1, 1, 5)])
+def test_int_avg_pool_is_the_rounded_exact_quotient(count_include_pad, kernel, stride, padding, override) -> None:
+    from hawq.quant import IntAvgPool2d
+
+    pair = nn.modules.utils._pair
+    g = torch.Generator().manual_seed(0)
+    v = torch.randint(-(2**20), 2**20, (2, 3, 7, 6), generator=g)
+    v[0, 0, :3, :3] = 1  # windows whose sum / divisor is a tie (x.5) at some positions
+    for frac in (0, 3):
+        pool = IntAvgPool2d(pair(kernel), pair(stride), pair(padding), count_include_pad, override, frac)
+        got = pool(v)
+        # PyTorch's float64 average (exact here: |v| < 2^21) scaled by 2^frac and rounded half up
+        ref = F.avg_pool2d(v.double() * 2**frac, kernel, stride, padding, count_include_pad=count_include_pad,
+                           divisor_override=override)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, torch.floor(ref + 0.5).long())
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_integer_avg_pool_and_cat_match_fake_quant(count_include_pad: bool) -> None:
+    from hawq.quant import IntCat
+
+    q, x = branches_model(count_include_pad)
+    int_model = to_integer(q, x[:2])
+    kinds = [type(m).__name__ for m in int_model.modules()]
+    assert kinds.count("IntAvgPool2d") == 3 and kinds.count("IntCat") == 1 and "IntMaxPool2d" in kinds
+    assert not int_model.float_nodes
+    cat = next(m for m in int_model.modules() if isinstance(m, IntCat))
+    assert len({int(cat.shift_0.max()), int(cat.shift_1.max())}) > 1  # parts really on different scales
+    xt = torch.randn(64, 1, 13, 11) * 1.5
+    logits_int = int_model(xt)
+    logits_fq64 = copy.deepcopy(q).double()(xt.double())
+    # The test of the demo ResNet: one output step (the fc accumulator step), rare ties aside.
+    step = float(q.fc.input_quant.scale) * q.fc.weight_scale().double()
+    diff = (logits_int.double() - logits_fq64).abs()
+    assert (diff <= step).all(dim=1).float().mean() >= 0.95
+    assert diff.max() <= 0.01 * logits_fq64.abs().max()
+    assert (logits_int.argmax(1) == logits_fq64.argmax(1)).float().mean() >= 0.95
+
+
+def test_avg_pool_ceil_mode_is_a_one_line_error() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(3, 2, 1, ceil_mode=True), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 2))
+    x = torch.randn(4, 1, 8, 8)
+    q = quantize_model(net, uniform_bitmap(["0", "3"], 8, 8))
+    calibrate(q, [x], _run, progress=False)
+    with pytest.raises(HawqError, match=r"cannot convert module '1' \(AvgPool2d\): integer average pooling needs "
+                                        r"ceil_mode=False"):
+        to_integer(q, x)

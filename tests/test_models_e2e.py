@@ -67,9 +67,16 @@ def test_resnet18_all_stages(tmp_path, images):
     ["model.name=inception_v3", "model.kwargs={aux_logits: false}", "data.image_size=75"],
 ], ids=["squeezenext", "inception_v3"])
 def test_image_families(tmp_path, images, overrides):
-    report = _run(tmp_path, [*overrides, "data.name=imagenet_folder", f"data.root={images}"])
+    report = _run(tmp_path, [*overrides, "data.name=imagenet_folder", f"data.root={images}", "export.onnx=false"],
+                  stages="[sensitivity,search,quantize,export]")
     assert 0.0 <= report["quant_top1_before_finetune"] <= 100.0
     assert "top5" not in report["quant_before_finetune"]  # 3 classes: every label is in the top 5
+    # the integer-only model (Inception: padded average pools, branch concatenations) is written and
+    # onnxruntime computes it bit for bit like the PyTorch integer model
+    integer = report["export"]["onnx_integer"]
+    assert integer.get("path") == "model_int.onnx", integer
+    assert integer["check"]["verdict"] == "pass" and integer["check"]["exact_fraction"] == 1.0, integer
+    assert (tmp_path / "runs" / "e2e" / "model_int.onnx").is_file()
 
 
 def test_bert_sst2(tmp_path):

@@ -1,4 +1,4 @@
-"""The results scripts (scripts/results_fashion.py, scripts/results_minilm.py) on tiny settings."""
+"""The results scripts (results_fashion, results_minilm, integer_inception in scripts/) on tiny settings."""
 
 import json
 from pathlib import Path
@@ -185,3 +185,19 @@ def test_family_exports_resnet18_row_passes_both_verdicts(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         family_exports.main(["--out", str(tmp_path / "file" / "sub")])
     assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_integer_inception_script_small(monkeypatch, capsys):
+    script = load_script("integer_inception")
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "75", "--classes", "10"])
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "model_int.onnx pass (bit-identical" in out and "9 Pad" in out, out
+    monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "32"])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2

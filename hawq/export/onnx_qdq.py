@@ -452,8 +452,8 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
     Every operator is the PyTorch integer model's, on the same integers: the model input is
     quantized as ``round(x / s)`` in float64, convs and linears are ``ConvInteger``/``MatMulInteger``
     (int8/uint8 codes x int8 codes -> int32), and every rescale is ``floor((v*m + 2^(c-1)) / 2^c)`` in
-    INT64 (``Mod`` then an exact ``Div``). Float islands (``to_integer(float_ops=True)``) and
-    windowed average pooling have no rule and raise a HawqError.
+    INT64 (``Mod`` then an exact ``Div``); windowed average pools are INT64 sums of strided ``Slice``s of
+    the ``Pad``-ded input. Float islands (``to_integer(float_ops=True)``) have no rule and raise a HawqError.
     """
     check_opset(opset, "export_onnx_integer: opset")
     if getattr(int_model, "float_nodes", None):

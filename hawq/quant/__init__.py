@@ -12,7 +12,10 @@ from hawq.quant.ibert import (
 )
 from hawq.quant.integer import (
     Dequantize,
+    InputTransform,
     IntAdd,
+    IntAvgPool2d,
+    IntCat,
     IntConv2d,
     IntLinear,
     IntRequant,
@@ -64,6 +67,9 @@ __all__ = [
     "Dequantize",
     "FakeQuantSTE",
     "IntAdd",
+    "IntAvgPool2d",
+    "IntCat",
+    "InputTransform",
     "IntConv2d",
     "IntLinear",
     "IntRequant",

@@ -4,10 +4,12 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from hawq import HawqError
+from hawq.choices import check_choice
 from hawq.keys import added_setting
 from hawq.quant.observers import ActCalibration
 
-ROUNDING_MODES = ("nearest", "gptq")
+Rounding = Literal["nearest", "gptq"]
+ROUNDING_MODES: tuple[str, ...] = get_args(Rounding)
 TransformerMode = Literal["float", "ibert"]
 TRANSFORMER_MODES: tuple[str, ...] = get_args(TransformerMode)
 
@@ -31,7 +33,7 @@ class QuantConfig:
     fold_bn: bool = False  # HAWQ-V3 QuantBnConv2d: fold BN into the preceding conv during QAT
     # Weight rounding after quantization, before activation calibration (docs/quant.md,
     # "Second-order rounding"): "nearest", or "gptq" (hawq.quant.gptq_round_).
-    rounding: str = "nearest"
+    rounding: Rounding = "nearest"
     gptq_batches: int | None = None  # calibration batches for the layer Hessians; None = calib_batches
     gptq_damp: float = 0.01  # dampening: H += gptq_damp * mean(diag H) * I
     gptq_block_size: int = 128  # lazy-batch block of columns
@@ -50,8 +52,7 @@ class QuantConfig:
 
 def check_rounding(cfg: QuantConfig) -> None:
     """Fail fast, with one line naming the key, on a bad ``quant.rounding`` or ``quant.gptq_*`` value."""
-    if cfg.rounding not in ROUNDING_MODES:
-        raise HawqError(f"quant.rounding must be one of {', '.join(ROUNDING_MODES)}, got '{cfg.rounding}'")
+    check_choice(cfg.rounding, Rounding, "quant.rounding")
     if cfg.gptq_batches is not None and (isinstance(cfg.gptq_batches, bool) or not isinstance(cfg.gptq_batches, int)
                                          or cfg.gptq_batches < 1):
         raise HawqError(f"quant.gptq_batches must be null or an integer >= 1, got {cfg.gptq_batches!r}")

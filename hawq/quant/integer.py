@@ -14,9 +14,11 @@ Operators (the ``"integer"`` handlers of :data:`hawq.quant.ops.RULES`; each inte
 itself to ONNX with ``to_onnx``): QuantConv2d / QuantBnConv2d / QuantLinear (the layer's own
 ``int_weight()`` codes x int8 input codes -> int32, bias in int32 at ``s_in * s_w``); BatchNorm2d
 on an integer tensor (eval statistics; folded into the per-channel scale, a sign flip and an int32
-bias); ReLU; residual add (both operands rescaled to a common scale with dyadic multipliers); max
-pool; global / non-overlapping average pool (integer sum then rounded integer division); flatten;
-dropout and identity.
+bias); ReLU; residual add and concatenation (every operand rescaled to one common scale with dyadic
+multipliers); max pool; global and windowed average pooling (integer window sum, then the exact
+quotient by each position's divisor rounded half up: padding, ``count_include_pad``); flatten;
+dropout and identity; a float transform of the model input before its quantization (Inception-V3's
+``transform_input``), in float64.
 
 With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT
 kernels of :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
@@ -41,6 +43,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 import operator
 from typing import Any, Protocol
 
@@ -404,25 +407,14 @@ class IntMaxPool2d(nn.Module):
 
 
 class IntSumPool2d(nn.Module):
-    """Average pooling as an integer window sum and a rounded integer division (scale unchanged)."""
-
-    def __init__(self, kernel: tuple[int, int] | None, stride: tuple[int, int] | None) -> None:
-        super().__init__()
-        self.kernel, self.stride = kernel, stride  # kernel None: global average
+    """Global average pooling as an integer sum and a rounded integer division (scale unchanged)."""
 
     def forward(self, v: Tensor) -> Tensor:
-        if self.kernel is None:
-            n = v.shape[-1] * v.shape[-2]
-            s = v.sum(dim=(-2, -1), keepdim=True)
-        else:
-            n = self.kernel[0] * self.kernel[1]
-            s = F.avg_pool2d(v.to(torch.float64), self.kernel, self.stride, divisor_override=1).to(torch.int64)
+        n = v.shape[-1] * v.shape[-2]
+        s = v.sum(dim=(-2, -1), keepdim=True)
         return torch.div(s + n // 2, n, rounding_mode="floor")
 
     def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
-        if self.kernel is not None:
-            raise HawqError(f"export_onnx_integer: windowed average pool '{name}' is not supported "
-                            "(global average pooling is)")
         total = g.op("ReduceSum", [args[0], g.const(f"{name}_axes", [2, 3], torch.int64)], f"{name}_sum",
                      keepdims=1)
         hw = g.op("Slice", [g.op("Shape", [args[0]], f"{name}_shape"), g.const(f"{name}_start", [2], torch.int64),
@@ -430,6 +422,100 @@ class IntSumPool2d(nn.Module):
         n = g.op("ReduceProd", [hw], f"{name}_n", keepdims=0)
         half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")
         return g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, name)
+
+
+class IntAvgPool2d(nn.Module):
+    """Windowed average pooling (``avg_pool2d``, ``ceil_mode=False``) on an integer tensor.
+
+    ``out = floor((S * 2^k + n // 2) / n)``: ``S`` is the exact integer sum of the window over the
+    zero-padded input, ``n`` the divisor of that output position (``kh * kw`` with
+    ``count_include_pad``, the number of in-bounds elements without it, or ``divisor_override``) and
+    ``2^k`` the fractional bits the output gains (its scale is the input's ``/ 2^k``). That is the
+    exact quotient ``S * 2^k / n`` rounded half up -- the one rounding of the op.
+    """
+
+    def __init__(self, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                 count_include_pad: bool, divisor_override: int | None, frac_bits: int) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
+        self.frac_bits = frac_bits
+
+    def _window_sum(self, v: Tensor) -> Tensor:
+        # float64 holds every sum of kh*kw int32 values exactly; the pads add zeros.
+        s = F.avg_pool2d(v.to(torch.float64), self.kernel, self.stride, self.padding, divisor_override=1)
+        return s.to(torch.int64)
+
+    def _const_divisor(self) -> int | None:
+        if self.divisor_override is not None:
+            return int(self.divisor_override)
+        if self.count_include_pad or self.padding == (0, 0):  # ceil_mode=False: every window is whole
+            return self.kernel[0] * self.kernel[1]
+        return None
+
+    def forward(self, v: Tensor) -> Tensor:
+        total = self._window_sum(v) * 2**self.frac_bits
+        n: Tensor | int | None = self._const_divisor()
+        if n is None:  # in-bounds elements per output position
+            n = self._window_sum(torch.ones((1, 1, *v.shape[-2:]), dtype=torch.int64, device=v.device))
+        return torch.div(total + n // 2, n, rounding_mode="floor")
+
+    def _onnx_window_sum(self, g: OnnxBuilder, x: str, name: str) -> str:
+        """The window sum as ``kh * kw`` strided slices of the zero-padded input, added in INT64."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        if ph or pw:
+            x = g.op("Pad", [x, g.const(f"{name}_pads", [0, 0, ph, pw, 0, 0, ph, pw], torch.int64)], f"{name}_pad")
+        steps = g.const(f"{name}_steps", [sh, sw], torch.int64)
+        axes = g.const(f"{name}_axes", [2, 3], torch.int64)
+        total = None
+        big = 2**62
+        for i in range(kh):
+            for j in range(kw):
+                # From offset (i, j) to (kh-1-i, kw-1-j) before the end: exactly the output size per axis.
+                ends = [-(kh - 1 - i) or big, -(kw - 1 - j) or big]
+                part = g.op("Slice", [x, g.const(f"{name}_start_{i}_{j}", [i, j], torch.int64),
+                                      g.const(f"{name}_end_{i}_{j}", ends, torch.int64), axes, steps],
+                            f"{name}_win_{i}_{j}")
+                total = part if total is None else g.op("Add", [total, part], f"{name}_sum_{i}_{j}")
+        return total
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        total = self._onnx_window_sum(g, args[0], name)
+        if self.frac_bits:
+            total = g.op("Mul", [total, g.const(f"{name}_frac", 2**self.frac_bits, torch.int64)], f"{name}_scaled")
+        const_n = self._const_divisor()
+        if const_n is not None:
+            n, half = g.const(f"{name}_n", const_n, torch.int64), g.const(f"{name}_half", const_n // 2, torch.int64)
+        else:
+            corner = g.op("Slice", [args[0], g.const(f"{name}_c0", [0, 0], torch.int64),
+                                    g.const(f"{name}_c1", [1, 1], torch.int64),
+                                    g.const(f"{name}_caxes", [0, 1], torch.int64)], f"{name}_corner")
+            zero = g.op("Mul", [corner, g.const(f"{name}_zero", 0, torch.int64)], f"{name}_zeros")
+            ones = g.op("Add", [zero, g.const(f"{name}_one", 1, torch.int64)], f"{name}_ones")
+            n = self._onnx_window_sum(g, ones, f"{name}_count")
+            half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")  # n > 0: floor
+        return g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, name)
+
+
+class IntCat(nn.Module):
+    """Concatenation on one shared grid: each input rescaled (dyadic) to the common scale, then joined."""
+
+    def __init__(self, scales: list[Tensor], scale_out: Tensor, dim: int) -> None:
+        super().__init__()
+        self.dim, self.n = dim, len(scales)
+        for i, s in enumerate(scales):
+            m, c = dyadic(s / scale_out)
+            self.register_buffer(f"mult_{i}", m)
+            self.register_buffer(f"shift_{i}", c)
+
+    def forward(self, *vs: Tensor) -> Tensor:
+        return torch.cat([rescale(v, getattr(self, f"mult_{i}"), getattr(self, f"shift_{i}"))
+                          for i, v in enumerate(vs)], self.dim)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        parts = [g.rescale(a, getattr(self, f"mult_{i}"), getattr(self, f"shift_{i}"), f"{name}_{i}")
+                 for i, a in enumerate(args)]
+        return g.op("Concat", parts, f"{name}_out", axis=self.dim)
 
 
 class IntFlatten(nn.Module):
@@ -472,6 +558,52 @@ class QuantizeInput(nn.Module):
         return torch.round(x.to(torch.float64) / self.act_scale).clamp(self.qmin, self.qmax).to(torch.int64)
 
 
+class InputTransform(nn.Module):
+    """One op of a float transform of the model input before its quantization (e.g. Inception-V3's
+    ``transform_input``): in float64, in PyTorch and in ONNX alike (IEEE operations, same results).
+
+    ``kind``: ``"index"`` (``x[:, i]``: full slices and integers), ``"unsqueeze"``, ``"mul"``,
+    ``"add"``, ``"sub"``, ``"div"`` (with a Python number, ``reverse``: the number on the left) or
+    ``"cat"``.
+    """
+
+    ARITH = {"mul": ("Mul", operator.mul), "add": ("Add", operator.add), "sub": ("Sub", operator.sub),
+             "div": ("Div", operator.truediv)}
+
+    def __init__(self, kind: str, param: Any = None, reverse: bool = False) -> None:
+        super().__init__()
+        self.kind, self.param, self.reverse = kind, param, reverse
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        xs = tuple(x.to(torch.float64) for x in xs)
+        if self.kind == "index":
+            return xs[0][self.param]
+        if self.kind == "unsqueeze":
+            return xs[0].unsqueeze(self.param)
+        if self.kind == "cat":
+            return torch.cat(xs, self.param)
+        fn = self.ARITH[self.kind][1]
+        return fn(self.param, xs[0]) if self.reverse else fn(xs[0], self.param)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        xs = [g.cast(a, torch.float64, f"{name}_f64_{i}") for i, a in enumerate(args)]
+        if self.kind == "index":
+            x, axis = xs[0], 0
+            for k, item in enumerate(self.param):
+                if isinstance(item, int):  # Gather with a scalar index drops the axis
+                    x = g.op("Gather", [x, g.const(f"{name}_idx_{k}", item, torch.int64)], f"{name}_take_{k}",
+                             axis=axis)
+                else:
+                    axis += 1
+            return x
+        if self.kind == "unsqueeze":
+            return g.op("Unsqueeze", [xs[0], g.const(f"{name}_axes", [self.param], torch.int64)], f"{name}_out")
+        if self.kind == "cat":
+            return g.op("Concat", xs, f"{name}_out", axis=self.param)
+        c = g.const(f"{name}_c", float(self.param), torch.float64)
+        return g.op(self.ARITH[self.kind][0], [c, xs[0]] if self.reverse else [xs[0], c], f"{name}_out")
+
+
 class Dequantize(nn.Module):
     """Final dequantization: ``v * s`` (the only float op after the input quantization)."""
 
@@ -498,12 +630,13 @@ class _Meta:
     """Conversion-time facts about one integer tensor: its scale and whether dims after C are 1."""
 
     def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None,
-                 grid: tuple[int, int] | None = None, fixed: bool = False) -> None:
+                 grid: tuple[int, int] | None = None, fixed: bool = False, input_side: bool = False) -> None:
         self.scale = scale  # None: the float model input
         self.spatial_one = spatial_one
         self.bound = bound  # a static bound on |v| (same broadcast shape as scale): proves no overflow
         self.grid = grid  # (qmin, qmax) when v holds codes of a per-tensor grid (matmul operands)
         self.fixed = fixed  # the grid is the fake-quant model's (a StaticGrid / QuantSoftmax): keep it as is
+        self.input_side = input_side  # a float value computed from the model inputs only (before quantization)
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -551,7 +684,8 @@ class _Converter(GraphRewriter):
 
     what = _WHAT
     target = "integer"
-    supported = "quantized Conv2d/Linear, BatchNorm2d, ReLU, add, max/avg pool, flatten, dropout"
+    supported = ("quantized Conv2d/Linear, BatchNorm2d, ReLU, add, cat, max pool, avg pool (ceil_mode=False), "
+                 "global avg pool, flatten, dropout")
     float_layer_hint = "integer inference needs every conv/linear quantized"
     graph_name = "IntegerModel"
 
@@ -769,6 +903,10 @@ class _Converter(GraphRewriter):
     def _float_op(self, node: fx.Node, mod: nn.Module | None = None, why: str = "") -> None:
         """Run ``node`` unchanged on plain float64 values (only with ``float_ops=True``)."""
         if not self.float_ops:
+            transform = self._input_transform(node)
+            if transform is not None:
+                args = tuple(self.env[a] for a in self._tensor_inputs(node))
+                return self._emit(node, node.name, transform, args, _Meta(None, input_side=True))
             raise self.unsupported(node, why + " (float_ops=True runs it in float)", module=mod)
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._plain)
         target = node.target
@@ -780,9 +918,37 @@ class _Converter(GraphRewriter):
             self.float_nodes.append(str(node.target) if node.op == "call_module" else node.name)
 
     # --- handlers -----------------------------------------------------------------------------
+    _ARITH_OPS = {operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.add: "add", torch.add: "add",
+                  "add": "add", operator.sub: "sub", torch.sub: "sub", "sub": "sub", operator.truediv: "div",
+                  torch.div: "div", "div": "div"}
+
+    def _input_transform(self, node: fx.Node) -> InputTransform | None:
+        """``node`` as an :class:`InputTransform` when it transforms the float model input (every tensor
+        input is a float value computed from model inputs only) with a supported op, else None."""
+        inputs = self._tensor_inputs(node)
+        if (node.op == "call_module" or not inputs or node.kwargs
+                or not all(self.info[a].scale is None and self.info[a].input_side for a in inputs)):
+            return None
+        t, args = node.target, node.args
+        if t is operator.getitem and len(args) == 2:
+            idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+            full = slice(None)
+            if all(isinstance(i, int) or i == full for i in idx):
+                return InputTransform("index", idx)
+        elif t in (torch.unsqueeze, "unsqueeze") and len(args) == 2 and isinstance(args[1], int):
+            return InputTransform("unsqueeze", args[1])
+        elif t in (torch.cat, torch.concat) and len(args) in (1, 2) and isinstance(args[0], (list, tuple)):
+            return InputTransform("cat", args[1] if len(args) == 2 else 0)
+        elif t in self._ARITH_OPS and len(args) == 2 and len(inputs) == 1:
+            number = args[1] if isinstance(args[0], fx.Node) else args[0]
+            if isinstance(number, (int, float)) and not isinstance(number, bool):
+                return InputTransform(self._ARITH_OPS[t], number, reverse=not isinstance(args[0], fx.Node))
+        return None
+
     def on_placeholder(self, node: fx.Node) -> None:
         ph = self.graph.placeholder(node.name, default_value=node.args[0] if node.args else inspect.Signature.empty)
-        self.bind(node, self.graph.call_function(_as_float64, (ph,)) if self.float_ops else ph, _Meta(None))
+        self.bind(node, self.graph.call_function(_as_float64, (ph,)) if self.float_ops else ph,
+                  _Meta(None, input_side=True))
 
     def on_get_attr(self, node: fx.Node) -> None:
         self._float_op(node)
@@ -917,21 +1083,69 @@ class _Converter(GraphRewriter):
         end = node.args[2] if len(node.args) > 2 else -1
         self._flatten(node, node.name, self.env[node.args[0]], self.info[node.args[0]], start, end)
 
+    def _pool_args(self, node: fx.Node, mod: nn.Module | None, names: tuple[str, ...]) -> dict[str, Any] | None:
+        """A pooling node's settings by name (module attributes or the call's arguments), or None when
+        its input is not one integer tensor."""
+        if mod is not None:
+            if len(node.args) != 1 or node.kwargs or not self._all_int(node):
+                return None
+            return {k: getattr(mod, k) for k in names[1:]}
+        bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        if set(bound) - set(names) or not isinstance(bound.get("input"), fx.Node) or not self._all_int(node):
+            return None
+        return bound
+
+    _MAX_POOL = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    _AVG_POOL = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
     @handles("max_pool", "integer")
     def _rule_max_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
-        unary = self._unary_int(node) if mod is not None else None
-        if unary is None:
+        p = self._pool_args(node, mod, self._MAX_POOL)
+        if p is None or p.get("return_indices", False):
             return self._float_op(node, mod)
-        self._emit(node, node.target, IntMaxPool2d(mod), (unary[0],), unary[1])
+        pool = mod if mod is not None else nn.MaxPool2d(
+            p["kernel_size"], p.get("stride"), p.get("padding", 0), p.get("dilation", 1),
+            ceil_mode=p.get("ceil_mode", False))
+        v, meta = self.env[node.args[0]], self.info[node.args[0]]
+        self._emit(node, node.target if mod is not None else node.name, IntMaxPool2d(pool), (v,), meta)
 
     @handles("avg_pool", "integer")
     def _rule_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
-        unary = self._unary_int(node) if mod is not None else None
-        if unary is None or mod.padding not in (0, (0, 0)) or mod.ceil_mode:
-            return self._float_op(node, mod)
-        k = nn.modules.utils._pair(mod.kernel_size)
-        s = nn.modules.utils._pair(mod.stride or mod.kernel_size)
-        self._emit(node, node.target, IntSumPool2d(k, s), (unary[0],), unary[1])
+        p = self._pool_args(node, mod, self._AVG_POOL)
+        pair = nn.modules.utils._pair
+        if (p is None or p.get("ceil_mode", False) or isinstance(p.get("padding", 0), str)
+                or self.info[node.args[0]].bound is None):
+            return self._float_op(node, mod, why=": integer average pooling needs ceil_mode=False"
+                                  if p is not None and p.get("ceil_mode", False) else "")
+        k = pair(p["kernel_size"])
+        s = pair(p.get("stride") or p["kernel_size"])
+        pad = pair(p.get("padding", 0))
+        v, meta = self.env[node.args[0]], self.info[node.args[0]]
+        # Fractional bits for the quotient, as many as keep |out| < 2^30 (at most FRACTION_BITS).
+        top = float(meta.bound.max()) + 1
+        frac = int(min(max(math.floor(math.log2(2.0**30 / top)), 0), FRACTION_BITS))
+        module = IntAvgPool2d(k, s, pad, bool(p.get("count_include_pad", True)), p.get("divisor_override"), frac)
+        name = node.target if mod is not None else node.name
+        self._emit(node, name, module, (v,), _Meta(meta.scale / 2.0**frac, bound=meta.bound * 2.0**frac + 1))
+
+    @handles("cat", "integer")
+    def _rule_cat(self, node: fx.Node, mod: nn.Module | None) -> None:
+        bound = dict(zip(("tensors", "dim"), node.args, strict=False)) | dict(node.kwargs)
+        parts = bound.get("tensors")
+        if (set(bound) - {"tensors", "dim"} or not isinstance(parts, (list, tuple)) or not parts
+                or not all(isinstance(t, fx.Node) for t in parts) or not self._all_int(node)
+                or any(self.info[t].bound is None for t in parts)):
+            return self._float_op(node)
+        metas = [self.info[t] for t in parts]
+        # One per-tensor grid for all parts: the finest part's scale refined by up to FRACTION_BITS
+        # while the largest value stays below 2^30 (as for the residual add).
+        real_bound = max(float((m.bound * m.scale).max()) for m in metas)
+        finest = min(float(m.scale.min()) for m in metas)
+        out = torch.tensor(max(finest / 2.0**FRACTION_BITS, real_bound / 2.0**30), dtype=torch.float64)
+        module = IntCat([m.scale for m in metas], out, int(bound.get("dim", 0)))
+        bound_out = torch.tensor(real_bound / float(out) + 1, dtype=torch.float64)
+        self._emit(node, node.name, module, tuple(self.env[t] for t in parts),
+                   _Meta(out, all(m.spatial_one for m in metas), bound_out))
 
     @handles("adaptive_avg_pool", "integer")
     def _rule_adaptive_avg_pool(self, node: fx.Node, mod: nn.Module | None) -> None:
@@ -946,7 +1160,7 @@ class _Converter(GraphRewriter):
         if unary is None or not is_global:
             return self._float_op(node, mod)
         v, meta = unary
-        self._emit(node, name, IntSumPool2d(None, None), (v,), _Meta(meta.scale, True, meta.bound))
+        self._emit(node, name, IntSumPool2d(), (v,), _Meta(meta.scale, True, meta.bound))
 
     @handles("grid", "integer")
     def _rule_grid(self, node: fx.Node, mod: nn.Module | None) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hawq import HawqError
+from hawq.choices import check_choice
 from hawq.quant.config import QuantConfig
 from hawq.quant.observers import ACT_CALIBRATIONS, mse_extent, strided_sample
 from hawq.quant.quantizers import (
@@ -66,9 +67,7 @@ class QuantAct(nn.Module):
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
             raise HawqError(f"QuantAct: bits must be an integer in 2..16, got {bits!r}")
         cfg = cfg or QuantConfig()
-        if cfg.act_calibration not in ACT_CALIBRATIONS:
-            raise HawqError(f"QuantAct: act_calibration must be one of {', '.join(ACT_CALIBRATIONS)}, "
-                            f"got '{cfg.act_calibration}'")
+        check_choice(cfg.act_calibration, ACT_CALIBRATIONS, "QuantAct: act_calibration")
         self.bits = bits
         self.fixed_signed = signed
         self.method = cfg.act_calibration

@@ -26,7 +26,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from hawq import HawqError
+from hawq.choices import check_choice
 from hawq.layers import quantizable_layers
+from hawq.sensitivity.config import HvpMethod
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -342,8 +344,7 @@ class HessianOperator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], names: list[str],
                  weights: list[nn.Parameter], method: str = "auto", probes_per_pass: int = 1,
                  gn_control: Sequence[int] = ()) -> None:
-        if method not in ("auto", "autograd", "finite_difference"):
-            raise HawqError(f"unknown HVP method '{method}' (auto, autograd, finite_difference)")
+        check_choice(method, HvpMethod, "method")
         if isinstance(probes_per_pass, bool) or not isinstance(probes_per_pass, int) or probes_per_pass < 1:
             raise HawqError(f"probes_per_pass must be a positive integer, got {probes_per_pass!r}")
         self.probes_per_pass = probes_per_pass
