@@ -73,12 +73,73 @@ def test_coco_map_perfect_and_wrong_predictions():
                 "labels": torch.tensor([1, 2]), "image_id": torch.tensor(1)}]
     perfect = [{"boxes": targets[0]["boxes"].clone(), "scores": torch.tensor([0.9, 0.8]),
                 "labels": torch.tensor([1, 2])}]
-    assert coco_map(perfect, targets) == {"map": pytest.approx(100.0), "map50": pytest.approx(100.0)}
+    assert coco_map(perfect, targets) == {"map": pytest.approx(100.0), "map50": pytest.approx(100.0),
+                                          "map75": pytest.approx(100.0), "map_small": pytest.approx(100.0)}
     wrong_class = [{**perfect[0], "labels": torch.tensor([2, 1])}]
     assert coco_map(wrong_class, targets)["map"] == pytest.approx(0.0)
     shifted = [{**perfect[0], "boxes": perfect[0]["boxes"] + torch.tensor([3.0, 0.0, 3.0, 0.0])}]
     m = coco_map(shifted, targets)
     assert 0.0 < m["map"] < 100.0 and m["map50"] == pytest.approx(100.0)  # IoU 0.54 and 0.74: counted at .5
+
+
+def _det(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels)}
+
+
+def test_coco_map_crowd_boxes_are_ignore_regions():
+    """COCO protocol: a detection on a crowd box is neither TP nor FP, an unfound crowd box is no miss."""
+    target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]),
+              "image_id": torch.tensor(1), "crowd_boxes": torch.tensor([[50.0, 50.0, 90.0, 90.0]]),
+              "crowd_labels": torch.tensor([1])}
+    # the higher-scored detection lies on the crowd region: an FP if crowd were dropped (AP 50), ignored here
+    on_crowd = _det([[50.0, 50.0, 90.0, 90.0], [0.0, 0.0, 10.0, 10.0]], [0.95, 0.9], [1, 1])
+    assert coco_map([on_crowd], [target])["map"] == pytest.approx(100.0)
+    without_crowd = {k: v for k, v in target.items() if not k.startswith("crowd_")}
+    assert coco_map([on_crowd], [without_crowd])["map"] == pytest.approx(50.0, abs=0.01)
+    # the crowd box is never found: recall still 1, no miss
+    assert coco_map([_det([[0.0, 0.0, 10.0, 10.0]], [0.9], [1])], [target])["map"] == pytest.approx(100.0)
+    # a crowd box of a class with no regular box: that class has no AP at all, the mean is over class 1
+    crowd2 = {**target, "crowd_labels": torch.tensor([2])}
+    assert coco_map([_det([[0.0, 0.0, 10.0, 10.0]], [0.9], [1])], [crowd2])["map"] == pytest.approx(100.0)
+
+
+def test_coco_map_hand_computed_interpolation_max_dets_and_areas():
+    boxes = [[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]
+    target = {"boxes": torch.tensor(boxes), "labels": torch.tensor([1, 1]), "image_id": torch.tensor(1)}
+    # TP 0.9, FP 0.8, TP 0.7: precision 1 up to recall .5 (51 of COCO's 101 recall points), 2/3 after (50)
+    dets = _det([boxes[0], [60.0, 60.0, 70.0, 70.0], boxes[1]], [0.9, 0.8, 0.7], [1, 1, 1])
+    m = coco_map([dets], [target])
+    expected = 100.0 * (51 + 50 * 2 / 3) / 101
+    assert m["map"] == pytest.approx(expected, abs=1e-3) and m["map50"] == m["map75"] == pytest.approx(m["map"])
+    # at most 100 detections per image: 99 higher-scored FPs leave the TP at rank 100 (precision 1/100),
+    # 100 of them push it out
+    one = {"boxes": torch.tensor([boxes[0]]), "labels": torch.tensor([1]), "image_id": torch.tensor(1)}
+    for n_fp, ap in ((99, 1.0), (100, 0.0)):
+        fps = [[40.0 + i, 40.0, 45.0 + i, 45.0] for i in range(n_fp)]
+        d = _det(fps + [boxes[0]], [0.99 - 1e-4 * i for i in range(n_fp)] + [0.5], [1] * (n_fp + 1))
+        assert coco_map([d], [one])["map"] == pytest.approx(ap, abs=1e-3)
+    # area ranges use the annotation's area: a 10x10 box is small unless its area says otherwise
+    assert set(coco_map([dets], [target])) == {"map", "map50", "map75", "map_small"}
+    medium = coco_map([dets], [{**target, "area": torch.tensor([5000.0, 5000.0])}])
+    # ... and an unmatched detection outside the range (the 10x10 FP, area 100) is ignored there
+    assert medium["map_medium"] == pytest.approx(100.0) and "map_small" not in medium
+
+
+def test_coco_data_keeps_crowd_as_ignore_regions(tmp_path):
+    coco = build_data(DataConfig(name="coco", root=str(make_fake_coco(tmp_path, n_train=2, n_val=2, size=64,
+                                                                      crowd=True))))
+    _, target = coco.test[0]
+    assert target["crowd_boxes"].tolist() == [[0.0, 0.0, 16.0, 16.0]] and target["crowd_labels"].tolist() == [1]
+    assert target["crowd_area"].tolist() == [256.0] and len(target["area"]) == len(target["boxes"]) > 0
+    assert [0.0, 0.0, 16.0, 16.0] not in target["boxes"].tolist()  # never a training target
+    # the training loss takes only the regular boxes; evaluation sees the crowd region
+    spec, model = build_model(ModelConfig(name="retinanet_resnet50_fpn", kwargs=SMALL), coco.num_classes)
+    task = get_task(spec.task)
+    batch = next(iter(coco.loader("train", 2)))
+    plain = (batch[0], tuple({k: t[k] for k in ("boxes", "labels")} for t in batch[1]))
+    torch.manual_seed(0)
+    assert torch.allclose(task.loss(model, batch), task.loss(model, plain))
 
 
 def test_coco_errors(tmp_path):

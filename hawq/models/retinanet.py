@@ -1,4 +1,4 @@
-"""RetinaNet-ResNet50-FPN (torchvision) as a detection family, scored by COCO mAP (pycocotools).
+"""RetinaNet-ResNet50-FPN (torchvision) as a detection family, scored by COCO AP (pycocotools, crowd = ignore).
 
 The Hessian and training loss is the sum of the model's own training losses (sigmoid focal
 classification + L1 box regression). torchvision detection models compute losses only in training
@@ -72,8 +72,20 @@ def _train_mode_losses(model: nn.Module, images: list[Tensor], targets: list[dic
     return losses
 
 
+def _xywh(box: list[float]) -> list[float]:
+    return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+
+
 def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> dict[str, float]:
-    """COCO box mAP@[.5:.95] and mAP@.5 of predictions against targets (boxes xyxy, labels = category ids)."""
+    """COCO box AP of predictions against targets by the official protocol (pycocotools' ``COCOeval``).
+
+    Boxes are xyxy, labels are category ids. Targets may carry ``crowd_boxes``/``crowd_labels``
+    (``iscrowd: 1``): ignore regions, so a detection matched to one is neither a true nor a false
+    positive and an unmatched crowd box is no miss; ``area``/``crowd_area`` (the annotation's area, which
+    COCO's small/medium/large ranges use; default: box area). Returns percent: ``map`` (AP@[.5:.95],
+    101-point interpolation, at most 100 detections per image), ``map50``, ``map75``, and
+    ``map_small``/``map_medium``/``map_large`` for the area ranges that hold a ground-truth box.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -81,17 +93,23 @@ def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tenso
     for i, (pred, tgt) in enumerate(zip(predictions, targets)):
         image_id = int(tgt["image_id"]) if "image_id" in tgt else i
         images.append({"id": image_id})
-        for box, label in zip(tgt["boxes"].tolist(), tgt["labels"].tolist()):
-            w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
-            categories.add(int(label))
+        for crowd, prefix in ((0, ""), (1, "crowd_")):
+            if f"{prefix}boxes" not in tgt:
+                continue
+            boxes = tgt[f"{prefix}boxes"].tolist()
+            areas = tgt[f"{prefix}area"].tolist() if f"{prefix}area" in tgt else [None] * len(boxes)
+            for box, label, area in zip(boxes, tgt[f"{prefix}labels"].tolist(), areas):
+                xywh = _xywh(box)
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                    "bbox": xywh, "area": xywh[2] * xywh[3] if area is None else float(area),
+                                    "iscrowd": crowd})
+                categories.add(int(label))
         for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
-            dets.append({"image_id": image_id, "category_id": int(label), "score": float(score),
-                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            dets.append({"image_id": image_id, "category_id": int(label), "score": float(score), "bbox": _xywh(box)})
             categories.add(int(label))
-    if not annotations or not dets:
-        return {"map": 0.0, "map50": 0.0}
+    if not any(a["iscrowd"] == 0 for a in annotations) or not dets:
+        # nothing to find, or nothing found: COCOeval cannot load an empty result list
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
         gt.dataset = {"images": images, "annotations": annotations,
@@ -102,7 +120,13 @@ def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tenso
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {"map": 100.0 * max(float(ev.stats[0]), 0.0), "map50": 100.0 * max(float(ev.stats[1]), 0.0)}
+    # stats: AP@[.5:.95], AP50, AP75, AP small/medium/large; -1 = no ground truth in that range
+    out = {"map": 100.0 * max(float(ev.stats[0]), 0.0), "map50": 100.0 * max(float(ev.stats[1]), 0.0),
+           "map75": 100.0 * max(float(ev.stats[2]), 0.0)}
+    for k, name in zip((3, 4, 5), ("small", "medium", "large")):
+        if float(ev.stats[k]) >= 0:
+            out[f"map_{name}"] = 100.0 * float(ev.stats[k])
+    return out
 
 
 @register_task
@@ -120,7 +144,9 @@ class DetectionTask(Task):
 
     def forward(self, model: nn.Module, batch: Any) -> dict[str, Tensor]:
         images, targets = batch
-        return _train_mode_losses(model, list(images), list(targets))
+        # crowd regions and areas are for evaluation only: the training loss sees the regular boxes
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        return _train_mode_losses(model, list(images), targets)
 
     def loss_from_outputs(self, outputs: dict[str, Tensor], batch: Any) -> Tensor:
         return sum(outputs.values())
