@@ -152,3 +152,44 @@ def test_coco_errors(tmp_path):
     (root / "annotations" / "instances_val.json").write_text(json.dumps({"images": []}))
     with pytest.raises(HawqError, match="missing list 'annotations'"):
         build_data(DataConfig(name="coco", root=str(root)))
+
+
+def test_retinanet_config_search_has_real_choices():
+    """configs/retinanet.yaml's budget leaves many feasible maps; the ILP picks among them by sensitivity."""
+    import dataclasses
+    from pathlib import Path
+
+    from hawq.config import load_config
+    from hawq.search.allocate import build_search_problem, solve_problem
+    from hawq.search.costs import layer_costs
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "retinanet.yaml")
+    torch.manual_seed(0)
+    spec, model = build_model(ModelConfig(name="retinanet_resnet50_fpn", kwargs=SMALL), 3)
+    model.eval()
+    costs = layer_costs(model, lambda m: m([torch.zeros(3, 64, 64)]), spec.layers(model))
+    search = dataclasses.replace(cfg.search, pins={**spec.default_pins, **cfg.search.pins}, pareto_points=0)
+    free = [n for n in costs if n not in search.pins]
+    lo, hi = min(search.weight_bits), max(search.weight_bits)
+    assert hi > lo and len(free) > 50
+    gen = torch.Generator().manual_seed(1)
+    traces = {n: {"mean": float(torch.rand((), generator=gen)) + 0.01, "numel": costs[n].weight_numel} for n in costs}
+    problem = build_search_problem(model, traces, costs, search)
+    budget = problem.budgets["size_mb"]
+
+    def usage(bits: dict[str, int]) -> float:
+        return problem.usage({n: (bits.get(n, search.pins.get(n, {}).get("weight", lo)), 8) for n in costs})["size_mb"]
+
+    # several maps fit: all free layers at the low width, and each one of many layers alone raised to the top
+    assert usage({}) < budget
+    assert sum(usage({n: hi}) <= budget for n in free) > 10
+    chosen = solve_problem(problem)
+    picked = {n: chosen.bits[n].weight for n in free}
+    assert set(picked.values()) == {lo, hi} and chosen.usage["size_mb"] <= budget * (1 + 1e-9)
+    # by sensitivity: making a low layer the most sensitive by far raises it; making a high one flat lowers it
+    up = next(n for n in free if picked[n] == lo)
+    down = next(n for n in free if picked[n] == hi)
+    traces2 = {**traces, up: {"mean": 1e6, "numel": costs[up].weight_numel},
+               down: {"mean": 1e-9, "numel": costs[down].weight_numel}}
+    again = solve_problem(build_search_problem(model, traces2, costs, search))
+    assert again.bits[up].weight == hi and again.bits[down].weight == lo
