@@ -193,3 +193,30 @@ def test_retinanet_config_search_has_real_choices():
                down: {"mean": 1e-9, "numel": costs[down].weight_numel}}
     again = solve_problem(build_search_problem(model, traces2, costs, search))
     assert again.bits[up].weight == hi and again.bits[down].weight == lo
+
+
+def test_label_free_sensitivity_on_head_outputs_is_sampled_in_the_output_space(coco):
+    """The label-free loss on the raw head outputs (logits + box deltas) makes every layer, the heads
+    shared by the FPN levels included, take the output-space path: no per-layer Hutchinson probes."""
+    from hawq.models.retinanet import head_outputs
+    from hawq.sensitivity import hessian_traces, label_free_loss
+
+    torch.manual_seed(0)
+    spec, model = build_model(ModelConfig(name="retinanet_resnet50_fpn", kwargs=SMALL), coco.num_classes)
+    model.eval()
+    task = get_task(spec.task)
+    batch = next(iter(coco.loader("train", 2)))
+    out = task.output_forward(model, batch)
+    anchors = sum(h * w for h, w in ((8, 8), (4, 4), (2, 2), (1, 1), (1, 1))) * 9  # P3..P7 of a 64x64 input
+    assert out.shape == (2, anchors, coco.num_classes + 4)
+    with torch.no_grad():  # the same numbers as the model's own head, before any decoding
+        hd = model.head(list(model.backbone(model.transform(list(batch[0]))[0].tensors).values()))
+    assert torch.equal(out[..., :coco.num_classes], hd["cls_logits"])
+    assert torch.equal(head_outputs(model, list(batch[0])), out)
+    layers = spec.layers(model)
+    info: dict = {}
+    traces = hessian_traces(model, label_free_loss(task, model), [batch], layers=layers, tol=0.2, max_probes=10,
+                            progress=False, info=info)
+    assert info["output_space"]["mode"] == "sampled"
+    assert {t.estimator for t in traces.values()} == {"gn_sampled"} and len(traces) == len(layers)
+    assert all(t.mean > 0 and t.std_err < t.mean for t in traces.values())

@@ -62,6 +62,17 @@ def retinanet_resnet50_fpn(num_classes: int = COCO_NUM_CLASSES, weights: str | N
     return model
 
 
+def head_outputs(model: nn.Module, images: list[Tensor]) -> Tensor:
+    """RetinaNet's raw head outputs for ``images``: ``(batch, anchors, num_classes + 4)``, the
+    classification logits and box-regression deltas of every anchor (FPN levels in order), computed
+    as the model's own forward computes them (same resize and normalisation) before any decoding.
+    """
+    image_list, _ = model.transform(images)
+    features = list(model.backbone(image_list.tensors).values())
+    out = model.head(features)
+    return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
+
+
 def _train_mode_losses(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     was_training = model.training
     model.train()  # detection losses exist only in training mode; BN is frozen, so nothing else changes
@@ -134,8 +145,11 @@ class DetectionTask(Task):
     """Batches are ``(list of CHW float images in [0, 1], list of {boxes (xyxy), labels, image_id})``.
 
     ``forward`` returns the training-loss dict (the model is put in training mode for it);
-    ``loss_from_outputs`` sums it. ``evaluate`` runs inference and reports COCO mAP in percent.
-    Distillation and label-free distances are not defined for detection outputs.
+    ``loss_from_outputs`` sums it. ``evaluate`` runs inference and reports COCO AP in percent.
+    ``output_forward`` returns the raw head outputs, one tensor ``(batch, anchors, classes + 4)``
+    (classification logits, then box-regression deltas, over every anchor of every FPN level; anchors,
+    decoding and NMS come after it and hold no weights): the label-free sensitivity loss compares them
+    with the FP32 model's (``0.5 * ||f - f_fp32||^2 / batch``, one unit for logits and deltas alike).
     """
 
     name = "detection"
@@ -154,8 +168,8 @@ class DetectionTask(Task):
     def distill_loss(self, student: Any, teacher: Any, temperature: float) -> Tensor:
         raise HawqError("distillation is not supported for detection: set train.distill.enabled: false")
 
-    def output_distance(self, outputs: Any, reference: Any) -> Tensor:
-        raise HawqError("label-free sensitivity is not supported for detection: set sensitivity.label_free: false")
+    def output_forward(self, model: nn.Module, batch: Any) -> Tensor:
+        return head_outputs(model, list(batch[0]))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str = "cpu",
