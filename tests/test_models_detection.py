@@ -55,7 +55,13 @@ def test_retinanet_loss_in_frozen_bn_train_mode_and_evaluate(coco):
     model.eval()
     batch = next(iter(coco.loader("train", 2)))
     outputs = task.forward(model, batch)
-    assert set(outputs) == {"classification", "bbox_regression"} and not model.training
+    assert set(outputs) == {"classification", "bbox_regression", "head"} and not model.training
+    with torch.no_grad():  # the step-by-step forward computes torchvision's own training losses
+        model.train()
+        own = model(list(batch[0]), [{k: t[k] for k in ("boxes", "labels")} for t in batch[1]])
+        model.eval()
+    for k in own:
+        assert torch.allclose(outputs[k], own[k])
     loss = task.loss_from_outputs(outputs, batch)
     assert torch.allclose(task.loss(model, batch), loss)  # deterministic: BN statistics do not move
     loss.backward()
@@ -64,8 +70,29 @@ def test_retinanet_loss_in_frozen_bn_train_mode_and_evaluate(coco):
     metrics = task.evaluate(model, coco.loader("test", 2), progress=False)
     assert metrics["n"] == 3 and 0.0 <= metrics["map"] <= metrics["map50"] <= 100.0
     assert set(spec.default_pins) <= set(spec.layers(model))
-    with pytest.raises(HawqError, match="distillation is not supported"):
-        task.distill_loss(outputs, outputs, 2.0)
+    same = task.distill_loss(outputs, {k: v.detach() for k, v in outputs.items()}, 2.0)
+    assert float(same.detach()) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_head_distillation_pulls_the_student_to_the_teacher():
+    from hawq.models.retinanet import head_distill_loss
+
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 30, 7, generator=gen)  # 3 classes + 4 box deltas
+    assert float(head_distill_loss(teacher.clone(), teacher, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    student = (teacher + 0.5 * torch.randn(2, 30, 7, generator=gen)).requires_grad_(True)
+    loss = head_distill_loss(student, teacher, 2.0)
+    loss.backward()
+    assert float(loss) > 0
+    step = (student - 0.5 * student.grad).detach()  # a gradient step lowers it
+    assert float(head_distill_loss(step, teacher, 2.0)) < float(loss)
+    # box deltas count by the teacher's objectness: an error on a background anchor weighs less
+    confident = teacher.clone()
+    confident[:, 0, :3], confident[:, 1, :3] = 8.0, -8.0  # anchor 0: an object, anchor 1: background
+    off0, off1 = confident.clone(), confident.clone()
+    off0[:, 0, 3:] += 1.0
+    off1[:, 1, 3:] += 1.0
+    assert float(head_distill_loss(off0, confident, 2.0)) > 100 * float(head_distill_loss(off1, confident, 2.0))
 
 
 def test_coco_map_perfect_and_wrong_predictions():

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -73,14 +74,46 @@ def head_outputs(model: nn.Module, images: list[Tensor]) -> Tensor:
     return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
 
 
+LOSS_KEYS = ("classification", "bbox_regression")  # the training losses in DetectionTask.forward's dict
+
+
 def _train_mode_losses(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """torchvision RetinaNet's training forward, step by step, so that the raw head outputs come back
+    with the losses (``"head"``, for distillation): transform, backbone, head, anchors, ``compute_loss``."""
     was_training = model.training
     model.train()  # detection losses exist only in training mode; BN is frozen, so nothing else changes
     try:
-        losses = model(images, targets)
+        image_list, targets = model.transform(images, targets)
+        features = list(model.backbone(image_list.tensors).values())
+        out = model.head(features)
+        anchors = model.anchor_generator(image_list, features)
+        losses = model.compute_loss(targets, out, anchors)
     finally:
         model.train(was_training)
-    return losses
+    return {**losses, "head": torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)}
+
+
+def head_distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Distillation on RetinaNet's raw head outputs ``(batch, anchors, classes + 4)``.
+
+    Classification: the logits are independent sigmoids (focal loss), so each gets the binary
+    KL(teacher || student) of its softened probabilities, ``sigmoid(z / T)``, summed over classes,
+    averaged over anchors and scaled by ``T^2`` (Hinton et al.). Boxes: the L1 distance of the
+    regression deltas, weighted by the teacher's confidence that the anchor holds an object (its
+    largest class probability), so background anchors, whose deltas no loss ever trained, do not
+    dominate. Zero when the student's outputs equal the teacher's.
+    """
+    classes = student.shape[-1] - 4
+    s_cls, t_cls = student[..., :classes].float() / temperature, teacher[..., :classes].float() / temperature
+    p = torch.sigmoid(t_cls)
+    # KL(Bern(p) || Bern(q)) = BCE(q; p) - H(p): BCE with the student's logits against the teacher's probability
+    kl = F.binary_cross_entropy_with_logits(s_cls, p, reduction="none") - \
+        F.binary_cross_entropy_with_logits(t_cls, p, reduction="none")
+    cls = kl.sum(-1).mean() * temperature * temperature
+    weight = torch.sigmoid(teacher[..., :classes].float()).amax(-1)
+    l1 = (student[..., classes:].float() - teacher[..., classes:].float()).abs().sum(-1)
+    box = (weight * l1).sum() / weight.sum().clamp_min(1e-6)
+    return cls + box
 
 
 def _xywh(box: list[float]) -> list[float]:
@@ -144,8 +177,9 @@ def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tenso
 class DetectionTask(Task):
     """Batches are ``(list of CHW float images in [0, 1], list of {boxes (xyxy), labels, image_id})``.
 
-    ``forward`` returns the training-loss dict (the model is put in training mode for it);
-    ``loss_from_outputs`` sums it. ``evaluate`` runs inference and reports COCO AP in percent.
+    ``forward`` returns the training losses (``LOSS_KEYS``, the model put in training mode for them)
+    and the raw head outputs (``"head"``); ``loss_from_outputs`` sums the losses, ``distill_loss`` compares
+    the heads (:func:`head_distill_loss`). ``evaluate`` runs inference and reports COCO AP in percent.
     ``output_forward`` returns the raw head outputs, one tensor ``(batch, anchors, classes + 4)``
     (classification logits, then box-regression deltas, over every anchor of every FPN level; anchors,
     decoding and NMS come after it and hold no weights): the label-free sensitivity loss compares them
@@ -163,10 +197,10 @@ class DetectionTask(Task):
         return _train_mode_losses(model, list(images), targets)
 
     def loss_from_outputs(self, outputs: dict[str, Tensor], batch: Any) -> Tensor:
-        return sum(outputs.values())
+        return sum(outputs[k] for k in LOSS_KEYS)
 
     def distill_loss(self, student: Any, teacher: Any, temperature: float) -> Tensor:
-        raise HawqError("distillation is not supported for detection: set train.distill.enabled: false")
+        return head_distill_loss(student["head"], teacher["head"], temperature)
 
     def output_forward(self, model: nn.Module, batch: Any) -> Tensor:
         return head_outputs(model, list(batch[0]))
