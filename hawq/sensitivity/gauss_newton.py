@@ -297,29 +297,32 @@ def _sums_calls(module: nn.Module) -> bool:
 def summed_calls_sq_norms(module: nn.Module, calls: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
     """``||sum_c dL_i/dW (call c)||^2`` per sample for a Conv2d/Linear called several times per forward
     (RetinaNet's heads run once per FPN level): the per-sample gradient of each call, ``g_ic^T U_ic``, is
-    formed ``(B, C, K)`` and summed over the calls before the norm (the cross-call terms count). The
-    weight enters each call linearly, on parallel branches, so the Gauss-Newton identity still holds;
-    float64 products, in chunks of samples that keep ``(chunk, C, K)`` below ``_CHUNK_ELEMENTS``."""
+    formed ``(B, C, K)`` and summed over the calls before the norm (the cross-call terms count): one
+    product over the calls' positions side by side. The sum is the total derivative of the outputs in
+    the weight, so the norm is the Gauss-Newton trace whatever the calls' order; chunks of samples keep
+    ``(chunk, C, K)`` below ``_CHUNK_ELEMENTS``."""
     b = calls[0][0].shape[0]
     c = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     k = module.in_features if isinstance(module, nn.Linear) else module.in_channels * math.prod(module.kernel_size)
     step = max(1, _CHUNK_ELEMENTS // (c * k))
     out = []
     for s in range(0, b, step):
-        total = None
+        xs_all, gs_all = [], []
         for x, g in calls:
             x, g = x[s:s + step], g[s:s + step]
             n = x.shape[0]
             if isinstance(module, nn.Linear):
-                xs, gs = x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
+                xs_all.append(x.reshape(n, -1, x.shape[-1]))
+                gs_all.append(g.reshape(n, -1, g.shape[-1]))
             else:
                 pad = 0 if module.padding == "valid" else module.padding
-                xs = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad,
-                              stride=module.stride).transpose(1, 2)
-                gs = g.reshape(n, g.shape[1], -1).transpose(1, 2)
-            part = torch.bmm(gs.transpose(1, 2).double(), xs.double())  # (n, C, K)
-            total = part if total is None else total + part
-        out.append(total.square().sum((1, 2)))
+                xs_all.append(F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad,
+                                       stride=module.stride).transpose(1, 2))
+                gs_all.append(g.reshape(n, g.shape[1], -1).transpose(1, 2))
+        # the calls' positions side by side: one product sums their gradients, in the layer's dtype as
+        # autograd's own weight gradient (float64 only for the squares, as _sq_norms)
+        total = torch.bmm(torch.cat(gs_all, 1).transpose(1, 2), torch.cat(xs_all, 1))  # (n, C, K)
+        out.append(total.double().square().sum((1, 2)))
     return torch.cat(out)
 
 
