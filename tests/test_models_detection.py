@@ -83,9 +83,9 @@ def test_head_distillation_pulls_the_student_to_the_teacher():
     student = (teacher + 0.5 * torch.randn(2, 30, 7, generator=gen)).requires_grad_(True)
     loss = head_distill_loss(student, teacher, 2.0)
     loss.backward()
-    assert float(loss) > 0
+    assert float(loss.detach()) > 0
     step = (student - 0.5 * student.grad).detach()  # a gradient step lowers it
-    assert float(head_distill_loss(step, teacher, 2.0)) < float(loss)
+    assert float(head_distill_loss(step, teacher, 2.0)) < float(loss.detach())
     # box deltas count by the teacher's objectness: an error on a background anchor weighs less
     confident = teacher.clone()
     confident[:, 0, :3], confident[:, 1, :3] = 8.0, -8.0  # anchor 0: an object, anchor 1: background
