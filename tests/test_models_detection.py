@@ -247,3 +247,39 @@ def test_label_free_sensitivity_on_head_outputs_is_sampled_in_the_output_space(c
     assert info["output_space"]["mode"] == "sampled"
     assert {t.estimator for t in traces.values()} == {"gn_sampled"} and len(traces) == len(layers)
     assert all(t.mean > 0 and t.std_err < t.mean for t in traces.values())
+
+
+@pytest.mark.slow
+def test_retinanet_config_end_to_end_on_stand_in_data(tmp_path):
+    """configs/retinanet.yaml as shipped, on stand-in data at 64 px: label-free head-output traces for every
+    layer, a mixed 4/8-bit map, finetuning with head distillation, and a QDQ export of backbone + FPN +
+    heads whose verdict passes (anchors, decoding and NMS stay outside the graph)."""
+    from pathlib import Path
+
+    from hawq.config import load_config
+    from hawq.pipeline import run_pipeline
+
+    root = make_fake_coco(tmp_path / "coco", n_train=4, n_val=2, size=64, crowd=True)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "retinanet.yaml", [
+        f"data.root={root}", "data.train_split=train", "data.val_split=val", "model.weights=null",
+        "model.kwargs={min_size: 64, max_size: 64}", "data.num_workers=0", "train.num_workers=0",
+        "data.batch_size=2", "data.eval_batch_size=2", "train.batch_size=2", "run.device=cpu",
+        "run.progress=false", "run.threads=1", "sensitivity.batches=1", "sensitivity.batch_size=2",
+        "quant.calib_batches=1", "export.onnx=true", f"run.out_dir={tmp_path / 'runs'}", "run.name=rn"])
+    assert cfg.sensitivity.label_free and cfg.train.distill.enabled
+    report = run_pipeline(cfg)
+    run_dir = tmp_path / "runs" / "rn"
+    traces = json.loads((run_dir / "traces.json").read_text())["layers"]
+    assert {t["estimator"] for t in traces.values()} == {"gn_sampled"}
+    assert all(t["mean"] > 0 for t in traces.values())
+    bits = yaml_load(run_dir / "bits.yaml")
+    assert {v["weight"] for v in bits["layers"].values()} == {4, 8}
+    assert {"map", "map50", "map75"} <= set(report["quant_after_finetune"])
+    qdq = report["export"]["onnx"]
+    assert qdq["path"] == "model.onnx" and qdq["check"]["verdict"] == "pass", qdq
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
