@@ -97,9 +97,11 @@ class DetectionHeads(nn.Module):
         return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
 
 
-def is_detection_batch(batch: Any) -> bool:
-    """``(images, targets)`` with a sequence of image tensors, as the detection task's loader yields."""
-    return (isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple))
+def is_detection(model: nn.Module, batch: Any) -> bool:
+    """A torchvision one-stage detector (``transform``, ``backbone``, ``head``, ``anchor_generator``) and
+    ``(images, targets)`` with a sequence of image tensors, as the detection task's loader yields."""
+    return (all(hasattr(model, a) for a in ("transform", "backbone", "head", "anchor_generator"))
+            and isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple))
             and all(isinstance(t, Tensor) for t in batch[0]))
 
 
@@ -127,7 +129,7 @@ def export_inputs(batch: Any) -> tuple[Tensor, ...]:
 def export_view(model: nn.Module, batch: Any) -> nn.Module:
     """The module the ONNX files are exported from: text models return a tensor (:class:`TextLogits`),
     detection models their raw head outputs (:class:`DetectionHeads`)."""
-    if is_detection_batch(batch):
+    if is_detection(model, batch):
         return DetectionHeads(model)
     return TextLogits(model) if isinstance(batch, Mapping) else model
 
@@ -264,7 +266,7 @@ def export_artifacts(qmodel: nn.Module, bits: Any, run_dir: Path, ecfg: Any, mod
     if batch is None:
         raise HawqError("export_artifacts: ONNX export needs an example batch")
     model = export_view(qmodel, batch)
-    inputs = detection_inputs(qmodel, batch) if is_detection_batch(batch) else cpu_inputs(export_inputs(batch))
+    inputs = detection_inputs(qmodel, batch) if is_detection(qmodel, batch) else cpu_inputs(export_inputs(batch))
     if ecfg.onnx:
         out["onnx"] = _export_qdq(model, inputs, run_dir / "model.onnx", ecfg, logits)
     if ecfg.onnx_integer:
