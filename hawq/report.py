@@ -29,7 +29,8 @@ SCORE_KEYS = {
 
 # Metrics in percent (two decimals are 1e-4 of the range); the others (cosine similarity, Matthews
 # correlation) live in [-1, 1], where two decimals hide the differences that matter.
-PERCENT_METRICS = frozenset({"top1", "top5", "accuracy", "f1", "map", "map50"})
+PERCENT_METRICS = frozenset({"top1", "top5", "accuracy", "f1", "map", "map50", "map75",
+                             "map_small", "map_medium", "map_large"})
 
 
 def score_digits(metric: str) -> int:

@@ -73,7 +73,8 @@ def test_all_zero_outputs_are_checked_not_reported_unwritten(tmp_path):
 
 
 def test_list_inputs_are_recorded_not_fatal(tmp_path):
-    """Detection batches hold a list of images: no ONNX export yet, recorded as such (the run goes on)."""
+    """A list of images for a model that is no detector (detectors export DetectionHeads, tested in
+    test_models_detection.py): no ONNX export, recorded as such (the run goes on)."""
     model, x = _fashion()
     batch = ([x[0], x[1]], [{}, {}])
     out = export_artifacts(model, {}, tmp_path, ExportConfig(safetensors=False), {"name": "x", "kwargs": {}},

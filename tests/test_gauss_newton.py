@@ -690,3 +690,69 @@ def test_a_layer_shared_by_the_batch_is_sampled_at_the_batch_level() -> None:
     # with exact directions (a tolerance of 0) the batch-level norm would be biased: Hutchinson again
     exact = hessian_traces(model, loss_fn, batches, tol=0.0, max_probes=8, progress=False)
     assert exact["pos"].estimator == "hutchinson" and exact["tok"].estimator == "gauss_newton"
+
+
+class SharedHeadNet(nn.Module):
+    """A stem and one head conv applied to two feature levels, as RetinaNet's heads run on every FPN level;
+    ``series=True`` applies the head to its own output instead (a reuse the certificate must reject)."""
+
+    def __init__(self, series: bool = False) -> None:
+        super().__init__()
+        self.series = series
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.h = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.c1(x))
+        if self.series:
+            return self.h(torch.relu(self.h(a))).flatten(1)
+        b = F.avg_pool2d(a, 2)
+        return torch.cat([self.h(a).flatten(1), self.h(b).flatten(1)], 1)
+
+
+def test_summed_calls_sq_norms_match_per_sample_gradients() -> None:
+    from hawq.sensitivity.gauss_newton import summed_calls_sq_norms
+
+    torch.manual_seed(3)
+    model = SharedHeadNet().double()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    calls = []
+    model.h.register_forward_hook(lambda m, args, out: calls.append((args[0].detach(), out)))
+    out = model(x)
+    cot = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [o for _, o in calls], grad_outputs=cot)
+    got = summed_calls_sq_norms(model.h, [(xi, g) for (xi, _), g in zip(calls, grads)])
+    for i in range(3):  # sample i's own gradient of <out_i, cot_i>, both calls together
+        (gw,) = torch.autograd.grad((model(x[i:i + 1]) * cot[i:i + 1]).sum(), model.h.weight)
+        assert float(got[i]) == pytest.approx(float(gw.square().sum()), rel=1e-10)
+
+
+def test_label_free_traces_with_many_outputs_and_a_shared_head_are_sampled_and_unbiased() -> None:
+    """1500 outputs per sample (over the 1024 a dense output Hessian may have) under the label-free loss:
+    its diagonal output Hessian is factored in O(C) and the head called on two levels sums its calls, so
+    both layers are sampled in the output space (RetinaNet's case), against dense Hessian blocks."""
+    from hawq.models.tasks import ClassificationTask
+
+    torch.manual_seed(4)
+    model = SharedHeadNet().double().eval()
+    batches = [(torch.randn(3, 2, 20, 20, dtype=torch.float64), None)]
+    loss_fn = label_free_loss(ClassificationTask(), model)
+    want = dense_block_traces(model, loss_fn, batches, ["c1", "h"])
+    info: dict = {}
+    hessian_traces(model, loss_fn, batches, tol=0.1, progress=False, info=info)
+    assert info["output_space"]["outputs_per_sample"] == 1500 and info["output_space"]["mode"] == "sampled"
+    z = z_scores(model, loss_fn, batches, want, seeds=6, tol=0.1)
+    assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+    # the same head applied in series: at the reference point (zero residual) the Hessian is the
+    # Gauss-Newton matrix whatever the ops, and the summed calls give the total Jacobian: sampled, unbiased
+    series = SharedHeadNet(series=True).double().eval()
+    sb = [(torch.randn(3, 2, 20, 20, dtype=torch.float64), None)]
+    series_loss = label_free_loss(ClassificationTask(), series)
+    z = z_scores(series, series_loss, sb, dense_block_traces(series, series_loss, sb, ["c1", "h"]), seeds=6, tol=0.1)
+    assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, z
+    # away from the reference the residual term counts: the weight meeting itself in a product is not
+    # certified (Hutchinson), the stem still is
+    torch.manual_seed(5)
+    away = label_free_loss(ClassificationTask(), SharedHeadNet(series=True).double().eval())
+    got = hessian_traces(series, away, sb, tol=0.3, progress=False)
+    assert got["h"].estimator == "hutchinson" and got["c1"].estimator == "gn_sampled"

@@ -1,7 +1,10 @@
 """COCO-style detection data: ``root/annotations/instances_<split>.json`` + images in ``root/<split>/``.
 
-Items are ``(image CHW float in [0, 1], {"boxes": xyxy float, "labels": category ids, "image_id"})``;
-crowd annotations and boxes without area are dropped, images without boxes are kept (negatives).
+Items are ``(image CHW float in [0, 1], {"boxes": xyxy float, "labels": category ids, "image_id", "area",
+"crowd_boxes", "crowd_labels", "crowd_area"})``. Crowd annotations (``iscrowd: 1``) are kept apart as
+ignore regions for COCO evaluation (a detection on a crowd region is neither TP nor FP), never trained on;
+``area`` is the annotation's own area (COCO's area ranges use it, not the box area). Boxes without width
+or height are dropped; images without boxes are kept (negatives).
 Batches are ``(tuple of images, tuple of targets)``: detection models take lists of any sizes.
 """
 
@@ -46,18 +49,23 @@ class CocoDetection(Dataset):
             raise HawqError(f"COCO annotation file {annotation_file}: no images")
         self.category_ids = sorted(int(c["id"]) for c in data["categories"])
         known = set(self.category_ids)
-        self.boxes: dict[int, list[list[float]]] = {im["id"]: [] for im in self.images}
-        self.labels: dict[int, list[int]] = {im["id"]: [] for im in self.images}
+        # per image and kind ("" = regular, "crowd_" = ignore region): boxes, labels, areas
+        self.anns: dict[int, dict[str, list]] = {
+            im["id"]: {f"{k}{f}": [] for k in ("", "crowd_") for f in ("boxes", "labels", "area")}
+            for im in self.images}
         for ann in data["annotations"]:
-            if ann.get("iscrowd", 0) or ann["image_id"] not in self.boxes:
+            if ann["image_id"] not in self.anns:
                 continue
             if int(ann["category_id"]) not in known:
                 raise HawqError(f"COCO annotation {ann.get('id')}: category {ann['category_id']} not in categories")
             x, y, w, h = ann["bbox"]
             if w <= 1e-3 or h <= 1e-3:
                 continue
-            self.boxes[ann["image_id"]].append([x, y, x + w, y + h])
-            self.labels[ann["image_id"]].append(int(ann["category_id"]))
+            kind = "crowd_" if ann.get("iscrowd", 0) else ""
+            per = self.anns[ann["image_id"]]
+            per[f"{kind}boxes"].append([x, y, x + w, y + h])
+            per[f"{kind}labels"].append(int(ann["category_id"]))
+            per[f"{kind}area"].append(float(ann.get("area", w * h)))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -73,9 +81,12 @@ class CocoDetection(Dataset):
         except OSError as e:
             raise HawqError(f"COCO image unreadable: {path} ({e})") from None
         image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
-        target = {"boxes": torch.tensor(self.boxes[info["id"]], dtype=torch.float32).reshape(-1, 4),
-                  "labels": torch.tensor(self.labels[info["id"]], dtype=torch.int64),
-                  "image_id": torch.tensor(info["id"], dtype=torch.int64)}
+        per = self.anns[info["id"]]
+        target = {"image_id": torch.tensor(info["id"], dtype=torch.int64)}
+        for kind in ("", "crowd_"):
+            target[f"{kind}boxes"] = torch.tensor(per[f"{kind}boxes"], dtype=torch.float32).reshape(-1, 4)
+            target[f"{kind}labels"] = torch.tensor(per[f"{kind}labels"], dtype=torch.int64)
+            target[f"{kind}area"] = torch.tensor(per[f"{kind}area"], dtype=torch.float32)
         return image, target
 
 
@@ -98,8 +109,11 @@ def build_coco(cfg: DataConfig) -> DataBundle:
 
 
 def make_fake_coco(root: str | Path, n_train: int = 4, n_val: int = 2, size: int = 64, classes: int = 2,
-                   splits: tuple[str, str] = ("train", "val"), seed: int = 0) -> Path:
-    """Tiny COCO-format data: noisy images with 1-2 bright rectangles, category k+1 coloured by k % 3."""
+                   splits: tuple[str, str] = ("train", "val"), seed: int = 0, crowd: bool = False) -> Path:
+    """Tiny COCO-format data: noisy images with 1-2 bright rectangles, category k+1 coloured by k % 3.
+
+    ``crowd``: each image also gets a dim crowd annotation (``iscrowd: 1``) over its top-left quarter.
+    """
     from PIL import Image
 
     root = Path(root)
@@ -118,6 +132,10 @@ def make_fake_coco(root: str | Path, n_train: int = 4, n_val: int = 2, size: int
                 img[y : y + h, x : x + w, k % 3] = 240
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": k + 1,
                                     "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            if crowd:
+                q = size // 4
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                                    "bbox": [0, 0, q, q], "area": q * q, "iscrowd": 1})
             name = f"{i + 1:06d}.png"
             Image.fromarray(img).save(root / split / name)
             images.append({"id": i + 1, "file_name": name, "width": size, "height": size})

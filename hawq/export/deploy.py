@@ -81,6 +81,36 @@ class TextLogits(nn.Module):
         return out if isinstance(out, Tensor) else out.logits
 
 
+class DetectionHeads(nn.Module):
+    """A torchvision RetinaNet seen as ``images -> (batch, anchors, classes + 4)``: backbone, FPN and
+    heads, the part with weights, on images already resized and normalised by the model's
+    ``transform`` (:func:`detection_inputs`). Anchors (``model.anchor_generator``), box decoding and NMS
+    (``model.postprocess_detections``) take these outputs outside the graph, as
+    ``hawq.models.retinanet.head_outputs`` does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        out = self.model.head(list(self.model.backbone(images).values()))
+        return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
+
+
+def is_detection(model: nn.Module, batch: Any) -> bool:
+    """A torchvision one-stage detector (``transform``, ``backbone``, ``head``, ``anchor_generator``) and
+    ``(images, targets)`` with a sequence of image tensors, as the detection task's loader yields."""
+    return (all(hasattr(model, a) for a in ("transform", "backbone", "head", "anchor_generator"))
+            and isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple))
+            and all(isinstance(t, Tensor) for t in batch[0]))
+
+
+def detection_inputs(model: nn.Module, batch: Any) -> tuple[Tensor]:
+    """The model's own resize and normalisation of a detection batch, stacked (and padded) as one tensor."""
+    with torch.no_grad():
+        return (model.transform([t.cpu() for t in batch[0]])[0].tensors,)
+
+
 def export_inputs(batch: Any) -> tuple[Tensor, ...]:
     """A batch's model inputs in the order the exported model takes them.
 
@@ -97,7 +127,10 @@ def export_inputs(batch: Any) -> tuple[Tensor, ...]:
 
 
 def export_view(model: nn.Module, batch: Any) -> nn.Module:
-    """The module the ONNX files are exported from: text models return a tensor (:class:`TextLogits`)."""
+    """The module the ONNX files are exported from: text models return a tensor (:class:`TextLogits`),
+    detection models their raw head outputs (:class:`DetectionHeads`)."""
+    if is_detection(model, batch):
+        return DetectionHeads(model)
     return TextLogits(model) if isinstance(batch, Mapping) else model
 
 
@@ -233,7 +266,7 @@ def export_artifacts(qmodel: nn.Module, bits: Any, run_dir: Path, ecfg: Any, mod
     if batch is None:
         raise HawqError("export_artifacts: ONNX export needs an example batch")
     model = export_view(qmodel, batch)
-    inputs = cpu_inputs(export_inputs(batch))
+    inputs = detection_inputs(qmodel, batch) if is_detection(qmodel, batch) else cpu_inputs(export_inputs(batch))
     if ecfg.onnx:
         out["onnx"] = _export_qdq(model, inputs, run_dir / "model.onnx", ecfg, logits)
     if ecfg.onnx_integer:

@@ -1,4 +1,4 @@
-"""RetinaNet-ResNet50-FPN (torchvision) as a detection family, scored by COCO mAP (pycocotools).
+"""RetinaNet-ResNet50-FPN (torchvision) as a detection family, scored by COCO AP (pycocotools, crowd = ignore).
 
 The Hessian and training loss is the sum of the model's own training losses (sigmoid focal
 classification + L1 box regression). torchvision detection models compute losses only in training
@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -62,18 +63,73 @@ def retinanet_resnet50_fpn(num_classes: int = COCO_NUM_CLASSES, weights: str | N
     return model
 
 
+def head_outputs(model: nn.Module, images: list[Tensor]) -> Tensor:
+    """RetinaNet's raw head outputs for ``images``: ``(batch, anchors, num_classes + 4)``, the
+    classification logits and box-regression deltas of every anchor (FPN levels in order), computed
+    as the model's own forward computes them (same resize and normalisation) before any decoding.
+    """
+    image_list, _ = model.transform(images)
+    features = list(model.backbone(image_list.tensors).values())
+    out = model.head(features)
+    return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
+
+
+LOSS_KEYS = ("classification", "bbox_regression")  # the training losses in DetectionTask.forward's dict
+
+
 def _train_mode_losses(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """torchvision RetinaNet's training forward, step by step, so that the raw head outputs come back
+    with the losses (``"head"``, for distillation): transform, backbone, head, anchors, ``compute_loss``."""
     was_training = model.training
     model.train()  # detection losses exist only in training mode; BN is frozen, so nothing else changes
     try:
-        losses = model(images, targets)
+        image_list, targets = model.transform(images, targets)
+        features = list(model.backbone(image_list.tensors).values())
+        out = model.head(features)
+        anchors = model.anchor_generator(image_list, features)
+        losses = model.compute_loss(targets, out, anchors)
     finally:
         model.train(was_training)
-    return losses
+    return {**losses, "head": torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)}
+
+
+def head_distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Distillation on RetinaNet's raw head outputs ``(batch, anchors, classes + 4)``.
+
+    Classification: the logits are independent sigmoids (focal loss), so each gets the binary
+    KL(teacher || student) of its softened probabilities, ``sigmoid(z / T)``, summed over classes,
+    averaged over anchors and scaled by ``T^2`` (Hinton et al.). Boxes: the L1 distance of the
+    regression deltas, weighted by the teacher's confidence that the anchor holds an object (its
+    largest class probability), so background anchors, whose deltas no loss ever trained, do not
+    dominate. Zero when the student's outputs equal the teacher's.
+    """
+    classes = student.shape[-1] - 4
+    s_cls, t_cls = student[..., :classes].float() / temperature, teacher[..., :classes].float() / temperature
+    p = torch.sigmoid(t_cls)
+    # KL(Bern(p) || Bern(q)) = BCE(q; p) - H(p): BCE with the student's logits against the teacher's probability
+    kl = F.binary_cross_entropy_with_logits(s_cls, p, reduction="none") - \
+        F.binary_cross_entropy_with_logits(t_cls, p, reduction="none")
+    cls = kl.sum(-1).mean() * temperature * temperature
+    weight = torch.sigmoid(teacher[..., :classes].float()).amax(-1)
+    l1 = (student[..., classes:].float() - teacher[..., classes:].float()).abs().sum(-1)
+    box = (weight * l1).sum() / weight.sum().clamp_min(1e-6)
+    return cls + box
+
+
+def _xywh(box: list[float]) -> list[float]:
+    return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
 
 
 def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> dict[str, float]:
-    """COCO box mAP@[.5:.95] and mAP@.5 of predictions against targets (boxes xyxy, labels = category ids)."""
+    """COCO box AP of predictions against targets by the official protocol (pycocotools' ``COCOeval``).
+
+    Boxes are xyxy, labels are category ids. Targets may carry ``crowd_boxes``/``crowd_labels``
+    (``iscrowd: 1``): ignore regions, so a detection matched to one is neither a true nor a false
+    positive and an unmatched crowd box is no miss; ``area``/``crowd_area`` (the annotation's area, which
+    COCO's small/medium/large ranges use; default: box area). Returns percent: ``map`` (AP@[.5:.95],
+    101-point interpolation, at most 100 detections per image), ``map50``, ``map75``, and
+    ``map_small``/``map_medium``/``map_large`` for the area ranges that hold a ground-truth box.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -81,17 +137,23 @@ def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tenso
     for i, (pred, tgt) in enumerate(zip(predictions, targets)):
         image_id = int(tgt["image_id"]) if "image_id" in tgt else i
         images.append({"id": image_id})
-        for box, label in zip(tgt["boxes"].tolist(), tgt["labels"].tolist()):
-            w, h = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
-            categories.add(int(label))
+        for crowd, prefix in ((0, ""), (1, "crowd_")):
+            if f"{prefix}boxes" not in tgt:
+                continue
+            boxes = tgt[f"{prefix}boxes"].tolist()
+            areas = tgt[f"{prefix}area"].tolist() if f"{prefix}area" in tgt else [None] * len(boxes)
+            for box, label, area in zip(boxes, tgt[f"{prefix}labels"].tolist(), areas):
+                xywh = _xywh(box)
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                    "bbox": xywh, "area": xywh[2] * xywh[3] if area is None else float(area),
+                                    "iscrowd": crowd})
+                categories.add(int(label))
         for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
-            dets.append({"image_id": image_id, "category_id": int(label), "score": float(score),
-                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            dets.append({"image_id": image_id, "category_id": int(label), "score": float(score), "bbox": _xywh(box)})
             categories.add(int(label))
-    if not annotations or not dets:
-        return {"map": 0.0, "map50": 0.0}
+    if not any(a["iscrowd"] == 0 for a in annotations) or not dets:
+        # nothing to find, or nothing found: COCOeval cannot load an empty result list
+        return {"map": 0.0, "map50": 0.0, "map75": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
         gt.dataset = {"images": images, "annotations": annotations,
@@ -102,16 +164,26 @@ def coco_map(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tenso
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {"map": 100.0 * max(float(ev.stats[0]), 0.0), "map50": 100.0 * max(float(ev.stats[1]), 0.0)}
+    # stats: AP@[.5:.95], AP50, AP75, AP small/medium/large; -1 = no ground truth in that range
+    out = {"map": 100.0 * max(float(ev.stats[0]), 0.0), "map50": 100.0 * max(float(ev.stats[1]), 0.0),
+           "map75": 100.0 * max(float(ev.stats[2]), 0.0)}
+    for k, name in zip((3, 4, 5), ("small", "medium", "large")):
+        if float(ev.stats[k]) >= 0:
+            out[f"map_{name}"] = 100.0 * float(ev.stats[k])
+    return out
 
 
 @register_task
 class DetectionTask(Task):
     """Batches are ``(list of CHW float images in [0, 1], list of {boxes (xyxy), labels, image_id})``.
 
-    ``forward`` returns the training-loss dict (the model is put in training mode for it);
-    ``loss_from_outputs`` sums it. ``evaluate`` runs inference and reports COCO mAP in percent.
-    Distillation and label-free distances are not defined for detection outputs.
+    ``forward`` returns the training losses (``LOSS_KEYS``, the model put in training mode for them)
+    and the raw head outputs (``"head"``); ``loss_from_outputs`` sums the losses, ``distill_loss`` compares
+    the heads (:func:`head_distill_loss`). ``evaluate`` runs inference and reports COCO AP in percent.
+    ``output_forward`` returns the raw head outputs, one tensor ``(batch, anchors, classes + 4)``
+    (classification logits, then box-regression deltas, over every anchor of every FPN level; anchors,
+    decoding and NMS come after it and hold no weights): the label-free sensitivity loss compares them
+    with the FP32 model's (``0.5 * ||f - f_fp32||^2 / batch``, one unit for logits and deltas alike).
     """
 
     name = "detection"
@@ -120,16 +192,18 @@ class DetectionTask(Task):
 
     def forward(self, model: nn.Module, batch: Any) -> dict[str, Tensor]:
         images, targets = batch
-        return _train_mode_losses(model, list(images), list(targets))
+        # crowd regions and areas are for evaluation only: the training loss sees the regular boxes
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        return _train_mode_losses(model, list(images), targets)
 
     def loss_from_outputs(self, outputs: dict[str, Tensor], batch: Any) -> Tensor:
-        return sum(outputs.values())
+        return sum(outputs[k] for k in LOSS_KEYS)
 
     def distill_loss(self, student: Any, teacher: Any, temperature: float) -> Tensor:
-        raise HawqError("distillation is not supported for detection: set train.distill.enabled: false")
+        return head_distill_loss(student["head"], teacher["head"], temperature)
 
-    def output_distance(self, outputs: Any, reference: Any) -> Tensor:
-        raise HawqError("label-free sensitivity is not supported for detection: set sensitivity.label_free: false")
+    def output_forward(self, model: nn.Module, batch: Any) -> Tensor:
+        return head_outputs(model, list(batch[0]))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any], device: torch.device | str = "cpu",

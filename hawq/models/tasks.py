@@ -54,6 +54,12 @@ class Task:
     def loss_from_outputs(self, outputs: Any, batch: Any) -> Tensor:
         raise NotImplementedError
 
+    def output_forward(self, model: nn.Module, batch: Any) -> Any:
+        """The outputs that label-free losses and distillation compare (``output_distance``,
+        ``distill_loss``): ``forward``'s, unless the task's forward returns something else (detection:
+        its training losses)."""
+        return self.forward(model, batch)
+
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         return self.loss_from_outputs(self.forward(model, batch), batch)
 

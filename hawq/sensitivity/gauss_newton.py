@@ -87,6 +87,7 @@ SUPPORTED_MODULES = (nn.Conv2d, nn.Linear, nn.Embedding)
 GENERIC_MAX_OUTPUTS = 1024  # a loss without a known factor needs C double backwards and an O(C^3) eigh per sample
 ROUNDING_ULPS = 64  # a sampled estimate's floor on its standard error, in units of eps * |trace|
 DIRECTION_RTOL = 1e-6  # output directions whose eigenvalues are all below this (relative) carry nothing
+USED_TWICE = "weight is used more than once"
 _CHUNK_ELEMENTS = 1 << 25  # cap on intermediate tensors of the per-sample norms (128 MiB in float32)
 
 
@@ -146,7 +147,7 @@ def certify_piecewise_linear(outputs: Tensor, weights: Sequence[Tensor], check_o
                 reasons[i] = f"op '{name}' is not piecewise linear in it"
     for i, n in enumerate(uses):
         if n != 1 and reasons[i] is None:
-            reasons[i] = "weight is used more than once" if n else "the outputs do not use the weight"
+            reasons[i] = USED_TWICE if n else "the outputs do not use the weight"
     return reasons
 
 
@@ -287,6 +288,44 @@ def _sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, groups: int, direc
     return out.reshape(b, groups).sum(1) if groups > 1 else out
 
 
+def _sums_calls(module: nn.Module) -> bool:
+    """A module whose per-sample gradient :func:`summed_calls_sq_norms` sums over several calls (a head
+    shared by the FPN levels): plain Linear, or Conv2d without groups."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def summed_calls_sq_norms(module: nn.Module, calls: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """``||sum_c dL_i/dW (call c)||^2`` per sample for a Conv2d/Linear called several times per forward
+    (RetinaNet's heads run once per FPN level): the per-sample gradient of each call, ``g_ic^T U_ic``, is
+    formed ``(B, C, K)`` and summed over the calls before the norm (the cross-call terms count): one
+    product over the calls' positions side by side. The sum is the total derivative of the outputs in
+    the weight, so the norm is the Gauss-Newton trace whatever the calls' order; chunks of samples keep
+    ``(chunk, C, K)`` below ``_CHUNK_ELEMENTS``."""
+    b = calls[0][0].shape[0]
+    c = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    k = module.in_features if isinstance(module, nn.Linear) else module.in_channels * math.prod(module.kernel_size)
+    step = max(1, _CHUNK_ELEMENTS // (c * k))
+    out = []
+    for s in range(0, b, step):
+        xs_all, gs_all = [], []
+        for x, g in calls:
+            x, g = x[s:s + step], g[s:s + step]
+            n = x.shape[0]
+            if isinstance(module, nn.Linear):
+                xs_all.append(x.reshape(n, -1, x.shape[-1]))
+                gs_all.append(g.reshape(n, -1, g.shape[-1]))
+            else:
+                pad = 0 if module.padding == "valid" else module.padding
+                xs_all.append(F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad,
+                                       stride=module.stride).transpose(1, 2))
+                gs_all.append(g.reshape(n, g.shape[1], -1).transpose(1, 2))
+        # the calls' positions side by side: one product sums their gradients, in the layer's dtype as
+        # autograd's own weight gradient (float64 only for the squares, as _sq_norms)
+        total = torch.bmm(torch.cat(gs_all, 1).transpose(1, 2), torch.cat(xs_all, 1))  # (n, C, K)
+        out.append(total.double().square().sum((1, 2)))
+    return torch.cat(out)
+
+
 def _module_supported(module: nn.Module) -> str | None:
     if not isinstance(module, SUPPORTED_MODULES) or type(module).forward not in (
             nn.Conv2d.forward, nn.Linear.forward, nn.Embedding.forward):
@@ -366,6 +405,51 @@ class SoftmaxFactor:
         rest = (rest_top + s.gather(-1, self.top) - s).scatter_(-1, self.top, rest_top)  # sum over d != c
         out = self.alpha.sqrt()[..., None] * (s * self.one_minus - self.p * rest)
         return [(out.reshape(r.shape[0], -1), 1.0)]
+
+
+class DiagonalFactor:
+    """A loss Hessian in the outputs that is diagonal per sample, ``H_i = diag(d_i)`` (squared errors, the
+    label-free ``0.5 ||f - f_ref||^2 / B``, any sum of per-output losses): column ``k`` is
+    ``sqrt|d_ik| e_k`` with sign ``sign(d_ik)``, a probe is ``sqrt|d_i| * r_i``; ``O(C)``, nothing materialised
+    beyond ``(B, C)``, so it serves any number of outputs (RetinaNet's head: ~10^5 per image)."""
+
+    def __init__(self, diag: Tensor) -> None:
+        diag = diag.double()
+        top = float(diag.abs().max()) if diag.numel() else 0.0
+        live = diag.abs() > DIRECTION_RTOL * top
+        self.sign = torch.sign(diag) * live
+        self.masses = diag.abs() * live
+        self.scale = self.masses.sqrt()
+
+    def columns(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        rows = torch.arange(idx.shape[0], device=idx.device)
+        col = torch.zeros_like(self.scale)
+        col[rows, idx] = self.scale[rows, idx]
+        return col, self.sign[rows, idx]
+
+    def tail(self, r: Tensor) -> list[tuple[Tensor, float]]:
+        out = [(self.scale * r * (self.sign > 0), 1.0)]
+        neg = r * (self.sign < 0)
+        if bool(neg.any()):
+            out.append((self.scale * neg, -1.0))
+        return out
+
+
+def diagonal_factor(g: Tensor, leaf: Tensor, seed: int = 0, rtol: float = 1e-6) -> DiagonalFactor | None:
+    """A :class:`DiagonalFactor` if the loss Hessian in the outputs (flattened per sample, ``g``'s shape
+    ``(B, C)``) is diagonal, else None. ``d`` is read off one product with a random sign vector
+    (``d = (H s) * s``), and a second product with a Gaussian vector must equal ``d * w`` to ``rtol`` of
+    its norm: any off-diagonal entry fails it with probability 1. Two double backwards on the loss alone."""
+    if not g.requires_grad:
+        return None
+    gen = torch.Generator(device=g.device).manual_seed(seed + 2)
+    signs = torch.randint(0, 2, g.shape, generator=gen, device=g.device).to(g.dtype) * 2 - 1
+    d = (_output_hvp(g, leaf, signs) * signs).double()
+    w = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+    hw = _output_hvp(g, leaf, w).double()
+    if not bool(hw.any()) or float((hw - d * w.double()).norm()) > rtol * float(hw.norm()):
+        return None
+    return DiagonalFactor(d)
 
 
 def softmax_cross_entropy_factor(outputs: Tensor, g: Tensor, leaf: Tensor, seed: int = 0,
@@ -708,14 +792,22 @@ class _Prepared:
         if couples_samples(g, leaf, seed):
             return leave_all(COUPLED)
         hess: Tensor | None = None
-        factor: EigenFactor | SoftmaxFactor | None = None
+        factor: EigenFactor | SoftmaxFactor | DiagonalFactor | None = None
         if per_sample > max_directions:
             factor = softmax_cross_entropy_factor(outputs, g, leaf, seed)
             residual_free = False
+            if factor is None and per_sample > GENERIC_MAX_OUTPUTS:
+                # too many outputs for a dense Hessian: a diagonal one (squared errors, label-free) factors
+                # in O(C); its residual term vanishes where the loss gradient does (the reference point)
+                factor = diagonal_factor(g, leaf, seed)
+                if factor is not None:
+                    size = float(outputs.detach().abs().max()) * float(factor.masses.max())
+                    residual_free = float(g.detach().abs().max()) <= 1e-6 * size
         if factor is None:
             if per_sample > GENERIC_MAX_OUTPUTS:
-                return leave_all(f"{per_sample} outputs per sample and a loss other than softmax cross-entropy: "
-                                 f"more than the {GENERIC_MAX_OUTPUTS} a dense output Hessian may have")
+                return leave_all(f"{per_sample} outputs per sample and a loss whose output Hessian is neither "
+                                 f"softmax cross-entropy's nor diagonal: more than the {GENERIC_MAX_OUTPUTS} a "
+                                 "dense output Hessian may have")
             full = output_hessian(outputs, lambda o: loss_fn.loss(o, batch), seed)
             if isinstance(full, str):
                 return leave_all(full)
@@ -726,10 +818,15 @@ class _Prepared:
         # second-order term whatever the ops are; the per-sample norms still need a weight used once
         check_ops = certify and not residual_free
         for n, why in zip(names, certify_piecewise_linear(outputs, weights, check_ops=check_ops)):
+            if why == USED_TWICE and len(seen.get(n, ())) > 1 and _sums_calls(modules[n]):
+                # one module called several times (a head shared by the FPN levels): its per-sample norms
+                # sum the calls' gradients; a call whose input depends on the weight (reuse in series)
+                # is a product of two dependent tensors, which the op check above still rejects
+                continue
             if why and n not in reasons:
                 reasons[n] = why
         for n, calls in seen.items():
-            if n not in reasons and len(calls) != 1:
+            if n not in reasons and len(calls) != 1 and not _sums_calls(modules[n]):
                 reasons[n] = f"module called {len(calls)} times per forward"
         live = [n for n in names if n not in reasons]
         if not live:
@@ -743,11 +840,12 @@ class _Prepared:
             j = int(torch.randint(b, (1,), generator=gen, device=outputs.device))
             probe = torch.zeros_like(outputs)
             probe[j] = torch.randn(outputs.shape[1:], generator=gen, device=outputs.device, dtype=outputs.dtype)
-            grads = torch.autograd.grad(outputs, [seen[n][0][1] for n in live], grad_outputs=probe,
+            pairs = [(n, c) for n in live for c in range(len(seen[n]))]  # every call of a shared head
+            grads = torch.autograd.grad(outputs, [seen[n][c][1] for n, c in pairs], grad_outputs=probe,
                                         retain_graph=True, allow_unused=True)
             self.passes += 1
-            for n, gr in zip(live, grads):
-                x = seen[n][0][0]
+            for (n, c), gr in zip(pairs, grads):
+                x = seen[n][c][0]
                 if gr is not None and gr.shape[0] == 1 and x.shape[0] == 1:
                     # one input for the whole batch (BERT's position ids): no per-sample norms, but with
                     # independent Rademacher tails per sample the batch-level norm is unbiased too
@@ -811,12 +909,19 @@ class _Prepared:
         if not use:
             return {}
         cot = cot.to(self.outputs.dtype).reshape(self.outputs.shape)
-        grads = torch.autograd.grad(self.outputs, [self.seen[n][0][1] for n in use], grad_outputs=cot,
+        pairs = [(n, c) for n in use for c in range(len(self.seen[n]))]
+        grads = torch.autograd.grad(self.outputs, [self.seen[n][c][1] for n, c in pairs], grad_outputs=cot,
                                     retain_graph=True, allow_unused=True)
-        out = {}
-        for n, g in zip(use, grads):
+        by_layer: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        for (n, c), g in zip(pairs, grads):
             if g is not None:  # unused by the loss: 0 here, and the Hutchinson checks name it
-                out[n] = per_sample_sq_norms(self.modules[n], self.seen[n][0][0], g)
+                by_layer.setdefault(n, []).append((self.seen[n][c][0], g))
+        out = {}
+        for n, calls in by_layer.items():
+            if len(self.seen[n]) == 1:
+                out[n] = per_sample_sq_norms(self.modules[n], *calls[0])
+            else:
+                out[n] = summed_calls_sq_norms(self.modules[n], calls)
         return out
 
     def _gather(self, per: dict[str, Tensor], index: dict[str, int], weight: Tensor | float,

@@ -23,10 +23,10 @@ def label_free_loss(task: Task, reference_model: nn.Module) -> OutputLoss:
 
     def distance(outputs: Any, batch: Any) -> Tensor:
         with torch.no_grad():
-            reference = task.forward(reference_model, batch)
+            reference = task.output_forward(reference_model, batch)
         return task.output_distance(outputs, _detach(reference))
 
-    return OutputLoss(task.forward, distance)
+    return OutputLoss(task.output_forward, distance)
 
 
 def _detach(obj: Any) -> Any:
