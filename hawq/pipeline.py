@@ -29,6 +29,7 @@ import torch
 from hawq import HawqError
 from hawq.config import Config, run_folder, save_config, validate
 from hawq.export.stage import stage_export
+from hawq.models.registry import ModelSpec
 from hawq.quant.stage import evaluate_quantized, quantized_copy
 from hawq.report import build_report, write_report
 from hawq.run import (  # noqa: F401  (re-exported: scripts and older callers import them from here)
@@ -86,7 +87,7 @@ class Stage:
 def _stage_fp32(run: Run) -> dict[str, float]:
     run.task.bind_reference(run.fp32)
     metrics = D.run_on_main(run.evaluate, run.fp32, "eval fp32")
-    if fp32_source(run.cfg) == "untrained" and run.main:
+    if fp32_source(run.cfg, run.spec) == "untrained" and run.main:
         log.warning("model: no checkpoint, no weights and model.pretrain_epochs is 0: the FP32 model has "
                     "random weights, so its sensitivities and bit map mean nothing")
     return metrics
@@ -222,7 +223,7 @@ def _run_stages(run: Run, t_start: float) -> dict[str, Any]:
 def stage_report(run: Run, values: dict[str, Any]) -> dict[str, Any]:
     """The stages' results, laid out as report.json's top-level entries (in this order)."""
     report: dict[str, Any] = {"fp32": values["fp32"], "fp32_top1": run.primary(values["fp32"]),
-                              "fp32_weights": fp32_source(run.cfg), "processes": D.get_world_size()}
+                              "fp32_weights": fp32_source(run.cfg, run.spec), "processes": D.get_world_size()}
     if "search" in values:
         report["search"] = values["search"]
     if "before" in values:
@@ -240,13 +241,16 @@ def stage_report(run: Run, values: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-def fp32_source(cfg: Config) -> str:
-    """Where the FP32 weights come from: checkpoint, weights (torchvision), pretrained or untrained."""
+def fp32_source(cfg: Config, spec: ModelSpec | None = None) -> str:
+    """Where the FP32 weights come from: checkpoint, weights (torchvision), shipped (with the model's
+    package, ``ModelSpec.ships_weights``), pretrained or untrained."""
     m = cfg.model
     if m.checkpoint is not None:
         return "checkpoint"
     if m.weights is not None:
         return "weights"
+    if spec is not None and spec.ships_weights:
+        return "shipped"
     return "pretrained" if m.pretrain_epochs > 0 else "untrained"
 
 

