@@ -33,6 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from hawq import HawqError
+from hawq.export.onnx_qdq import compare_onnx, compare_onnx_integer, export_onnx, export_onnx_integer
+from hawq.export.quantized_file import save_quantized
+from hawq.models.tasks import move_to
+from hawq.quant import to_integer
 
 log = logging.getLogger("hawq")
 
@@ -52,8 +56,6 @@ def cpu_copy(model: nn.Module) -> nn.Module:
 
 def cpu_inputs(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
     """The example inputs on the CPU (tensors detached; lists of images, as detection takes, too)."""
-    from hawq.models.tasks import move_to
-
     return tuple(t.detach().cpu() if isinstance(t, Tensor) else move_to(t, "cpu") for t in inputs)
 
 
@@ -185,16 +187,12 @@ def integer_verdict(check: dict[str, Any]) -> dict[str, Any]:
 
 def check_qdq(model: nn.Module, path: str | Path, inputs: tuple[Tensor, ...], logits: bool) -> dict[str, Any]:
     """Run the QDQ file and ``model`` (CPU, float32) on ``inputs``; the comparison with its verdict."""
-    from hawq.export import compare_onnx
-
     check = compare_onnx(model, path, inputs)
     return qdq_verdict(check, float64_spread(model, inputs, logits), int(inputs[0].shape[0]), logits)
 
 
 def check_integer(int_model: nn.Module, path: str | Path, inputs: Tensor) -> dict[str, Any]:
     """Run the integer-only file and the PyTorch integer model on ``inputs``; the comparison with its verdict."""
-    from hawq.export import compare_onnx_integer
-
     return integer_verdict(compare_onnx_integer(int_model, path, inputs))
 
 
@@ -229,8 +227,6 @@ def save_deployable(model: nn.Module, bits: Any, path: Path, model_info: dict, q
                     deploy_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``save_quantized`` of what inference runs: training-only submodules left out, and the builder
     kwargs in ``model_info`` set so that ``load_quantized`` rebuilds the model without them."""
-    from hawq.export import save_quantized
-
     info = dict(model_info)
     if deploy_kwargs:
         info["kwargs"] = {**info.get("kwargs", {}), **deploy_kwargs}
@@ -280,8 +276,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _export_qdq(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, ecfg: Any, logits: bool) -> dict[str, Any]:
-    from hawq.export import export_onnx
-
     try:
         export_onnx(model, inputs if len(inputs) > 1 else inputs[0], path, opset=ecfg.onnx_opset,
                     int4=ecfg.onnx_int4)
@@ -299,9 +293,6 @@ def _export_qdq(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, ecfg: 
 
 def _export_integer(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, opset: int) -> dict[str, Any]:
     """``model_int.onnx``: the integer-only model (ConvInteger/MatMulInteger + dyadic rescales)."""
-    from hawq.export import export_onnx_integer
-    from hawq.quant import to_integer
-
     if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
         return {"skipped": "the integer ONNX export takes models with a single tensor input"}
     try:

@@ -355,16 +355,22 @@ class IntChannelAffine(nn.Module):
         return g.op("Add", [scaled, g.const(f"{name}_bias_int", self.bias_int, torch.int64)], f"{name}_out")
 
 
+def _register_rescales(module: nn.Module, scales: dict[Any, Tensor], scale_out: Tensor) -> None:
+    """Buffers ``mult_<tag>`` / ``shift_<tag>``: the dyadic rescale of each input's grid to ``scale_out``
+    (the operands of an add or a concatenation on one shared grid)."""
+    for tag, scale in scales.items():
+        m, c = dyadic(scale / scale_out)
+        module.register_buffer(f"mult_{tag}", m)
+        module.register_buffer(f"shift_{tag}", c)
+
+
 class IntAdd(nn.Module):
     """Residual add: both operands rescaled (dyadic) to the common, coarser scale, then added."""
 
     def __init__(self, scale_a: Tensor, scale_b: Tensor, scale_out: Tensor, name: str) -> None:
         super().__init__()
         self.name = name
-        for tag, s in (("a", scale_a), ("b", scale_b)):
-            m, c = dyadic(s / scale_out)
-            self.register_buffer(f"mult_{tag}", m)
-            self.register_buffer(f"shift_{tag}", c)
+        _register_rescales(self, {"a": scale_a, "b": scale_b}, scale_out)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         out = rescale(a, self.mult_a, self.shift_a) + rescale(b, self.mult_b, self.shift_b)
@@ -503,10 +509,7 @@ class IntCat(nn.Module):
     def __init__(self, scales: list[Tensor], scale_out: Tensor, dim: int) -> None:
         super().__init__()
         self.dim, self.n = dim, len(scales)
-        for i, s in enumerate(scales):
-            m, c = dyadic(s / scale_out)
-            self.register_buffer(f"mult_{i}", m)
-            self.register_buffer(f"shift_{i}", c)
+        _register_rescales(self, dict(enumerate(scales)), scale_out)
 
     def forward(self, *vs: Tensor) -> Tensor:
         return torch.cat([rescale(v, getattr(self, f"mult_{i}"), getattr(self, f"shift_{i}"))
