@@ -265,16 +265,20 @@ def _embedding_sq_norms(module: nn.Embedding, idx: Tensor, grad_out: Tensor) -> 
     return (torch.bmm(gs, gs.transpose(1, 2)) * same).sum((1, 2))
 
 
-def _sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, groups: int, direct: bool) -> Tensor:
+def _positions(module: nn.Module, x: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    """A Conv2d/Linear's inputs and output gradients position by position: ``(B, positions, K)`` (unfolded
+    for a conv) and ``(B, positions, C)``; sample i's weight gradient is ``gs_i^T xs_i``."""
     b = x.shape[0]
     if isinstance(module, nn.Linear):
-        xs = x.reshape(b, -1, x.shape[-1])  # (B, positions, K)
-        gs = grad_out.reshape(b, -1, grad_out.shape[-1])  # (B, positions, C)
-    else:
-        pad = 0 if module.padding == "valid" else module.padding
-        xs = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
-        xs = xs.transpose(1, 2)
-        gs = grad_out.reshape(b, grad_out.shape[1], -1).transpose(1, 2)
+        return x.reshape(b, -1, x.shape[-1]), grad_out.reshape(b, -1, grad_out.shape[-1])
+    pad = 0 if module.padding == "valid" else module.padding
+    xs = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
+    return xs.transpose(1, 2), grad_out.reshape(b, grad_out.shape[1], -1).transpose(1, 2)
+
+
+def _sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, groups: int, direct: bool) -> Tensor:
+    b = x.shape[0]
+    xs, gs = _positions(module, x, grad_out)
     t, k, c = xs.shape[1], xs.shape[2], gs.shape[2]
     if groups > 1:  # (B * groups, positions, K / groups): group g's weights see group g's channels only
         xs = xs.reshape(b, t, groups, k // groups).permute(0, 2, 1, 3).reshape(b * groups, t, k // groups)
@@ -307,18 +311,7 @@ def summed_calls_sq_norms(module: nn.Module, calls: Sequence[tuple[Tensor, Tenso
     step = max(1, _CHUNK_ELEMENTS // (c * k))
     out = []
     for s in range(0, b, step):
-        xs_all, gs_all = [], []
-        for x, g in calls:
-            x, g = x[s:s + step], g[s:s + step]
-            n = x.shape[0]
-            if isinstance(module, nn.Linear):
-                xs_all.append(x.reshape(n, -1, x.shape[-1]))
-                gs_all.append(g.reshape(n, -1, g.shape[-1]))
-            else:
-                pad = 0 if module.padding == "valid" else module.padding
-                xs_all.append(F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad,
-                                       stride=module.stride).transpose(1, 2))
-                gs_all.append(g.reshape(n, g.shape[1], -1).transpose(1, 2))
+        xs_all, gs_all = zip(*(_positions(module, x[s:s + step], g[s:s + step]) for x, g in calls), strict=True)
         # the calls' positions side by side: one product sums their gradients, in the layer's dtype as
         # autograd's own weight gradient (float64 only for the squares, as _sq_norms)
         total = torch.bmm(torch.cat(gs_all, 1).transpose(1, 2), torch.cat(xs_all, 1))  # (n, C, K)
