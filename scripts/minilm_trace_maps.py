@@ -29,15 +29,26 @@ from hawq.run import build_model_and_data  # noqa: E402
 PATHS = {"sampled": [], "exact": ["sensitivity.exact_directions=384"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="minilm_sentence,minilm_sentence_ffn12")
     p.add_argument("--budgets", default="4,3", help="sizes of uniform N-bit weights")
     p.add_argument("--out", default="runs/minilm_trace_maps")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    missing = [n for n in names if not (R.REPO / f"configs/{n}.yaml").is_file()]
+    if missing or not names:
+        print(f"error: --configs: no configs/{missing[0] if missing else ''}.yaml", file=sys.stderr)
+        return 2
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or not all(2 <= b <= 8 for b in budgets):
+        print(f"error: --budgets must be integers in 2..8, got '{args.budgets}'", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)
-    budgets = [int(b) for b in args.budgets.split(",")]
-    for name in args.configs.split(","):
+    for name in names:
         maps: dict[str, dict[int, dict[str, int]]] = {}
         for path, overrides in PATHS.items():
             cfg = R.build_config(str(R.REPO / f"configs/{name}.yaml"), overrides, 0.0, None, None, None, 1)
@@ -53,7 +64,8 @@ def main() -> None:
             a, e = maps["sampled"][b], maps["exact"][b]
             diff = {n: (a[n], e[n]) for n in a if a[n] != e[n]}
             print(f"{name} size of uniform {b}-bit: {len(diff)} of {len(a)} layers differ (sampled, exact) {diff}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

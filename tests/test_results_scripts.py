@@ -202,3 +202,11 @@ def test_integer_inception_script_small(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         script.main()
     assert e.value.code == 2
+
+
+def test_minilm_trace_maps_rejects_bad_arguments(capsys):
+    script = load_script("minilm_trace_maps")
+    assert script.main(["--configs", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --configs: no configs/nope.yaml"
+    assert script.main(["--budgets", "4,x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --budgets must be integers in 2..8, got '4,x'"
