@@ -283,3 +283,54 @@ def yaml_load(path):
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_integer_retinanet_onnx_is_bit_identical_and_decodes_to_the_fake_quant_detections(coco, tmp_path):
+    """Backbone (frozen BN), FPN (nearest upsampling + adds, P6/P7) and heads in integer only: the ONNX file
+    equals hawq's PyTorch integer model bit for bit, and the integer head outputs, decoded in float
+    (anchors, boxes, NMS outside the graph), give the fake-quant model's top detection."""
+    from torchvision.ops import box_iou
+
+    from hawq.bitmap import LayerBits
+    from hawq.export.deploy import DetectionHeads, check_integer, detection_inputs
+    from hawq.export.onnx_qdq import export_onnx_integer
+    from hawq.layers import quantizable_layers
+    from hawq.models.retinanet import decode_head_outputs
+    from hawq.quant.config import QuantConfig
+    from hawq.quant.integer import IntUpsampleNearest, to_integer
+    from hawq.quant.model import calibrate, quantize_model
+
+    torch.manual_seed(0)
+    _, model = build_model(ModelConfig(name="retinanet_resnet50_fpn", kwargs={
+        **SMALL, "score_thresh": 0.0, "topk_candidates": 20, "detections_per_img": 10}), coco.num_classes)
+    model.eval()
+    names = quantizable_layers(model)
+    quantize_model(model, {n: LayerBits(4 if i % 2 else 8, 8) for i, n in enumerate(names)}, QuantConfig())
+    batch = next(iter(coco.loader("test", 2)))
+    (x,) = detection_inputs(model, batch)
+    heads = DetectionHeads(model).eval()
+    calibrate(heads, [x], lambda m, b: m(b), progress=False)
+
+    int_model = to_integer(heads, x)
+    assert sum(isinstance(m, IntUpsampleNearest) for m in int_model.modules()) == 2  # the FPN's top-down path
+    path = export_onnx_integer(int_model, x, tmp_path / "model_int.onnx")
+    check = check_integer(int_model, path, x)
+    assert check["verdict"] == "pass" and check["exact_fraction"] == 1.0, check
+
+    with torch.no_grad():
+        fake, ints = heads(x), int_model(x)
+        expected = model(list(batch[0]))  # torchvision's own forward: transform, heads, decoding, NMS
+    assert ints.shape == fake.shape and torch.isfinite(ints).all()
+    step = float(fake.abs().max()) / 127  # one step of an 8-bit grid over the outputs
+    assert float((ints - fake).abs().max()) <= step
+    image_list, _ = model.transform(list(batch[0]))
+    sizes = [tuple(t.shape[-2:]) for t in batch[0]]
+    # the decoding is torchvision's: on the fake-quant head outputs it gives its forward's detections
+    for got, want in zip(decode_head_outputs(model, fake, image_list, sizes), expected, strict=True):
+        assert all(torch.equal(got[k], want[k]) for k in ("boxes", "scores", "labels"))
+    for got, want in zip(decode_head_outputs(model, ints, image_list, sizes), expected, strict=True):
+        assert got["boxes"].shape == (10, 4) and torch.isfinite(got["boxes"]).all()
+        assert int(got["labels"][0]) == int(want["labels"][0])
+        # untrained: scores near the prior 0.01, so the score must agree to 1e-3; boxes by overlap
+        assert float(got["scores"][0]) == pytest.approx(float(want["scores"][0]), abs=1e-3)
+        assert float(box_iou(got["boxes"][:1], want["boxes"][:1])) >= 0.95

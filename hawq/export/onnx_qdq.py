@@ -392,10 +392,13 @@ def _onnx_and_torch_outputs(model: nn.Module, path: str | os.PathLike, inputs: t
 class _IntOnnxBuilder:
     """Writes the ONNX nodes of one ``to_integer`` graph (integer tensors travel as INT64)."""
 
+    SHARE_MIN = 256  # constants with at least this many entries are stored once when repeated
+
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self._names: set[str] = set()
+        self._shared: dict[tuple[str, tuple[int, ...], bytes], str] = {}
 
     def fresh(self, base: str) -> str:
         name = base.replace(".", "_")
@@ -405,10 +408,17 @@ class _IntOnnxBuilder:
         return name
 
     def const(self, base: str, value: Tensor | np.ndarray | int | float | list, dtype: torch.dtype) -> str:
-        name = self.fresh(base)
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-        self.inits.append(numpy_helper.from_array(np.asarray(value.detach().cpu().numpy() if isinstance(
-            value, Tensor) else value).astype(np_dtype), name))
+        array = np.asarray(value.detach().cpu().numpy() if isinstance(value, Tensor) else value).astype(np_dtype)
+        # A module called more than once (RetinaNet's heads, on five FPN levels) becomes one integer
+        # module per call: its large constants (weight codes, biases) are stored once.
+        key = (str(array.dtype), array.shape, array.tobytes()) if array.size >= self.SHARE_MIN else None
+        if key is not None and key in self._shared:
+            return self._shared[key]
+        name = self.fresh(base)
+        self.inits.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._shared[key] = name
         return name
 
     def cast(self, v: str, dtype: torch.dtype, base: str) -> str:

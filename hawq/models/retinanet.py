@@ -74,6 +74,54 @@ def head_outputs(model: nn.Module, images: list[Tensor]) -> Tensor:
     return torch.cat([out["cls_logits"], out["bbox_regression"]], dim=-1)
 
 
+FPN_LEVELS = (3, 7)  # P3..P7: the first level has stride 2^3, each next one halves (stride-2 convs, ceil)
+
+
+def level_sizes(height: int, width: int, levels: tuple[int, int] = FPN_LEVELS) -> list[tuple[int, int]]:
+    """The feature-map sizes of FPN levels ``levels[0]..levels[1]`` for a padded input of ``height x width``.
+
+    Every stride-2 stage of ResNet-FPN (the 7x7 stem conv, the max pool, the 3x3 convs, P6/P7) maps a
+    size ``s`` to ``ceil(s / 2)``.
+    """
+    sizes, h, w = [], height, width
+    for level in range(levels[1] + 1):
+        if level >= levels[0]:
+            sizes.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return sizes
+
+
+def decode_head_outputs(model: nn.Module, head: Tensor, image_list: Any,
+                        original_sizes: list[tuple[int, int]] | None = None) -> list[dict[str, Tensor]]:
+    """Detections from RetinaNet's raw head outputs ``(batch, anchors, classes + 4)`` -- what the ONNX
+    files (:class:`hawq.export.deploy.DetectionHeads`, float QDQ or integer-only) compute -- by the
+    model's own float post-processing, as torchvision's ``RetinaNet.forward`` does after its head:
+    anchors (``model.anchor_generator``), box decoding, score threshold, top-k and NMS
+    (``model.postprocess_detections``) and, with ``original_sizes``, boxes rescaled to the images
+    before ``model.transform`` (``model.transform.postprocess``).
+
+    ``image_list``: ``model.transform``'s result for the batch (the padded tensor's size and each image's
+    size); only sizes are read, so the features need not exist: the anchors come from the FPN level
+    sizes (:func:`level_sizes`), checked against the number of anchors in ``head``.
+    """
+    levels = level_sizes(*image_list.tensors.shape[-2:])
+    per_position = model.anchor_generator.num_anchors_per_location()
+    per_level = [h * w * a for (h, w), a in zip(levels, per_position, strict=True)]
+    if sum(per_level) != head.shape[1]:
+        raise HawqError(f"decode_head_outputs: the head outputs hold {head.shape[1]} anchors, the FPN levels of a "
+                        f"{tuple(image_list.tensors.shape[-2:])} input {sum(per_level)}")
+    classes = head.shape[-1] - 4
+    stand_ins = [head.new_empty((1, 0, h, w)) for h, w in levels]  # the anchor generator reads sizes only
+    anchors = model.anchor_generator(image_list, stand_ins)
+    split = {"cls_logits": list(head[..., :classes].split(per_level, dim=1)),
+             "bbox_regression": list(head[..., classes:].split(per_level, dim=1))}
+    detections = model.postprocess_detections(split, [list(a.split(per_level)) for a in anchors],
+                                              image_list.image_sizes)
+    if original_sizes is not None:
+        detections = model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+    return detections
+
+
 LOSS_KEYS = ("classification", "bbox_regression")  # the training losses in DetectionTask.forward's dict
 
 

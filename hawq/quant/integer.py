@@ -521,6 +521,124 @@ class IntCat(nn.Module):
         return g.op("Concat", parts, f"{name}_out", axis=self.dim)
 
 
+class IntRegrid(nn.Module):
+    """Per-channel scales -> one per-tensor grid (a dyadic rescale per channel, no clamp): what a
+    layout op that moves channels (view / permute) needs first."""
+
+    def __init__(self, scale: Tensor, scale_out: Tensor) -> None:
+        super().__init__()
+        _register_rescales(self, {"in": scale}, scale_out)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return rescale(v, self.mult_in, self.shift_in)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        return g.rescale(args[0], self.mult_in, self.shift_in, f"{name}_out")
+
+
+class SizeOf(nn.Module):
+    """``x.shape`` (an integer tensor has its real tensor's size); ONNX ``Shape`` (1-D INT64)."""
+
+    def forward(self, v: Tensor) -> torch.Size:
+        return v.shape
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        return g.op("Shape", [args[0]], f"{name}_out")
+
+
+class SizeItem(nn.Module):
+    """``size[i]`` (an int) or ``size[a:b]`` (a size); in ONNX always a 1-D INT64 tensor (an entry: one element)."""
+
+    def __init__(self, index: int | slice) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, size: torch.Size) -> int | torch.Size:
+        return size[self.index]
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        if isinstance(self.index, int):
+            return g.op("Gather", [args[0], g.const(f"{name}_index", [self.index], torch.int64)], f"{name}_out",
+                        axis=0)
+        sl = self.index
+        return g.op("Slice", [args[0], g.const(f"{name}_start", [sl.start or 0], torch.int64),
+                              g.const(f"{name}_end", [2**62 if sl.stop is None else sl.stop], torch.int64)],
+                    f"{name}_out")
+
+
+def _size_entries(spec: list[int | None], sizes: tuple[Any, ...]) -> list[int]:
+    """``spec`` with each None replaced by the next of ``sizes`` (an int, or a size whose entries it spreads)."""
+    out: list[int] = []
+    it = iter(sizes)
+    for entry in spec:
+        if entry is not None:
+            out.append(entry)
+            continue
+        s = next(it)
+        out.extend([int(s)] if isinstance(s, (int, Tensor)) else [int(d) for d in s])
+    return out
+
+
+class IntLayout(nn.Module):
+    """view / reshape / permute of an integer tensor on a per-tensor grid: entries move, the grid is kept.
+
+    ``spec``: the target size for ``"reshape"`` (ints; None for each size value passed after the
+    tensor, e.g. ``x.shape[0]``), the permutation for ``"permute"``.
+    """
+
+    def __init__(self, kind: str, spec: list[int | None]) -> None:
+        super().__init__()
+        self.kind, self.spec = kind, list(spec)
+
+    def forward(self, v: Tensor, *sizes: Any) -> Tensor:
+        if self.kind == "permute":
+            return v.permute(*self.spec)
+        return v.reshape(_size_entries(self.spec, sizes))
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        if self.kind == "permute":
+            return g.op("Transpose", [args[0]], f"{name}_out", perm=list(self.spec))
+        sizes = iter(args[1:])
+        parts = [g.const(f"{name}_dim{i}", [e], torch.int64) if e is not None else next(sizes)
+                 for i, e in enumerate(self.spec)]
+        shape = parts[0] if len(parts) == 1 else g.op("Concat", parts, f"{name}_shape", axis=0)
+        return g.op("Reshape", [args[0], shape], f"{name}_out")
+
+
+class IntUpsampleNearest(nn.Module):
+    """Nearest upsampling of an integer tensor (``F.interpolate(mode="nearest")``): entries copied.
+
+    The size comes as an argument (``x.shape[-2:]`` of another tensor, as torchvision's FPN passes it)
+    or fixed (``size`` / ``scale_factor``). PyTorch picks the source entries in its own kernel (float64
+    holds every int32 exactly); ONNX ``Resize`` (nearest, asymmetric, floor) picks the same ones.
+    """
+
+    def __init__(self, size: list[int] | None, scale_factor: list[float] | None) -> None:
+        super().__init__()
+        self.size, self.scale_factor = size, scale_factor
+
+    def forward(self, v: Tensor, size: Any = None) -> Tensor:
+        size = self.size if size is None else [int(s) for s in size]
+        out = F.interpolate(v.to(torch.float64), size=size, scale_factor=None if size else self.scale_factor,
+                            mode="nearest")
+        return out.to(torch.int64)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x = args[0]
+        if len(args) > 1 or self.size is not None:
+            nc = g.op("Slice", [g.op("Shape", [x], f"{name}_shape"), g.const(f"{name}_s0", [0], torch.int64),
+                                g.const(f"{name}_s1", [2], torch.int64)], f"{name}_nc")
+            hw = args[1] if len(args) > 1 else g.const(f"{name}_hw", self.size, torch.int64)
+            sizes = g.op("Concat", [nc, hw], f"{name}_sizes", axis=0)
+            inputs = [x, "", "", sizes]
+        else:
+            inputs = [x, "", g.const(f"{name}_scales", [1.0, 1.0, *self.scale_factor], torch.float32)]
+        # onnxruntime's Resize takes no INT64 (nor DOUBLE); the values fit int32 (bound checked at conversion).
+        y = g.op("Resize", [g.cast(x, torch.int32, f"{name}_i32"), *inputs[1:]], f"{name}_resize",
+                 mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        return g.cast(y, torch.int64, f"{name}_out")
+
+
 class IntFlatten(nn.Module):
     def __init__(self, start_dim: int, end_dim: int) -> None:
         super().__init__()
@@ -633,13 +751,15 @@ class _Meta:
     """Conversion-time facts about one integer tensor: its scale and whether dims after C are 1."""
 
     def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None,
-                 grid: tuple[int, int] | None = None, fixed: bool = False, input_side: bool = False) -> None:
+                 grid: tuple[int, int] | None = None, fixed: bool = False, input_side: bool = False,
+                 size: bool = False) -> None:
         self.scale = scale  # None: the float model input
         self.spatial_one = spatial_one
         self.bound = bound  # a static bound on |v| (same broadcast shape as scale): proves no overflow
         self.grid = grid  # (qmin, qmax) when v holds codes of a per-tensor grid (matmul operands)
         self.fixed = fixed  # the grid is the fake-quant model's (a StaticGrid / QuantSoftmax): keep it as is
         self.input_side = input_side  # a float value computed from the model inputs only (before quantization)
+        self.size = size  # a tensor's size or an entry of it (x.shape, x.shape[0], x.shape[-2:])
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -687,8 +807,9 @@ class _Converter(GraphRewriter):
 
     what = _WHAT
     target = "integer"
-    supported = ("quantized Conv2d/Linear, BatchNorm2d, ReLU, add, cat, max pool, avg pool (ceil_mode=False), "
-                 "global avg pool, flatten, dropout")
+    supported = ("quantized Conv2d/Linear, BatchNorm2d (also FrozenBatchNorm2d), ReLU, add, cat, max pool, "
+                 "avg pool (ceil_mode=False), global avg pool, flatten, dropout, nearest upsampling, "
+                 "view/reshape/permute/transpose, x.shape and its entries")
     float_layer_hint = "integer inference needs every conv/linear quantized"
     graph_name = "IntegerModel"
 
@@ -985,17 +1106,20 @@ class _Converter(GraphRewriter):
             self._emit(node, name, module, (v,), _Meta(acc_scale, bound=bound))
 
     def _batchnorm(self, node: fx.Node, name: str, bn: nn.BatchNorm2d, v: fx.Node, meta: _Meta) -> None:
-        if bn.training or not bn.track_running_stats:
+        # torchvision's FrozenBatchNorm2d always uses its (running) statistics and is always affine
+        if isinstance(bn, nn.BatchNorm2d) and (bn.training or not bn.track_running_stats):
             raise HawqError(f"to_integer: BatchNorm '{name}' must be in eval mode with running statistics")
-        g = (bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64))
+        num_features = bn.running_mean.numel()
+        g = (bn.weight.detach().double() if getattr(bn, "affine", True)
+             else torch.ones(num_features, dtype=torch.float64))
         g = g / torch.sqrt(bn.running_var.double() + bn.eps)
-        beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(g)
+        beta = bn.bias.detach().double() if getattr(bn, "affine", True) else torch.zeros_like(g)
         shift = beta - bn.running_mean.double() * g
-        s = meta.scale.reshape(-1) if meta.scale.dim() else meta.scale.expand(bn.num_features)
+        s = meta.scale.reshape(-1) if meta.scale.dim() else meta.scale.expand(num_features)
         if bool((g == 0).any()):
             raise HawqError(f"to_integer: BatchNorm '{name}' has a zero gain; fold or remove that channel")
         new_scale = s * g.abs()
-        bound = meta.bound.reshape(-1).expand(bn.num_features)
+        bound = meta.bound.reshape(-1).expand(num_features)
         # Extra fractional bits 2^k, as many as keep |v'| < 2^30 (at most FRACTION_BITS).
         room = 2.0**30 / (bound + (shift / new_scale).abs() + 1)
         k = torch.floor(torch.log2(room)).clamp(0, FRACTION_BITS)
@@ -1227,8 +1351,114 @@ class _Converter(GraphRewriter):
 
     @handles("shape", "integer")
     def _rule_shape(self, node: fx.Node, mod: nn.Module | None) -> None:
-        if not (self._ibert_ok(node) and self._shape_op(node)):
-            self._float_op(node)
+        if self._ibert_ok(node) and self._shape_op(node):
+            return None
+        if not self.float_ops and self._layout(node):
+            return None  # an integer-only model: view / reshape / permute on a per-tensor grid
+        self._float_op(node)
+
+    _LAYOUT_FUNCS = {torch.reshape: "reshape", torch.permute: "permute", torch.transpose: "transpose"}
+
+    def _layout(self, node: fx.Node) -> bool:
+        """view / reshape / permute / transpose / contiguous of an integer tensor whose sizes are ints or
+        entries of tensor sizes (``x.shape[0]``); per-channel scales are first put on one grid."""
+        kind = node.target if node.op == "call_method" else self._LAYOUT_FUNCS.get(node.target)
+        x = node.args[0] if node.args else None
+        if (kind not in ("view", "reshape", "permute", "transpose", "contiguous") or node.kwargs
+                or not isinstance(x, fx.Node) or self.info[x].scale is None or self.info[x].bound is None):
+            return False
+        if kind == "contiguous":
+            self.bind(node, self.env[x], self.info[x])
+            return len(node.args) == 1
+        rest = list(node.args[1:])
+        if kind != "transpose" and len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+            rest = list(rest[0])
+        sizes: list[fx.Node] = []
+        if kind in ("view", "reshape"):
+            spec: list[int | None] = []
+            for r in rest:
+                if isinstance(r, fx.Node) and self.info[r].size:
+                    sizes.append(self.env[r])
+                    spec.append(None)
+                elif isinstance(r, int) and not isinstance(r, bool):
+                    spec.append(r)
+                else:
+                    return False
+            kind = "reshape"
+        else:
+            shape = self._shape(x)
+            if shape is None or not all(isinstance(r, int) for r in rest):
+                return False
+            dims = [r % len(shape) for r in rest]
+            if kind == "transpose":
+                if len(dims) != 2:
+                    return False
+                perm = list(range(len(shape)))
+                perm[dims[0]], perm[dims[1]] = perm[dims[1]], perm[dims[0]]
+                dims = perm
+            spec, kind = dims, "permute"
+        v, meta = self._per_tensor(x, node.name)
+        self._emit(node, node.name, IntLayout(kind, spec), (v, *sizes), _Meta(meta.scale, bound=meta.bound))
+        return True
+
+    def _per_tensor(self, arg: fx.Node, name: str) -> tuple[fx.Node, _Meta]:
+        """``arg`` on one per-tensor grid: as it is, or rescaled from its per-channel scales to the finest of
+        them refined by up to FRACTION_BITS while the largest value stays below 2^30 (as for the add)."""
+        v, meta = self.env[arg], self.info[arg]
+        if meta.scale.numel() == 1:
+            return v, meta
+        top = float((meta.bound * meta.scale).max())
+        out = torch.tensor(max(float(meta.scale.min()) / 2.0**FRACTION_BITS, top / 2.0**30), dtype=torch.float64)
+        v = self.emit(f"{name}_grid", IntRegrid(meta.scale, out), (v,))
+        return v, _Meta(out, meta.spatial_one, torch.tensor(top / float(out) + 1, dtype=torch.float64))
+
+    @handles("size", "integer")
+    def _rule_size(self, node: fx.Node, mod: nn.Module | None) -> None:
+        x = node.args[0]
+        if self.float_ops or node.kwargs or self.info[x].size or (node.op == "call_method" and len(node.args) > 2):
+            return self._float_op(node)
+        value = self.emit(f"{node.name}_of", SizeOf(), (self.env[x],))
+        if node.op == "call_method" and len(node.args) == 2:  # x.size(d)
+            value = self.emit(node.name, SizeItem(node.args[1]), (value,))
+        self.bind(node, value, _Meta(None, size=True))
+
+    @handles("size_item", "integer")
+    def _rule_size_item(self, node: fx.Node, mod: nn.Module | None) -> None:
+        src, index = node.args
+        ok = isinstance(index, int) or (isinstance(index, slice) and index.step in (None, 1)
+                                        and all(isinstance(i, (int, type(None))) for i in (index.start, index.stop)))
+        if self.float_ops or not ok or not self.info[src].size:
+            return self._float_op(node)
+        self._emit(node, node.name, SizeItem(index), (self.env[src],), _Meta(None, size=True))
+
+    _INTERPOLATE = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+
+    @handles("upsample", "integer")
+    def _rule_upsample(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if mod is not None:
+            p = {"input": node.args[0] if len(node.args) == 1 else None, "size": mod.size,
+                 "scale_factor": mod.scale_factor, "mode": mod.mode,
+                 "recompute_scale_factor": mod.recompute_scale_factor}
+        else:
+            p = dict(zip(self._INTERPOLATE, node.args, strict=False)) | dict(node.kwargs)
+        x, size, factor = p.get("input"), p.get("size"), p.get("scale_factor")
+        if (not isinstance(x, fx.Node) or self.info[x].scale is None or p.get("mode", "nearest") != "nearest"
+                or p.get("antialias") or p.get("recompute_scale_factor") or (size is None) == (factor is None)):
+            return self._float_op(node, mod)
+        pair = nn.modules.utils._pair
+        args: tuple[fx.Node, ...] = (self.env[x],)
+        if isinstance(size, fx.Node):
+            if not self.info[size].size:
+                return self._float_op(node, mod)
+            args, fixed, factors = (*args, self.env[size]), None, None
+        else:
+            fixed = None if size is None else [int(s) for s in pair(size)]
+            factors = None if factor is None else [float(f) for f in pair(factor)]
+        meta = self.info[x]  # channels unchanged: per-channel scales and bounds carry over
+        if meta.bound is None or float(meta.bound.max()) > INT32_MAX:
+            return self._float_op(node, mod, why=": nearest upsampling needs values proven to fit int32")
+        self._emit(node, node.target if mod is not None else node.name, IntUpsampleNearest(fixed, factors), args,
+                   _Meta(meta.scale, bound=meta.bound))
 
 
 class _RangeObserver(fx.Interpreter):

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm.auto import tqdm
 
 from hawq import HawqError
@@ -39,10 +40,15 @@ from hawq.quant.quantizers import FLOAT_BITS
 
 
 class QuantTracer(fx.Tracer):
-    """fx tracer that keeps hawq's quantized modules (and QuantAct) as leaves."""
+    """fx tracer that keeps hawq's quantized modules (and QuantAct) as leaves.
+
+    torchvision's ``FrozenBatchNorm2d`` (detection backbones) is a leaf too: traced through, its
+    scale and shift become anonymous trace-time constants (``_tensor_constant0``, ...) instead of one
+    BatchNorm the conversions know.
+    """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (*QUANT_MODULES, QuantAct, FoldedBatchNorm2d, *IBERT_MODULES)):
+        if isinstance(m, (*QUANT_MODULES, QuantAct, FoldedBatchNorm2d, FrozenBatchNorm2d, *IBERT_MODULES)):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hawq import HawqError
 from hawq.quant.ibert import SHAPE_METHODS, QuantGELU, QuantSoftmax
@@ -72,6 +73,24 @@ def _one_node_arg(node: fx.Node) -> bool:
     return len(node.args) == 1 and isinstance(node.args[0], fx.Node)
 
 
+def _is_shape_getattr(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "shape"
+
+
+def _reads_size(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()``."""
+    return _is_shape_getattr(node) or (node.op == "call_method" and node.target == "size")
+
+
+def _indexes_a_size(node: fx.Node) -> bool:
+    """``x.shape[i]`` / ``x.shape[a:b]``: an index into a tensor's size (not into a tensor)."""
+    return len(node.args) == 2 and isinstance(node.args[0], fx.Node) and _reads_size(node.args[0])
+
+
+def _nearest(node: fx.Node) -> bool:
+    return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "nearest"
+
+
 RULES: tuple[OpRule, ...] = (
     OpRule("quant_layer", "QuantConv2d / QuantBnConv2d / QuantLinear: integer codes x codes, int32 accumulator",
            modules=QUANT_LAYERS),
@@ -79,8 +98,8 @@ RULES: tuple[OpRule, ...] = (
            modules=(nn.Conv2d, nn.Linear)),
     OpRule("identity", "Dropout, Identity, folded BatchNorm (eval): the input itself",
            modules=IDENTITY_MODULES, accepts=_one_node_arg),
-    OpRule("batchnorm", "eval BatchNorm2d: a per-channel scale, sign and bias",
-           modules=(nn.BatchNorm2d,)),
+    OpRule("batchnorm", "eval BatchNorm2d / torchvision's FrozenBatchNorm2d: a per-channel scale, sign and bias",
+           modules=(nn.BatchNorm2d, FrozenBatchNorm2d)),
     OpRule("relu", "ReLU: max(v, 0) on the same grid",
            modules=(nn.ReLU,), functions=tuple(RELU_FUNCS), methods=("relu", "relu_")),
     OpRule("add", "residual add: both operands rescaled to a common grid",
@@ -89,6 +108,12 @@ RULES: tuple[OpRule, ...] = (
            functions=(torch.cat, torch.concat, torch.concatenate)),
     OpRule("flatten", "flatten: per-channel scales expanded to the flattened features",
            modules=(nn.Flatten,), functions=(torch.flatten,), methods=("flatten",)),
+    OpRule("upsample", "nearest upsampling (F.interpolate, mode='nearest'): entries copied, grid kept",
+           modules=(nn.Upsample,), functions=(F.interpolate,), accepts=_nearest),
+    OpRule("size", "x.shape / x.size(): the tensor's size (its integer values have the same)",
+           functions=(getattr,), methods=("size",), accepts=_reads_size),
+    OpRule("size_item", "x.shape[i] / x.shape[a:b]: an entry or a slice of a size",
+           functions=(operator.getitem,), accepts=_indexes_a_size),
     OpRule("max_pool", "max pooling: commutes with a positive scale",
            modules=(nn.MaxPool2d,), functions=(F.max_pool2d,)),
     OpRule("avg_pool", "windowed average pooling (padding, count_include_pad): integer window sum,"
