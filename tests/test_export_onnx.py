@@ -165,6 +165,53 @@ def test_integer_onnx_windowed_avg_pool_and_cat_bit_identical(tmp_path, count_in
     _assert_bit_identical(int_model, path, torch.randn(40, 1, 13, 11) * 2)  # other batch, clipping
 
 
+class _PyramidToy(nn.Module):
+    """An FPN in small: frozen BN, fixed-factor and size-matched nearest upsampling, an add of the
+    two paths, and a head's layout ops (view by size entries, transpose, reshape) before a cat."""
+
+    def __init__(self) -> None:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 6, 3, padding=1), FrozenBatchNorm2d(6)
+        self.down, self.lateral = nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.Conv2d(6, 6, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = torch.relu(self.bn(self.stem(x)))
+        c2 = self.down(c1)
+        top = self.lateral(c1) + torch.nn.functional.interpolate(c2, size=c1.shape[-2:], mode="nearest")
+        fine = self.head(top + self.up(c2) + torch.nn.functional.interpolate(c2, scale_factor=2.0, mode="nearest"))
+        n = fine.size(0)
+        a = fine.view(n, 3, 2, fine.shape[2], fine.shape[3]).transpose(1, 3).reshape(n, -1, 2)
+        b = self.head(c2).view(n, 3, 2, -1).permute(0, 3, 1, 2).reshape(n, -1, 2)
+        return torch.cat([a, b], dim=1)
+
+
+def test_integer_onnx_upsampling_sizes_and_layout_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    net = _PyramidToy().eval()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.weight.uniform_(-2, 2)  # negative gains flip signs on the integer grid
+    x = torch.randn(8, 1, 8, 12)
+    q = quantize_model(net, {n: LayerBits(8, 8) for n in quantizable_layers(net)}, QuantConfig())
+    calibrate(q, [x], lambda m, b: m(b), progress=False)
+    int_model = to_integer(q.eval(), x[:2])
+    kinds = [type(m).__name__ for m in int_model.modules()]
+    assert kinds.count("IntUpsampleNearest") == 3 and kinds.count("IntLayout") == 6
+    assert "IntChannelAffine" in kinds and "IntRegrid" in kinds
+    with torch.no_grad():
+        fake, ints = q(x), int_model(x)
+    assert float((ints - fake).abs().max()) <= float(fake.abs().max()) / 127  # within one 8-bit output step
+    path = export_onnx_integer(int_model, x[:2], tmp_path / "pyramid.onnx", dynamic_sizes=True)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Resize", "Shape", "Reshape", "Transpose"} <= ops
+    for inputs in (x, torch.randn(3, 1, 16, 6) * 2):  # another image size: the sizes are read, not fixed
+        result = compare_onnx_integer(int_model, path, inputs)
+        assert result["exact_fraction"] == 1.0 and result["max_abs_diff"] == 0.0, result
+
+
 @pytest.mark.parametrize("transform_input", [False, True])
 def test_inception_v3_integer_onnx_bit_identical(tmp_path, transform_input):
     """torchvision Inception-V3 as deployed (no aux head, eval), 75x75, 10 classes: to_integer and

@@ -252,8 +252,8 @@ def test_label_free_sensitivity_on_head_outputs_is_sampled_in_the_output_space(c
 @pytest.mark.slow
 def test_retinanet_config_end_to_end_on_stand_in_data(tmp_path):
     """configs/retinanet.yaml as shipped, on stand-in data at 64 px: label-free head-output traces for every
-    layer, a mixed 4/8-bit map, finetuning with head distillation, and a QDQ export of backbone + FPN +
-    heads whose verdict passes (anchors, decoding and NMS stay outside the graph)."""
+    layer, a mixed 4/8-bit map, finetuning with head distillation, and QDQ and integer-only exports of
+    backbone + FPN + heads whose verdicts pass (anchors, decoding and NMS stay outside the graph)."""
     from pathlib import Path
 
     from hawq.config import load_config
@@ -277,6 +277,9 @@ def test_retinanet_config_end_to_end_on_stand_in_data(tmp_path):
     assert {"map", "map50", "map75"} <= set(report["quant_after_finetune"])
     qdq = report["export"]["onnx"]
     assert qdq["path"] == "model.onnx" and qdq["check"]["verdict"] == "pass", qdq
+    integer = report["export"]["onnx_integer"]
+    assert integer["path"] == "model_int.onnx" and integer["check"]["verdict"] == "pass", integer
+    assert integer["check"]["exact_fraction"] == 1.0
 
 
 def yaml_load(path):
@@ -313,9 +316,12 @@ def test_integer_retinanet_onnx_is_bit_identical_and_decodes_to_the_fake_quant_d
 
     int_model = to_integer(heads, x)
     assert sum(isinstance(m, IntUpsampleNearest) for m in int_model.modules()) == 2  # the FPN's top-down path
-    path = export_onnx_integer(int_model, x, tmp_path / "model_int.onnx")
+    path = export_onnx_integer(int_model, x, tmp_path / "model_int.onnx", dynamic_sizes=True)
     check = check_integer(int_model, path, x)
     assert check["verdict"] == "pass" and check["exact_fraction"] == 1.0, check
+    # the graph reads every size (FPN upsampling, head layout): another image size, other anchors, still exact
+    other = check_integer(int_model, path, torch.randn(1, 3, 96, 64))
+    assert other["verdict"] == "pass", other
 
     with torch.no_grad():
         fake, ints = heads(x), int_model(x)

@@ -37,7 +37,8 @@ def test_nodes_match_one_rule_each():
     assert got["adaptive_avg_pool2d"] == "adaptive_avg_pool" and got["pool"] == "adaptive_avg_pool"
     assert got["view"] == "shape" and got["matmul"] == "matmul" and got["softmax"] == "softmax"
     assert got["truediv"] == "scale"
-    assert got["getattr_1"] is None  # z.shape: no rule (a float op for to_integer, an error for to_fbgemm)
+    # z.shape and z.shape[0]: sizes (integer-only to_integer keeps them; to_fbgemm has no rule: an error)
+    assert got["getattr_1"] == "size" and got["getitem"] == "size_item"
 
 
 def test_every_op_has_an_integer_rule_and_the_table_names_them():

@@ -297,7 +297,8 @@ def _export_integer(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, op
         return {"skipped": "the integer ONNX export takes models with a single tensor input"}
     try:
         int_model = to_integer(model, inputs[0])
-        export_onnx_integer(int_model, inputs[0], path, opset=opset)
+        # a detector takes images of any padded size (its anchors follow): height, width, anchors symbolic
+        export_onnx_integer(int_model, inputs[0], path, opset=opset, dynamic_sizes=isinstance(model, DetectionHeads))
     except HawqError as e:  # e.g. float-only ops (transformers), layers above 8 bits, inputs above 8 bits
         log.info("integer onnx export skipped: %s", e)
         return {"skipped": str(e)}

@@ -456,7 +456,7 @@ def _int_module_onnx(b: _IntOnnxBuilder, mod: nn.Module, args: list[str], name: 
 
 
 def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: int = 21,
-                       dynamic_batch: bool = True) -> onnx.ModelProto:
+                       dynamic_batch: bool = True, dynamic_sizes: bool = False) -> onnx.ModelProto:
     """The ONNX graph of a ``to_integer`` model: ConvInteger/MatMulInteger and INT64 dyadic rescaling.
 
     Every operator is the PyTorch integer model's, on the same integers: the model input is
@@ -464,6 +464,9 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
     (int8/uint8 codes x int8 codes -> int32), and every rescale is ``floor((v*m + 2^(c-1)) / 2^c)`` in
     INT64 (``Mod`` then an exact ``Div``); windowed average pools are INT64 sums of strided ``Slice``s of
     the ``Pad``-ded input. Float islands (``to_integer(float_ops=True)``) have no rule and raise a HawqError.
+
+    ``dynamic_batch`` makes the first input and output dim symbolic, ``dynamic_sizes`` every other one
+    (a detector's image size and anchor count: its graph reads sizes with ``Shape``, nothing is fixed).
     """
     check_opset(opset, "export_onnx_integer: opset")
     if getattr(int_model, "float_nodes", None):
@@ -478,6 +481,9 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
             if inputs:
                 raise HawqError("export_onnx_integer: models with one input tensor only")
             shape: list[Any] = list(example_input.shape)
+            if dynamic_sizes:  # images (NCHW) keep their channels
+                shape[1:] = [shape[1], "height", "width"] if len(shape) == 4 else \
+                    [f"in_{i}" for i in range(1, len(shape))]
             if dynamic_batch:
                 shape[0] = "batch"
             inputs.append(onnx.helper.make_tensor_value_info(node.name, _onnx_dtype(example_input.dtype), shape))
@@ -499,6 +505,8 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
                 raise HawqError("export_onnx_integer: the output is not a dequantized integer tensor")
             with torch.no_grad():
                 out_shape: list[Any] = list(int_model(example_input).shape)
+            if dynamic_sizes:
+                out_shape[1:] = [f"out_{i}" for i in range(1, len(out_shape))]
             if dynamic_batch:
                 out_shape[0] = "batch"
             outputs.append(onnx.helper.make_tensor_value_info(env[result], _onnx_dtype(deq.out_dtype), out_shape))
@@ -513,7 +521,7 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
 
 
 def export_onnx_integer(model: nn.Module, example_input: Tensor, path: str | os.PathLike, opset: int = 21,
-                        dynamic_batch: bool = True) -> Path:
+                        dynamic_batch: bool = True, dynamic_sizes: bool = False) -> Path:
     """Write hawq's integer-only model of ``model`` as ONNX (bit-identical to ``to_integer`` in onnxruntime).
 
     ``model``: a calibrated fake-quant model (converted with ``hawq.quant.to_integer``) or an
@@ -521,7 +529,7 @@ def export_onnx_integer(model: nn.Module, example_input: Tensor, path: str | os.
     at <= 8 bits); see :func:`integer_onnx_model` for the ops. The file is written atomically.
     """
     int_model = _as_integer_model(model, example_input)
-    proto = integer_onnx_model(int_model, example_input, opset, dynamic_batch)
+    proto = integer_onnx_model(int_model, example_input, opset, dynamic_batch, dynamic_sizes)
     return _save_atomic(proto, Path(path))
 
 
