@@ -1368,8 +1368,10 @@ class _Converter(GraphRewriter):
                 or not isinstance(x, fx.Node) or self.info[x].scale is None or self.info[x].bound is None):
             return False
         if kind == "contiguous":
+            if len(node.args) != 1:
+                return False
             self.bind(node, self.env[x], self.info[x])
-            return len(node.args) == 1
+            return True
         rest = list(node.args[1:])
         if kind != "transpose" and len(rest) == 1 and isinstance(rest[0], (list, tuple)):
             rest = list(rest[0])
