@@ -1,4 +1,5 @@
-"""The results scripts (results_fashion, results_minilm, integer_inception in scripts/) on tiny settings."""
+"""The results scripts (results_fashion, results_minilm, integer_inception, integer_retinanet in scripts/) on tiny
+settings."""
 
 import json
 from pathlib import Path
@@ -202,6 +203,24 @@ def test_integer_inception_script_small(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         script.main()
     assert e.value.code == 2
+
+
+def test_integer_retinanet_script_small(monkeypatch, capsys):
+    script = load_script("integer_retinanet")
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("sys.argv", ["integer_retinanet.py", "--size", "64", "--classes", "3",
+                                     "--check-sizes", "96x64"])
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "model_int.onnx pass (bit-identical" in out and "2 Resize" in out, out
+    assert "same file at 96x64: pass (bit-identical" in out, out
+    monkeypatch.setattr("sys.argv", ["integer_retinanet.py", "--check-sizes", "9x9"])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and "--check-sizes: '9x9'" in capsys.readouterr().err
 
 
 def test_minilm_trace_maps_rejects_bad_arguments(capsys):
