@@ -18,7 +18,10 @@ bias); ReLU; residual add and concatenation (every operand rescaled to one commo
 multipliers); max pool; global and windowed average pooling (integer window sum, then the exact
 quotient by each position's divisor rounded half up: padding, ``count_include_pad``); flatten;
 dropout and identity; a float transform of the model input before its quantization (Inception-V3's
-``transform_input``), in float64.
+``transform_input``), in float64. For detectors (RetinaNet: frozen-BN backbone, FPN, heads): torchvision's
+``FrozenBatchNorm2d`` as BatchNorm; nearest upsampling (entries copied, scale kept); ``x.shape`` and its
+entries (read at run time); view / reshape / permute / transpose, after a dyadic rescale of per-channel
+scales to one per-tensor grid.
 
 With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT
 kernels of :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
