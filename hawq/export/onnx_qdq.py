@@ -445,7 +445,7 @@ def _int_module_onnx(b: _IntOnnxBuilder, mod: nn.Module, args: list[str], name: 
     return lower(b, args, name)
 
 
-def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: int = 21,
+def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor | tuple[Tensor, ...], opset: int = 21,
                        dynamic_batch: bool = True) -> onnx.ModelProto:
     """The ONNX graph of a ``to_integer`` model: ConvInteger/MatMulInteger and INT64 dyadic rescaling.
 
@@ -454,23 +454,32 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
     (int8/uint8 codes x int8 codes -> int32), and every rescale is ``floor((v*m + 2^(c-1)) / 2^c)`` in
     INT64 (``Mod`` then an exact ``Div``); windowed average pools are INT64 sums of strided ``Slice``s of
     the ``Pad``-ded input. Float islands (``to_integer(float_ops=True)``) have no rule and raise a HawqError.
+
+    A model with several inputs (a BERT's ``input_ids, attention_mask, token_type_ids``) takes a
+    tuple; the ONNX inputs get the placeholders' names, and ``dynamic_batch`` also makes the
+    sequence dim of 2-d integer inputs symbolic.
     """
     check_opset(opset, "export_onnx_integer: opset")
     if getattr(int_model, "float_nodes", None):
         raise HawqError(f"export_onnx_integer: the model has float operators ({int_model.float_nodes[0]}, ...); "
                         "only integer-only models export")
+    examples = _as_tuple(example_input)
     b = _IntOnnxBuilder()
     env: dict[fx.Node, str] = {}
     inputs, outputs = [], []
     modules = dict(int_model.named_modules())
     for node in int_model.graph.nodes:
         if node.op == "placeholder":
-            if inputs:
-                raise HawqError("export_onnx_integer: models with one input tensor only")
-            shape: list[Any] = list(example_input.shape)
+            if len(inputs) >= len(examples):
+                raise HawqError(f"export_onnx_integer: the model takes more inputs than the {len(examples)} "
+                                "example tensors")
+            x = examples[len(inputs)]
+            shape: list[Any] = list(x.shape)
             if dynamic_batch:
                 shape[0] = "batch"
-            inputs.append(onnx.helper.make_tensor_value_info(node.name, _onnx_dtype(example_input.dtype), shape))
+                if x.dim() == 2 and not x.is_floating_point():  # token ids and masks: any sequence length
+                    shape[1] = "sequence"
+            inputs.append(onnx.helper.make_tensor_value_info(node.name, _onnx_dtype(x.dtype), shape))
             b._names.add(node.name)
             env[node] = node.name
         elif node.op == "call_module":
@@ -488,7 +497,7 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
             if not hasattr(deq, "out_dtype"):
                 raise HawqError("export_onnx_integer: the output is not a dequantized integer tensor")
             with torch.no_grad():
-                out_shape: list[Any] = list(int_model(example_input).shape)
+                out_shape: list[Any] = list(int_model(*examples).shape)
             if dynamic_batch:
                 out_shape[0] = "batch"
             outputs.append(onnx.helper.make_tensor_value_info(env[result], _onnx_dtype(deq.out_dtype), out_shape))
@@ -502,8 +511,8 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
     return proto
 
 
-def export_onnx_integer(model: nn.Module, example_input: Tensor, path: str | os.PathLike, opset: int = 21,
-                        dynamic_batch: bool = True) -> Path:
+def export_onnx_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike,
+                        opset: int = 21, dynamic_batch: bool = True) -> Path:
     """Write hawq's integer-only model of ``model`` as ONNX (bit-identical to ``to_integer`` in onnxruntime).
 
     ``model``: a calibrated fake-quant model (converted with ``hawq.quant.to_integer``) or an
@@ -515,7 +524,7 @@ def export_onnx_integer(model: nn.Module, example_input: Tensor, path: str | os.
     return _save_atomic(proto, Path(path))
 
 
-def _as_integer_model(model: nn.Module, example_input: Tensor) -> fx.GraphModule:
+def _as_integer_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and any(isinstance(m, Dequantize) for m in model.modules()):
         return model
     return to_integer(model, example_input)
@@ -526,7 +535,7 @@ def _save_atomic(proto: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def compare_onnx_integer(int_model: nn.Module, path: str | os.PathLike, inputs: Tensor,
+def compare_onnx_integer(int_model: nn.Module, path: str | os.PathLike, inputs: Tensor | tuple[Tensor, ...],
                          threads: int = 1) -> dict[str, float]:
     """Run an integer ONNX file and the PyTorch integer model (``to_integer``) on ``inputs``.
 
@@ -539,7 +548,7 @@ def compare_onnx_integer(int_model: nn.Module, path: str | os.PathLike, inputs: 
     deq = int_model.get_submodule(graph_out.target) if getattr(graph_out, "op", "") == "call_module" else None
     if not isinstance(deq, Dequantize):
         raise HawqError("compare_onnx_integer: the model's output is not a dequantized integer tensor")
-    got, ref = _onnx_and_torch_outputs(int_model, path, (inputs,), threads, "compare_onnx_integer")
+    got, ref = _onnx_and_torch_outputs(int_model, path, _as_tuple(inputs), threads, "compare_onnx_integer")
     diff = (got.double() - ref.double()).abs()
     out = {"max_abs_diff": float(diff.max()), "max_diff_in_steps": float((diff / deq.scale).max()),
            "exact_fraction": float((got == ref).float().mean())}
