@@ -91,7 +91,7 @@ def _bert(work: Path) -> list[str]:
         write_fake_glue(root, "sst2", n_train=128, n_dev=32)
     return ["model.name=bert", f"model.kwargs={{config: {json.dumps(TINY_BERT)}}}", "data.name=glue_tsv",
             f"data.root={root}", "data.task=sst2", "data.tokenizer=minilm", "data.max_length=16",
-            *BRIEF_TRAINING[1:], "model.pretrain_epochs=4"]
+            *BRIEF_TRAINING[1:], "model.pretrain_epochs=4", "quant.transformer=ibert"]
 
 
 def _minilm(work: Path) -> list[str]:

@@ -15,6 +15,10 @@ calls two custom torch ops, ``hawq_export::dequantize_weight`` and
   8 bits) container; the Clip is dropped when the container's range is the quantizer's range
   (e.g. unsigned 8-bit), so the QDQ pattern is the plain one onnxruntime fuses.
 * biases: the float bias the fake-quant layer uses (rounded to the accumulator grid), as is.
+* I-BERT models (``quant.transformer: ibert``): every grid (``StaticGrid``: matmul operands, the
+  16-bit inputs of GELU and LayerNorm) is a QDQ pair like any activation; GELU, softmax, LayerNorm
+  and tanh run as the float ops at those quantized inputs (:func:`float_kernel`), as QDQ runtimes
+  run them. The integer kernels themselves are in the integer-only file.
 
 The exported graph computes what the fake-quant PyTorch model computes, in float32 with another
 summation order; :func:`compare_onnx` runs both and reports the largest difference against the
@@ -209,8 +213,64 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class _FloatLayerNorm(nn.Module):
+    """A QuantLayerNorm's QDQ form: its input grid as a QDQ pair, then float LayerNorm."""
+
+    def __init__(self, ln: nn.LayerNorm) -> None:
+        super().__init__()
+        self.input_quant = _ActQDQ(ln.input_quant)
+        self.ln = nn.LayerNorm(ln.normalized_shape, ln.eps, ln.elementwise_affine, bias=ln.bias is not None)
+        self.ln.load_state_dict({k: v for k, v in ln.state_dict().items() if not k.startswith("input_quant")})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ln(self.input_quant(x))
+
+
+class _FloatGELU(nn.Module):
+    def __init__(self, gelu: nn.Module) -> None:
+        super().__init__()
+        self.input_quant = _ActQDQ(gelu.input_quant)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.input_quant(x))
+
+
+class _FloatSoftmax(nn.Module):
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return torch.softmax(x if mask is None else x + mask, dim=-1)
+
+
+def float_kernel(module: nn.Module) -> nn.Module | None:
+    """The QDQ form of an I-BERT fake-quant kernel (its input grid as QDQ, the float op), or None."""
+    from hawq.quant.ibert import QuantGELU, QuantLayerNorm, QuantSoftmax, QuantTanh
+
+    if isinstance(module, QuantLayerNorm):
+        return _FloatLayerNorm(module)
+    if isinstance(module, QuantGELU):
+        return _FloatGELU(module)
+    if isinstance(module, QuantSoftmax):
+        return _FloatSoftmax()
+    if isinstance(module, QuantTanh):
+        return nn.Tanh()
+    return None
+
+
+def ibert_float_view(model: nn.Module) -> nn.Module | None:
+    """What the QDQ file of an I-BERT model computes, in PyTorch: a copy of ``model`` with each I-BERT
+    kernel replaced by :func:`float_kernel` (grids and layers unchanged); None when it has none.
+    The QDQ verdict compares the file with this model."""
+    names = [name for name, m in model.named_modules() if float_kernel(m) is not None]
+    if not names:
+        return None
+    view = copy.deepcopy(model).eval()
+    for name in names:
+        _set_submodule(view, name, float_kernel(view.get_submodule(name)))
+    return view
+
+
 def qdq_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) whose quantized layers compute through the QDQ custom ops."""
+    """A copy of ``model`` (eval mode) whose quantized layers compute through the QDQ custom ops
+    (I-BERT kernels: :func:`float_kernel`)."""
     twin = copy.deepcopy(model).eval()
     if infer_quant_config(twin).fold_bn:  # export what inference runs: the folded convs
         twin = fold_bn(twin)
@@ -219,6 +279,12 @@ def qdq_twin(model: nn.Module) -> nn.Module:
         raise HawqError("export_onnx: the model has no quantized layers; run hawq.quant.quantize_model first")
     for name, layer in layers.items():
         _set_submodule(twin, name, _QDQLayer(layer))
+    for name, m in list(twin.named_modules()):
+        kernel = float_kernel(m)
+        if kernel is not None:
+            _set_submodule(twin, name, kernel)
+        elif isinstance(m, QuantAct) and name and "." not in name:  # a standalone grid of a traced I-BERT model
+            _set_submodule(twin, name, _ActQDQ(m))
     for m in twin.modules():  # activation-only quantized layers (float weights)
         act = getattr(m, "input_quant", None)
         if isinstance(act, QuantAct) and not isinstance(m, _QDQLayer):

@@ -88,7 +88,7 @@ from hawq.quant.ibert import (
     TanhConstants,
 )
 from hawq.quant.model import infer_quant_config
-from hawq.quant.modules import QuantAct, QuantConv2d
+from hawq.quant.modules import QuantAct, QuantConv2d, QuantLinear
 from hawq.quant.ops import QUANT_LAYERS, handles
 from hawq.quant.quantizers import INT32_MAX, check_overflow
 
@@ -337,6 +337,54 @@ class IntLinear(_InputRequant):
     def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
         w = g.const(f"{name}_weight_codes_t", self.weight_codes.t(), torch.int8)
         return g.op("MatMulInteger", [x, w], f"{name}_acc"), (-1,)
+
+
+class IntGroupLinear(_InputRequant):
+    """Integer linear layer with per-group weight scales (Q-BERT style ``group_size``), over the last dim.
+
+    Each group of ``in / groups`` inputs gives its own int32 accumulator ``acc_g`` (codes x codes); each
+    is rescaled (dyadic ``mult[g, o] / 2^shift[g, o]``) from its scale ``s_in * s_w[o, g]`` to the output
+    feature's grid and the groups are summed, plus the int32 bias on that grid.
+    """
+
+    def __init__(self, codes: Tensor, bias: Tensor | None, src_scale: Tensor | None, act: QuantAct, name: str,
+                 mult: Tensor, shift: Tensor, in_rank: int) -> None:
+        super().__init__()
+        self.layer_name = name
+        self._setup_input(src_scale, float(act.scale), act.qmin, act.qmax)
+        self.groups, self.in_rank = int(mult.shape[0]), in_rank
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("bias_int", bias)
+        self.register_buffer("mult", mult)  # (groups, out)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.input_codes(x).unflatten(-1, (self.groups, -1)).to(torch.float64)
+        w = self.weight_codes.to(torch.float64).unflatten(1, (self.groups, -1))
+        acc = check_overflow(torch.einsum("...gi,ogi->...go", q, w).to(torch.int64), f"linear '{self.layer_name}'")
+        out = rescale(acc, self.mult, self.shift).sum(-2)
+        return out if self.bias_int is None else out + self.bias_int.to(torch.int64)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x = self.onnx_input_codes(g, args[0], name)
+        codes = self.weight_codes
+        if codes.dtype != torch.int8:
+            raise HawqError(f"export_onnx_integer: layer '{name}' has weight codes wider than 8 bits")
+        r, out_features = self.in_rank, codes.shape[0]
+        parts = g.op("Reshape", [x, g.const(f"{name}_split", [0] * (r - 1) + [self.groups, -1], torch.int64)],
+                     f"{name}_parts")
+        # groups first: (groups, ..., group_size) x (groups, 1.., group_size, out) -> (groups, ..., out)
+        front = g.op("Transpose", [parts], f"{name}_front", perm=[r - 1, *range(r - 1), r])
+        w = codes.unflatten(1, (self.groups, -1)).permute(1, 2, 0).reshape(self.groups, *[1] * (r - 2), -1,
+                                                                            out_features)
+        acc = g.cast(g.op("MatMulInteger", [front, g.const(f"{name}_weight_codes", w, torch.int8)], f"{name}_acc"),
+                     torch.int64, f"{name}_acc64")
+        lead = (self.groups, *[1] * (r - 1), out_features)
+        scaled = g.rescale(acc, self.mult.reshape(lead), self.shift.reshape(lead), f"{name}_group")
+        out = g.op("ReduceSum", [scaled, g.const(f"{name}_axes", [0], torch.int64)], f"{name}_sum", keepdims=0)
+        if self.bias_int is not None:
+            out = g.op("Add", [out, g.const(f"{name}_bias_int", self.bias_int, torch.int64)], f"{name}_out")
+        return out
 
 
 class IntChannelAffine(nn.Module):
@@ -1093,6 +1141,8 @@ class _Converter(GraphRewriter):
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         v, meta = self.value(node, node.args[0])
         act = check_input_quant(mod, name, _WHAT, REFERENCE_ACT_MAX_BITS)
+        if isinstance(mod, QuantLinear) and mod.group_size is not None:
+            return self._group_linear(node, name, mod, v, meta, act)
         codes, w_scale, bias = _layer_codes(self.source_modules.get(name, mod), name)
         acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
         bias_int = _bias_codes(bias, acc_scale, name)
@@ -1107,6 +1157,38 @@ class _Converter(GraphRewriter):
         else:  # Linear: the per-output-feature scale broadcasts along the last dim
             module = IntLinear(codes, bias_int, meta.scale, act, name)
             self._emit(node, name, module, (v,), _Meta(acc_scale, bound=bound))
+
+    def _group_linear(self, node: fx.Node, name: str, mod: nn.Module, v: fx.Node, meta: _Meta, act: QuantAct) -> None:
+        """A per-group QuantLinear (:class:`IntGroupLinear`): per-output-feature grid ``s_in * max_g s_w / 2^k``,
+        ``k`` as large as keeps the sum of the rescaled group accumulators and the bias below 2^30."""
+        layer = self.source_modules.get(name, mod)
+        if layer.weight_bits > 8:
+            raise HawqError(f"to_integer: layer '{name}' has {layer.weight_bits}-bit weights; at most 8 supported")
+        shape = self._shape(node.args[0])
+        if shape is None:
+            raise HawqError(f"to_integer: grouped layer '{name}' needs shapes; pass example_input to to_integer")
+        codes, w_scale = layer.int_weight()
+        codes, w_scale = codes.cpu(), w_scale.detach().cpu().to(torch.float64)  # (out, in), (out, groups)
+        groups = w_scale.shape[-1]
+        w_scale = w_scale.reshape(codes.shape[0], groups)
+        top = w_scale.amax(1)
+        ratio = w_scale / top[:, None]  # <= 1
+        in_max = max(-act.qmin, act.qmax)
+        bound_g = codes.to(torch.float64).abs().unflatten(1, (groups, -1)).sum(-1) * in_max  # (out, groups)
+        bias = layer.bias.detach().cpu().to(torch.float64) if layer.bias is not None else None
+        base = float(act.scale) * top
+        rest = (bound_g * ratio).sum(1) + groups + (0 if bias is None else (bias / base).abs())
+        room = 2.0**30 / (rest + 1)
+        if bool((room < 1).any()):
+            raise HawqError(f"to_integer: the int32 accumulator of '{name}' can overflow")
+        k = torch.floor(torch.log2(room)).clamp(0, FRACTION_BITS)
+        out_scale = base / 2.0**k
+        m, c = dyadic((ratio * 2.0**k[:, None]).clamp_min(2.0**-60))
+        bias_int = _bias_codes(bias, out_scale, name)
+        module = IntGroupLinear(codes, bias_int, meta.scale, act, name, m.t().contiguous(), c.t().contiguous(),
+                                len(shape))
+        bound = (bound_g * ratio * 2.0**k[:, None] + 1).sum(1) + (0 if bias_int is None else bias_int.abs())
+        self._emit(node, name, module, (v,), _Meta(out_scale, bound=bound.to(torch.float64)))
 
     def _batchnorm(self, node: fx.Node, name: str, bn: nn.BatchNorm2d, v: fx.Node, meta: _Meta) -> None:
         if bn.training or not bn.track_running_stats:
@@ -1522,4 +1604,4 @@ def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:
 
 def integer_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The integer conv/linear modules of a converted model, keyed by their original layer names."""
-    return {m.layer_name: m for m in model.modules() if isinstance(m, (IntConv2d, IntLinear))}
+    return {m.layer_name: m for m in model.modules() if isinstance(m, (IntConv2d, IntLinear, IntGroupLinear))}
