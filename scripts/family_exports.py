@@ -100,7 +100,8 @@ def _minilm(work: Path) -> list[str]:
     # the real sentence encoder (label-free, like configs/minilm_sentence.yaml): nothing to pretrain
     return ["model.name=minilm", "model.pretrain_epochs=0", "data.name=sentences",
             f"data.root={default_sentences_path()}", "data.tokenizer=minilm", "data.max_length=16",
-            "sensitivity.label_free=true", "quant.group_size=64", "quant.act_calibration=minmax"]
+            "sensitivity.label_free=true", "quant.group_size=64", "quant.act_calibration=minmax",
+            "quant.transformer=ibert"]
 
 
 FAMILIES: dict[str, Callable[[Path], list[str]]] = {
