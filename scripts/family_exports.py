@@ -20,7 +20,9 @@ Resumable: a family whose folder under ``--out`` holds a finished run (``row.jso
 again (``--fresh`` reruns it). Sizes: 32x32 images (Inception-V3: 75x75, its smallest), 3 classes,
 RetinaNet at 64x64 on 4 images, BERT a 2-layer 32-wide config, 16 tokens. Brief training: AdamW at
 0.002, 6 epochs in batches of 8 for the images (Inception-V3: 4 epochs at 0.001 in batches of 4),
-4 epochs on 128 sentences for BERT, one SGD epoch at 0.001 for RetinaNet.
+4 epochs on 128 sentences for BERT, one SGD epoch at 0.001 for RetinaNet. BERT and MiniLM run with
+``quant.transformer=ibert`` (as configs/bert_sst2.yaml and configs/minilm_sentence_ibert.yaml): the
+integer-only file is the whole transformer, inputs ids, attention mask and token types.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/family_exports.py --out runs/families
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/family_exports.py --families resnet18,bert
