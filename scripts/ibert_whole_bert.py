@@ -7,7 +7,8 @@ pooling); ``to_integer`` converts it and ``export_onnx_integer`` writes it with 
 sentences (calibrated on the first 32, compared on the next 32, padded to 24 tokens), w8a8 per
 channel and w4a8 with per-group (64) weights; a 2-layer 32-wide BERT classifier (random weights)
 on random ids with padding. "steps" = max |diff| / (max |reference| / 127); reference = the
-fake-quant model in float64; "equal" = within 1e-6 of max |reference|.
+fake-quant model in float64 with the float32 model's weight codes (:func:`same_codes_float64`), and
+the float32 fake-quant model's own distance to it for scale; "equal" = within 1e-6 of max |reference|.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/ibert_whole_bert.py
 """
@@ -34,6 +35,18 @@ from hawq.quant import QuantConfig, calibrate, quantize_model, to_integer  # noq
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def same_codes_float64(q: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of the fake-quant model with the *same* weight codes: each quantized layer's weight
+    is replaced by its fake-quantized float32 value first (rounding float64 weights anew would move
+    values near a code boundary to the other code)."""
+    q64 = copy.deepcopy(q)
+    with torch.no_grad():
+        for m in q64.modules():
+            if hasattr(m, "quantized_weight") and getattr(m, "weight_bits", 32) < 32:
+                m.weight.copy_(m.quantized_weight())
+    return q64.double()
+
+
 def compare(model: torch.nn.Module, weight_bits: int, group_size: int | None, calib: Batch, test: Batch,
             logits: bool) -> str:
     q = quantize_model(copy.deepcopy(model), uniform_bitmap(quantizable_layers(model), weight_bits, 8),
@@ -45,18 +58,23 @@ def compare(model: torch.nn.Module, weight_bits: int, group_size: int | None, ca
     convert_s = time.perf_counter() - start
     with torch.no_grad():
         out = int_model(*test).double()
-        ref = copy.deepcopy(q).double()(*test)
+        fq32 = q(*test).double()
+        ref = same_codes_float64(q)(*test)
         fp32 = model(*test)
         fp32 = (fp32 if isinstance(fp32, torch.Tensor) else fp32.logits).double()
-    steps = float((out - ref).abs().max()) / (float(ref.abs().max()) / 127)
-    equal = float(((out - ref).abs() <= 1e-6 * ref.abs().max()).double().mean())
-    cos = F.cosine_similarity(out, ref, dim=1)
-    text = (f"integer vs fake-quant: {steps:.3f} steps at worst, {equal:.2%} of outputs equal, "
-            f"min cosine {float(cos.min()):.7f}")
-    if logits:
-        text += f", argmax {float((out.argmax(1) == ref.argmax(1)).double().mean()):.0%}"
-    else:
-        text += f"; integer vs FP32 cosine mean {float(F.cosine_similarity(out, fp32, dim=1).mean()):.4f}"
+
+    def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
+        steps = float((a - b).abs().max()) / (float(b.abs().max()) / 127)
+        equal = float(((a - b).abs() <= 1e-6 * b.abs().max()).double().mean())
+        text = (f"{steps:.3f} steps at worst, {equal:.2%} of outputs equal, "
+                f"min cosine {float(F.cosine_similarity(a, b, dim=1).min()):.7f}")
+        return text + (f", argmax {float((a.argmax(1) == b.argmax(1)).double().mean()):.0%}" if logits else "")
+
+    text = (f"integer vs fake-quant (float64): {agreement(out, ref)}; fake-quant float32 vs float64: "
+            f"{agreement(fq32, ref)}")
+    if not logits:
+        text += (f"; cosine to FP32, mean: integer {float(F.cosine_similarity(out, fp32, dim=1).mean()):.4f}, "
+                 f"fake-quant float32 {float(F.cosine_similarity(fq32, fp32, dim=1).mean()):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model_int.onnx"
         export_onnx_integer(int_model, test, path)

@@ -93,6 +93,7 @@ from hawq.quant.ops import QUANT_LAYERS, handles
 from hawq.quant.quantizers import INT32_MAX, check_overflow
 
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
+EMBEDDING_BITS = 28  # an integer embedding's grid: 2^28 steps over its table's largest value
 BACKENDS = ("reference", "int_mm")
 
 
@@ -1469,14 +1470,17 @@ class _Converter(GraphRewriter):
         per_group = scale.reshape(rows, -1) if scale.dim() else scale.expand(rows).reshape(rows, 1)
         groups = per_group.shape[1]
         mags = codes.cpu().to(torch.float64).abs().unflatten(-1, (groups, -1)).amax(-1) * per_group
-        # One output grid 2^22 steps over the table's largest value: the three embeddings' sum and the
-        # LayerNorm's 16-bit input grid see no rounding of their own beyond this.
+        # One output grid 2^28 steps over the table's largest value (three such embeddings add up below
+        # 2^30): its rounding is ~1e-4 of a step of the LayerNorm's 16-bit input grid, so the integer
+        # sum lands on the fake-quant model's code except at near-exact ties.
         real_max = max(float(mags.max()), 1e-12)
-        out_scale = torch.tensor(real_max / 2.0**22, dtype=torch.float64)
-        m, c = dyadic(per_group.clamp_min(1e-30) / out_scale)
+        out_scale = torch.tensor(real_max / 2.0**EMBEDDING_BITS, dtype=torch.float64)
+        # an all-zero row (a padding index) may carry any scale: its codes are 0 whatever the factor
+        ratio = torch.where(mags > 0, per_group / out_scale, torch.ones_like(per_group))
+        m, c = dyadic(ratio)
         module = IntEmbedding(codes.cpu(), m, c, len(shape))
         self._emit(node, node.target, module, (self.env[ids],),
-                   _Meta(out_scale, bound=torch.tensor(2.0**22 + 1, dtype=torch.float64)))
+                   _Meta(out_scale, bound=torch.tensor(2.0**EMBEDDING_BITS + 1, dtype=torch.float64)))
 
     @handles("positions", "integer")
     def _rule_positions(self, node: fx.Node, mod: nn.Module | None) -> None:
