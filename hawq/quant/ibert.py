@@ -15,6 +15,13 @@ Approximations (I-BERT section 3):
   chosen as ``S = ln2 / 2^K``, so the range reduction itself is a shift and a mask (exact).
 * ``sqrt``: integer Newton iteration ``x <- (x + n // x) // 2`` from a power of two above
   ``sqrt(n)``; it returns ``floor(sqrt(n))`` exactly.
+* ``tanh`` (BERT's pooler; not in I-BERT): ``tanh(|x|) = (1 - e) / (1 + e)`` with ``e = exp(-2|x|)``
+  from i-exp, an integer rounded division.
+
+A whole Hugging Face BERT classifier or sentence encoder becomes traceable as :class:`TraceableBert`
+(embeddings, every encoder layer with the padding mask, pooler + classifier or masked mean pooling +
+L2 normalisation). Every integer module here lowers itself to ONNX (``to_onnx``) with the same
+integer operations.
 """
 
 from __future__ import annotations

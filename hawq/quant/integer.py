@@ -22,7 +22,10 @@ dropout and identity; a float transform of the model input before its quantizati
 
 With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT
 kernels of :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
-requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops.
+requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops; for a whole
+BERT (``TraceableBert``) also embedding lookups (:class:`IntEmbedding`), the padding mask as keep
+flags, first-token selection, the pooler's i-tanh and masked mean pooling with L2 normalisation.
+Linear layers with per-group weight scales are :class:`IntGroupLinear` (one accumulator per group).
 Their input grids are static, calibrated on ``example_input`` (see :func:`to_integer`).
 
 With ``float_ops=True``, operators without an integer rule (GELU, softmax, LayerNorm, attention
