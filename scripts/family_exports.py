@@ -20,7 +20,9 @@ Resumable: a family whose folder under ``--out`` holds a finished run (``row.jso
 again (``--fresh`` reruns it). Sizes: 32x32 images (Inception-V3: 75x75, its smallest), 3 classes,
 RetinaNet at 64x64 on 4 images, BERT a 2-layer 32-wide config, 16 tokens. Brief training: AdamW at
 0.002, 6 epochs in batches of 8 for the images (Inception-V3: 4 epochs at 0.001 in batches of 4),
-4 epochs on 128 sentences for BERT, one SGD epoch at 0.001 for RetinaNet.
+4 epochs on 128 sentences for BERT, one SGD epoch at 0.001 for RetinaNet. BERT and MiniLM run with
+``quant.transformer=ibert`` (as configs/bert_sst2.yaml and configs/minilm_sentence_ibert.yaml): the
+integer-only file is the whole transformer, inputs ids, attention mask and token types.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/family_exports.py --out runs/families
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python scripts/family_exports.py --families resnet18,bert
@@ -91,7 +93,7 @@ def _bert(work: Path) -> list[str]:
         write_fake_glue(root, "sst2", n_train=128, n_dev=32)
     return ["model.name=bert", f"model.kwargs={{config: {json.dumps(TINY_BERT)}}}", "data.name=glue_tsv",
             f"data.root={root}", "data.task=sst2", "data.tokenizer=minilm", "data.max_length=16",
-            *BRIEF_TRAINING[1:], "model.pretrain_epochs=4"]
+            *BRIEF_TRAINING[1:], "model.pretrain_epochs=4", "quant.transformer=ibert"]
 
 
 def _minilm(work: Path) -> list[str]:
@@ -100,7 +102,8 @@ def _minilm(work: Path) -> list[str]:
     # the real sentence encoder (label-free, like configs/minilm_sentence.yaml): nothing to pretrain
     return ["model.name=minilm", "model.pretrain_epochs=0", "data.name=sentences",
             f"data.root={default_sentences_path()}", "data.tokenizer=minilm", "data.max_length=16",
-            "sensitivity.label_free=true", "quant.group_size=64", "quant.act_calibration=minmax"]
+            "sensitivity.label_free=true", "quant.group_size=64", "quant.act_calibration=minmax",
+            "quant.transformer=ibert"]
 
 
 FAMILIES: dict[str, Callable[[Path], list[str]]] = {

@@ -3,8 +3,8 @@
 MiniLM's (all-MiniLM-L6-v2) first encoder layer, w8a8, calibrated on half of the sentences of the
 bundled sentence file and compared on the other half: ``to_integer``
 against the fake-quant model (``quantize_model(..., QuantConfig(transformer="ibert"))``) evaluated in float64.
-One layer, not the whole model: HF's ``BertModel`` is not fx-traceable, so the integer path covers
-one encoder layer at a time (``TraceableBertLayer``). "steps" = max |diff| / (max |reference| / 127).
+One encoder layer (``TraceableBertLayer``); the whole model is scripts/ibert_whole_bert.py's.
+"steps" = max |diff| / (max |reference| / 127).
 
     .venv/bin/python scripts/ibert_minilm_layer.py
 """

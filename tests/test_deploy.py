@@ -80,7 +80,7 @@ def test_list_inputs_are_recorded_not_fatal(tmp_path):
     out = export_artifacts(model, {}, tmp_path, ExportConfig(safetensors=False), {"name": "x", "kwargs": {}},
                            QuantConfig(), batch)
     assert "error" in out["onnx"] and not (tmp_path / "model.onnx").exists()
-    assert "single tensor input" in out["onnx_integer"]["skipped"]
+    assert "takes tensor inputs" in out["onnx_integer"]["skipped"]
 
 
 def test_qdq_verdict_passes_a_faithful_export_and_fails_a_broken_one(tmp_path):
@@ -261,3 +261,37 @@ def test_summary_prints_cosine_with_four_decimals():
     assert "0.9877" in table and "1.0000" in table
     report = {"layers": [], "primary_metric": "top1", "fp32_score": 91.234}
     assert "91.23" in summary_table(report) and "91.234" not in summary_table(report)
+
+
+def test_bert_ibert_exports_integer_onnx_with_named_inputs(tmp_path):
+    """quant.transformer=ibert: model_int.onnx takes ids / mask / token types, bit-identical; the QDQ file
+    (float kernels at the I-BERT grids) passes against that reference; the checkpoint loads back."""
+    from hawq.models.compat import build_model
+    from hawq.models.config import ModelConfig
+
+    torch.manual_seed(0)
+    spec, model = build_model(ModelConfig(name="bert", kwargs={"config": TINY_BERT}), 2)
+    bits = {n: LayerBits(4 if i % 2 else 8, 8) for i, n in enumerate(spec.layers(model))}
+    cfg = QuantConfig(transformer="ibert")
+    model = quantize_model(model, bits, cfg)
+    ids = torch.randint(1000, 3000, (8, 12))
+    mask = torch.ones_like(ids)
+    mask[::2, 8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.zeros(8, dtype=torch.long)}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    calibrate(model, [batch], lambda m, b: m(**{k: v for k, v in b.items() if k != "labels"}), progress=False)
+    model.eval()
+    info = {"name": "bert", "kwargs": {"config": TINY_BERT, "num_classes": 2}}
+    out = export_artifacts(model, bits, tmp_path, ExportConfig(), info, cfg, batch, logits=True)
+    integer = out["onnx_integer"]
+    assert integer["path"] == "model_int.onnx" and integer["check"]["verdict"] == "pass", integer
+    graph = onnx.load(str(tmp_path / "model_int.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert {"MatMulInteger", "Gather"} <= {n.op_type for n in graph.node}
+    assert not {"Erf", "Softmax", "LayerNormalization", "Tanh", "Sqrt"} & {n.op_type for n in graph.node}
+    check = out["onnx"]["check"]
+    assert check["verdict"] == "pass" and "I-BERT grids" in check["reference"], check
+    loaded = load_quantized(tmp_path / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), model(**inputs))

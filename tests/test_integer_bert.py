@@ -584,3 +584,132 @@ def test_quant_config_reads_back_the_ibert_mode(block, ibert_block) -> None:
     with torch.no_grad():
         assert torch.equal(to_integer(model, example_input=calib)(test[:16]),
                            to_integer(model, example_input=calib, cfg=IBERT)(test[:16]))
+
+
+# --- a whole BERT: embeddings, every layer, pooler / mean pooling (TraceableBert) ---------------
+TINY_CFG = {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 64, "attn_implementation": "eager"}
+
+
+def _tiny_bert(kind: str) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from hawq.models.bert import SentenceEncoder
+
+    torch.manual_seed(0)
+    if kind == "classifier":
+        return BertForSequenceClassification(BertConfig(**TINY_CFG, num_labels=3)).eval()
+    return SentenceEncoder(BertModel(BertConfig(**TINY_CFG), add_pooling_layer=False)).eval()
+
+
+def _text_batch(n: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, a padding mask (rows padded by 0, 2, 4 or 6 tokens) and two segments of token types."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, seq, dtype=torch.int64)
+    for i in range(n):
+        mask[i, seq - (i % 4) * 2:] = 0
+    ids = torch.randint(1, 1000, (n, seq), generator=g) * mask
+    types = (torch.arange(seq) >= seq // 2).long().expand(n, seq).contiguous()
+    return ids, mask, types
+
+
+@pytest.mark.parametrize("kind", ["classifier", "encoder"])
+def test_traceable_bert_is_the_hf_model(kind: str, monkeypatch) -> None:
+    from hawq.quant.ibert import TraceableBert
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = _tiny_bert(kind)
+    batch = _text_batch(6, 10, 1)
+    traceable = TraceableBert(model).eval()
+    with torch.no_grad():
+        hf = model(*batch)
+        assert torch.equal(traceable(*batch), hf if kind == "encoder" else hf.logits)  # op for op
+    names = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    assert names == {n for n, m in traceable.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    with pytest.raises(HawqError, match="expected a BertForSequenceClassification"):
+        TraceableBert(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(("kind", "group_size"), [("classifier", None), ("classifier", 16), ("encoder", 16)])
+def test_whole_bert_integer_equals_ibert_fake_quant_and_onnx(kind: str, group_size: int | None, tmp_path,
+                                                             monkeypatch) -> None:
+    """quant.transformer=ibert on a HF BERT: the integer model computes the fake-quant model's values and
+    its ONNX file (three named inputs) runs bit-identically, at another batch and sequence length too."""
+    pytest.importorskip("onnxruntime")
+    from hawq.export.onnx_qdq import compare_onnx_integer, export_onnx_integer
+    from hawq.quant.integer import IntEmbedding, IntGroupLinear
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = _tiny_bert(kind)
+    bits = uniform_bitmap(quantizable_layers(model), 4 if group_size else 8, 8)
+    q = quantize_model(copy.deepcopy(model), bits, QuantConfig(transformer="ibert", group_size=group_size))
+    calib, test = _text_batch(16, 12, 2), _text_batch(8, 12, 3)
+    calibrate(q, [calib], lambda m, b: m(*b), progress=False)
+    q.eval()
+    int_model = to_integer(q, calib)
+    assert not int_model.float_nodes
+    kinds = {type(m) for m in int_model.modules()}
+    assert IntEmbedding in kinds and (IntGroupLinear in kinds) == (group_size is not None)
+    with torch.no_grad():
+        out = int_model(*test).double()
+        ref = copy.deepcopy(q).double()(*test)
+    # Per channel, the classifier's logits are equal up to the float32 rounding of the output (measured
+    # < 3e-9 of 0.015); with per-group layers one of 8 examples is 0.43 output steps off (a dyadic and a
+    # float rounding on opposite sides of a code boundary). The encoder's embeddings are within 2.9e-5
+    # (its mean pooling is float in the fake-quant model, integer here).
+    tol = 1e-6 if kind == "classifier" else 2e-4
+    close = (out - ref).abs() <= tol * ref.abs().max()
+    assert float(close.float().mean()) >= 0.85 and _steps(out, ref) <= 1.0, (float(close.float().mean()),
+                                                                             _steps(out, ref))
+    if group_size is None:
+        assert bool(close.all()), _steps(out, ref)
+    if kind == "encoder":
+        assert torch.allclose(out.norm(dim=1), torch.ones(8, dtype=torch.float64), atol=1e-4)
+    path = tmp_path / "model_int.onnx"
+    export_onnx_integer(int_model, test, path)
+    import onnx
+
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    for inputs in (test, _text_batch(3, 7, 4)):
+        check = compare_onnx_integer(int_model, path, inputs)
+        assert check["exact_fraction"] == 1.0, check
+
+
+def test_int_tanh_error_bound() -> None:
+    from hawq.quant.ibert import QuantTanh, TanhConstants, int_tanh
+
+    c = TanhConstants()
+    x = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+    got = int_tanh(torch.round(x / c.exp.scale).to(torch.int64), c).double() / c.out_max
+    assert float((got - torch.tanh(x)).abs().max()) <= 2.5e-3  # measured 2.0e-3 (i-exp's polynomial)
+    assert float(got.abs().max()) <= 1.0 and torch.equal(torch.sign(got), torch.sign(torch.round(x / c.exp.scale)))
+    q = QuantTanh()
+    xf = x.float()
+    want = int_tanh(torch.round(xf.double() / c.exp.scale).to(torch.int64), c).double() / c.out_max
+    assert torch.equal(q(xf), want.float())  # the fake-quant value is the kernel's
+    q.set_mode("off")
+    assert torch.equal(q(x.float()), torch.tanh(x.float()))
+
+
+def test_onnx_isqrt_matches_isqrt_on_extremes() -> None:
+    """The ONNX square root unrolls ISQRT_ONNX_STEPS Newton steps: enough for every int64 (worst cases here)."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
+
+    from hawq.export.onnx_qdq import _IntOnnxBuilder
+    from hawq.quant.ibert import onnx_isqrt
+
+    b = _IntOnnxBuilder()
+    out = onnx_isqrt(b, "n", "sqrt")
+    vector = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(b.nodes, "g", [vector("n", onnx.TensorProto.INT64, [None])],
+                                   [vector(out, onnx.TensorProto.INT64, [None])], b.inits)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    n = torch.cat([torch.arange(0, 3000), torch.tensor([2**k + d for k in range(2, 63) for d in (-1, 0, 1)
+                                                        if 2**k + d < 2**63]),
+                   torch.randint(0, 2**62, (3000,), generator=g)])
+    got = session.run(None, {"n": n.numpy()})[0]
+    assert got.tolist() == isqrt(n).tolist()

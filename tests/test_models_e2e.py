@@ -90,6 +90,24 @@ def test_bert_sst2(tmp_path):
     assert (tmp_path / "runs" / "e2e" / "model.onnx").is_file()
 
 
+def test_bert_ibert_finetunes_and_writes_the_integer_transformer(tmp_path):
+    """quant.transformer=ibert through the pipeline: QAT of the traced I-BERT model, then model_int.onnx with
+    the three text inputs, bit-identical to the PyTorch integer model of the finetuned model."""
+    root = write_fake_glue(tmp_path / "sst2", "sst2", n_train=16, n_dev=8)
+    report = _run(tmp_path, ["model.name=bert", f"model.kwargs={{config: {json.dumps(TINY_BERT)}}}",
+                             "data.name=glue_tsv", f"data.root={root}", "data.task=sst2", "data.tokenizer=minilm",
+                             "data.max_length=16", "quant.transformer=ibert", "train.epochs=1", "train.batch_size=4",
+                             "export.onnx=false"],  # the QDQ file of an I-BERT model: tests/test_deploy.py
+                  stages="[sensitivity,search,quantize,finetune,export]")
+    assert "accuracy" in report["quant_after_finetune"]
+    integer = report["export"]["onnx_integer"]
+    assert integer["check"]["verdict"] == "pass" and integer["check"]["exact_fraction"] == 1.0, integer
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "runs" / "e2e" / "model_int.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+
+
 def test_bert_encoder_label_free(tmp_path):
     sentences = tmp_path / "s.txt"
     sentences.write_text("\n".join(f"sentence number {i} is about {w}" for i, w in

@@ -30,10 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from hawq import HawqError
-from hawq.export.onnx_qdq import compare_onnx, compare_onnx_integer, export_onnx, export_onnx_integer
+from hawq.export.onnx_qdq import (
+    compare_onnx,
+    compare_onnx_integer,
+    export_onnx,
+    export_onnx_integer,
+    ibert_float_view,
+)
 from hawq.export.quantized_file import save_quantized
 from hawq.models.tasks import move_to
 from hawq.quant import to_integer
@@ -191,7 +198,7 @@ def check_qdq(model: nn.Module, path: str | Path, inputs: tuple[Tensor, ...], lo
     return qdq_verdict(check, float64_spread(model, inputs, logits), int(inputs[0].shape[0]), logits)
 
 
-def check_integer(int_model: nn.Module, path: str | Path, inputs: Tensor) -> dict[str, Any]:
+def check_integer(int_model: nn.Module, path: str | Path, inputs: Tensor | tuple[Tensor, ...]) -> dict[str, Any]:
     """Run the integer-only file and the PyTorch integer model on ``inputs``; the comparison with its verdict."""
     return integer_verdict(compare_onnx_integer(int_model, path, inputs))
 
@@ -276,6 +283,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def _export_qdq(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, ecfg: Any, logits: bool) -> dict[str, Any]:
+    # I-BERT kernels are float ops in a QDQ file: its PyTorch reference is the model with those float ops
+    float_view = ibert_float_view(model)
+    model = model if float_view is None else float_view
     try:
         export_onnx(model, inputs if len(inputs) > 1 else inputs[0], path, opset=ecfg.onnx_opset,
                     int4=ecfg.onnx_int4)
@@ -285,25 +295,39 @@ def _export_qdq(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, ecfg: 
         log.warning("onnx export skipped: %s", e)
         return {"error": _one_line(e)}
     try:
-        return {"path": path.name, "check": check_qdq(model, path, inputs, logits)}
+        check = check_qdq(model, path, inputs, logits)
+        if float_view is not None:
+            check["reference"] = ("the fake-quant model with float GELU/softmax/LayerNorm/tanh at the I-BERT grids "
+                                  "(the integer kernels are model_int.onnx's)")
+        return {"path": path.name, "check": check}
     except Exception as e:  # noqa: BLE001 -- the file exists; say that the check, not the export, failed
         log.warning("onnx check failed: %s", e)
         return {"path": path.name, "check_error": _one_line(e)}
 
 
+def integer_source(model: nn.Module) -> nn.Module:
+    """What ``to_integer`` converts: a traced I-BERT transformer (``quant.transformer: ibert``) already
+    takes the text inputs and returns a tensor, so the :class:`TextLogits` view around it is dropped."""
+    inner = getattr(model, "model", None)
+    return inner if isinstance(model, TextLogits) and isinstance(inner, fx.GraphModule) else model
+
+
 def _export_integer(model: nn.Module, inputs: tuple[Tensor, ...], path: Path, opset: int) -> dict[str, Any]:
-    """``model_int.onnx``: the integer-only model (ConvInteger/MatMulInteger + dyadic rescales)."""
-    if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
-        return {"skipped": "the integer ONNX export takes models with a single tensor input"}
+    """``model_int.onnx``: the integer-only model (ConvInteger/MatMulInteger + dyadic rescales).
+
+    Several inputs (a BERT's ids, attention mask, token types) become the file's named inputs."""
+    if not all(isinstance(t, Tensor) for t in inputs):
+        return {"skipped": "the integer ONNX export takes tensor inputs"}
+    example = inputs if len(inputs) > 1 else inputs[0]
     try:
-        int_model = to_integer(model, inputs[0])
+        int_model = to_integer(integer_source(model), example)
         # a detector takes images of any padded size (its anchors follow): height, width, anchors symbolic
-        export_onnx_integer(int_model, inputs[0], path, opset=opset, dynamic_sizes=isinstance(model, DetectionHeads))
+        export_onnx_integer(int_model, example, path, opset=opset, dynamic_sizes=isinstance(model, DetectionHeads))
     except HawqError as e:  # e.g. float-only ops (transformers), layers above 8 bits, inputs above 8 bits
         log.info("integer onnx export skipped: %s", e)
         return {"skipped": str(e)}
     try:
-        return {"path": path.name, "check": check_integer(int_model, path, inputs[0])}
+        return {"path": path.name, "check": check_integer(int_model, path, example)}
     except Exception as e:  # noqa: BLE001
         log.warning("integer onnx check failed: %s", e)
         return {"path": path.name, "check_error": _one_line(e)}

@@ -15,6 +15,10 @@ calls two custom torch ops, ``hawq_export::dequantize_weight`` and
   8 bits) container; the Clip is dropped when the container's range is the quantizer's range
   (e.g. unsigned 8-bit), so the QDQ pattern is the plain one onnxruntime fuses.
 * biases: the float bias the fake-quant layer uses (rounded to the accumulator grid), as is.
+* I-BERT models (``quant.transformer: ibert``): every grid (``StaticGrid``: matmul operands, the
+  16-bit inputs of GELU and LayerNorm) is a QDQ pair like any activation; GELU, softmax, LayerNorm
+  and tanh run as the float ops at those quantized inputs (:func:`float_kernel`), as QDQ runtimes
+  run them. The integer kernels themselves are in the integer-only file.
 
 The exported graph computes what the fake-quant PyTorch model computes, in float32 with another
 summation order; :func:`compare_onnx` runs both and reports the largest difference against the
@@ -209,8 +213,64 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class _FloatLayerNorm(nn.Module):
+    """A QuantLayerNorm's QDQ form: its input grid as a QDQ pair, then float LayerNorm."""
+
+    def __init__(self, ln: nn.LayerNorm) -> None:
+        super().__init__()
+        self.input_quant = _ActQDQ(ln.input_quant)
+        self.ln = nn.LayerNorm(ln.normalized_shape, ln.eps, ln.elementwise_affine, bias=ln.bias is not None)
+        self.ln.load_state_dict({k: v for k, v in ln.state_dict().items() if not k.startswith("input_quant")})
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ln(self.input_quant(x))
+
+
+class _FloatGELU(nn.Module):
+    def __init__(self, gelu: nn.Module) -> None:
+        super().__init__()
+        self.input_quant = _ActQDQ(gelu.input_quant)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.input_quant(x))
+
+
+class _FloatSoftmax(nn.Module):
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return torch.softmax(x if mask is None else x + mask, dim=-1)
+
+
+def float_kernel(module: nn.Module) -> nn.Module | None:
+    """The QDQ form of an I-BERT fake-quant kernel (its input grid as QDQ, the float op), or None."""
+    from hawq.quant.ibert import QuantGELU, QuantLayerNorm, QuantSoftmax, QuantTanh
+
+    if isinstance(module, QuantLayerNorm):
+        return _FloatLayerNorm(module)
+    if isinstance(module, QuantGELU):
+        return _FloatGELU(module)
+    if isinstance(module, QuantSoftmax):
+        return _FloatSoftmax()
+    if isinstance(module, QuantTanh):
+        return nn.Tanh()
+    return None
+
+
+def ibert_float_view(model: nn.Module) -> nn.Module | None:
+    """What the QDQ file of an I-BERT model computes, in PyTorch: a copy of ``model`` with each I-BERT
+    kernel replaced by :func:`float_kernel` (grids and layers unchanged); None when it has none.
+    The QDQ verdict compares the file with this model."""
+    names = [name for name, m in model.named_modules() if float_kernel(m) is not None]
+    if not names:
+        return None
+    view = copy.deepcopy(model).eval()
+    for name in names:
+        _set_submodule(view, name, float_kernel(view.get_submodule(name)))
+    return view
+
+
 def qdq_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) whose quantized layers compute through the QDQ custom ops."""
+    """A copy of ``model`` (eval mode) whose quantized layers compute through the QDQ custom ops
+    (I-BERT kernels: :func:`float_kernel`)."""
     twin = copy.deepcopy(model).eval()
     if infer_quant_config(twin).fold_bn:  # export what inference runs: the folded convs
         twin = fold_bn(twin)
@@ -219,6 +279,12 @@ def qdq_twin(model: nn.Module) -> nn.Module:
         raise HawqError("export_onnx: the model has no quantized layers; run hawq.quant.quantize_model first")
     for name, layer in layers.items():
         _set_submodule(twin, name, _QDQLayer(layer))
+    for name, m in list(twin.named_modules()):
+        kernel = float_kernel(m)
+        if kernel is not None:
+            _set_submodule(twin, name, kernel)
+        elif isinstance(m, QuantAct) and name and "." not in name:  # a standalone grid of a traced I-BERT model
+            _set_submodule(twin, name, _ActQDQ(m))
     for m in twin.modules():  # activation-only quantized layers (float weights)
         act = getattr(m, "input_quant", None)
         if isinstance(act, QuantAct) and not isinstance(m, _QDQLayer):
@@ -455,7 +521,7 @@ def _int_module_onnx(b: _IntOnnxBuilder, mod: nn.Module, args: list[str], name: 
     return lower(b, args, name)
 
 
-def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: int = 21,
+def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor | tuple[Tensor, ...], opset: int = 21,
                        dynamic_batch: bool = True, dynamic_sizes: bool = False) -> onnx.ModelProto:
     """The ONNX graph of a ``to_integer`` model: ConvInteger/MatMulInteger and INT64 dyadic rescaling.
 
@@ -467,26 +533,34 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
 
     ``dynamic_batch`` makes the first input and output dim symbolic, ``dynamic_sizes`` every other one
     (a detector's image size and anchor count: its graph reads sizes with ``Shape``, nothing is fixed).
+    A model with several inputs (a BERT's ``input_ids, attention_mask, token_type_ids``) takes a
+    tuple; the ONNX inputs get the placeholders' names, and ``dynamic_batch`` also makes the
+    sequence dim of 2-d integer inputs symbolic.
     """
     check_opset(opset, "export_onnx_integer: opset")
     if getattr(int_model, "float_nodes", None):
         raise HawqError(f"export_onnx_integer: the model has float operators ({int_model.float_nodes[0]}, ...); "
                         "only integer-only models export")
+    examples = _as_tuple(example_input)
     b = _IntOnnxBuilder()
     env: dict[fx.Node, str] = {}
     inputs, outputs = [], []
     modules = dict(int_model.named_modules())
     for node in int_model.graph.nodes:
         if node.op == "placeholder":
-            if inputs:
-                raise HawqError("export_onnx_integer: models with one input tensor only")
-            shape: list[Any] = list(example_input.shape)
+            if len(inputs) >= len(examples):
+                raise HawqError(f"export_onnx_integer: the model takes more inputs than the {len(examples)} "
+                                "example tensors")
+            x = examples[len(inputs)]
+            shape: list[Any] = list(x.shape)
             if dynamic_sizes:  # images (NCHW) keep their channels
                 shape[1:] = [shape[1], "height", "width"] if len(shape) == 4 else \
-                    [f"in_{i}" for i in range(1, len(shape))]
+                    [f"in_{len(inputs)}_{i}" for i in range(1, len(shape))]
             if dynamic_batch:
                 shape[0] = "batch"
-            inputs.append(onnx.helper.make_tensor_value_info(node.name, _onnx_dtype(example_input.dtype), shape))
+                if x.dim() == 2 and not x.is_floating_point():  # token ids and masks: any sequence length
+                    shape[1] = "sequence"
+            inputs.append(onnx.helper.make_tensor_value_info(node.name, _onnx_dtype(x.dtype), shape))
             b._names.add(node.name)
             env[node] = node.name
         elif node.op == "call_module":
@@ -504,7 +578,7 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
             if not hasattr(deq, "out_dtype"):
                 raise HawqError("export_onnx_integer: the output is not a dequantized integer tensor")
             with torch.no_grad():
-                out_shape: list[Any] = list(int_model(example_input).shape)
+                out_shape: list[Any] = list(int_model(*examples).shape)
             if dynamic_sizes:
                 out_shape[1:] = [f"out_{i}" for i in range(1, len(out_shape))]
             if dynamic_batch:
@@ -520,8 +594,8 @@ def integer_onnx_model(int_model: fx.GraphModule, example_input: Tensor, opset: 
     return proto
 
 
-def export_onnx_integer(model: nn.Module, example_input: Tensor, path: str | os.PathLike, opset: int = 21,
-                        dynamic_batch: bool = True, dynamic_sizes: bool = False) -> Path:
+def export_onnx_integer(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike,
+                        opset: int = 21, dynamic_batch: bool = True, dynamic_sizes: bool = False) -> Path:
     """Write hawq's integer-only model of ``model`` as ONNX (bit-identical to ``to_integer`` in onnxruntime).
 
     ``model``: a calibrated fake-quant model (converted with ``hawq.quant.to_integer``) or an
@@ -533,7 +607,7 @@ def export_onnx_integer(model: nn.Module, example_input: Tensor, path: str | os.
     return _save_atomic(proto, Path(path))
 
 
-def _as_integer_model(model: nn.Module, example_input: Tensor) -> fx.GraphModule:
+def _as_integer_model(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and any(isinstance(m, Dequantize) for m in model.modules()):
         return model
     return to_integer(model, example_input)
@@ -544,7 +618,7 @@ def _save_atomic(proto: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def compare_onnx_integer(int_model: nn.Module, path: str | os.PathLike, inputs: Tensor,
+def compare_onnx_integer(int_model: nn.Module, path: str | os.PathLike, inputs: Tensor | tuple[Tensor, ...],
                          threads: int = 1) -> dict[str, float]:
     """Run an integer ONNX file and the PyTorch integer model (``to_integer``) on ``inputs``.
 
@@ -557,7 +631,7 @@ def compare_onnx_integer(int_model: nn.Module, path: str | os.PathLike, inputs: 
     deq = int_model.get_submodule(graph_out.target) if getattr(graph_out, "op", "") == "call_module" else None
     if not isinstance(deq, Dequantize):
         raise HawqError("compare_onnx_integer: the model's output is not a dequantized integer tensor")
-    got, ref = _onnx_and_torch_outputs(int_model, path, (inputs,), threads, "compare_onnx_integer")
+    got, ref = _onnx_and_torch_outputs(int_model, path, _as_tuple(inputs), threads, "compare_onnx_integer")
     diff = (got.double() - ref.double()).abs()
     out = {"max_abs_diff": float(diff.max()), "max_diff_in_steps": float((diff / deq.scale).max()),
            "exact_fraction": float((got == ref).float().mean())}

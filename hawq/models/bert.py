@@ -180,7 +180,8 @@ class SequenceClassificationTask(Task):
             self.primary_metric = info["primary_metric"]
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return model(**_text_inputs(batch)).logits
+        out = model(**_text_inputs(batch))
+        return out if isinstance(out, Tensor) else out.logits  # a traced I-BERT model returns the logits
 
     def loss_from_outputs(self, outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         if "labels" not in batch:

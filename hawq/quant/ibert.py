@@ -15,11 +15,19 @@ Approximations (I-BERT section 3):
   chosen as ``S = ln2 / 2^K``, so the range reduction itself is a shift and a mask (exact).
 * ``sqrt``: integer Newton iteration ``x <- (x + n // x) // 2`` from a power of two above
   ``sqrt(n)``; it returns ``floor(sqrt(n))`` exactly.
+* ``tanh`` (BERT's pooler; not in I-BERT): ``tanh(|x|) = (1 - e) / (1 + e)`` with ``e = exp(-2|x|)``
+  from i-exp, an integer rounded division.
+
+A whole Hugging Face BERT classifier or sentence encoder becomes traceable as :class:`TraceableBert`
+(embeddings, every encoder layer with the padding mask, pooler + classifier or masked mean pooling +
+L2 normalisation). Every integer module here lowers itself to ONNX (``to_onnx``) with the same
+integer operations.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -75,6 +83,55 @@ def isqrt(n: Tensor) -> Tensor:
 def round_div(num: Tensor, den: Tensor) -> Tensor:
     """``round(num / den)`` (half up) for integers, ``den > 0``."""
     return torch.div(2 * num + den, 2 * den, rounding_mode="floor")
+
+
+POW2 = torch.tensor([1 << k for k in range(63)], dtype=torch.int64)  # 2^0 .. 2^62
+ISQRT_ONNX_STEPS = 10  # Newton steps unrolled in ONNX: from <= 2 sqrt(n), 7 reach floor(sqrt(n)) for n < 2^63
+
+
+# --- the same kernels in ONNX (integer tensors travel as INT64; ``g`` is a hawq.quant.OnnxBuilder) ----
+def onnx_bit_length(g: Any, n: str, name: str) -> str:
+    """:func:`bit_length` in ONNX: the number of powers of two ``2^0 .. 2^62`` at or below each ``n``."""
+    above = g.op("GreaterOrEqual", [g.op("Unsqueeze", [n, g.const(f"{name}_ax", [-1], torch.int64)], f"{name}_col"),
+                                    g.const(f"{name}_pow2", POW2, torch.int64)], f"{name}_ge")
+    return g.op("ReduceSum", [g.cast(above, torch.int64, f"{name}_ge64"), g.const(f"{name}_axes", [-1], torch.int64)],
+                f"{name}_bits", keepdims=0)
+
+
+def onnx_isqrt(g: Any, n: str, name: str) -> str:
+    """:func:`isqrt` in ONNX: the same start and Newton steps, unrolled ``ISQRT_ONNX_STEPS`` times (a
+    finished entry stays put, as in the loop), so the result is the same ``floor(sqrt(n))``."""
+    one = g.const(f"{name}_one", 1, torch.int64)
+    m = g.op("Max", [n, one], f"{name}_m")
+    half_bits = g.op("Div", [g.op("Add", [onnx_bit_length(g, m, f"{name}_bl"), one], f"{name}_b1"),
+                             g.const(f"{name}_two", 2, torch.int64)], f"{name}_hb")
+    x = g.op("Gather", [g.const(f"{name}_pow2t", POW2, torch.int64), half_bits], f"{name}_x0", axis=0)
+    for i in range(ISQRT_ONNX_STEPS):
+        q = g.op("Div", [m, x], f"{name}_q{i}")  # m, x > 0: truncation is floor
+        y = g.op("Div", [g.op("Add", [x, q], f"{name}_s{i}"), g.const(f"{name}_two{i}", 2, torch.int64)],
+                 f"{name}_y{i}")
+        x = g.op("Where", [g.op("GreaterOrEqual", [y, x], f"{name}_done{i}"), x, y], f"{name}_x{i + 1}")
+    zero = g.const(f"{name}_zero", 0, torch.int64)
+    return g.op("Where", [g.op("Equal", [n, zero], f"{name}_is0"), zero, x], f"{name}_out")
+
+
+def onnx_round_div_pos(g: Any, num: str, den: str, name: str) -> str:
+    """:func:`round_div` for ``num >= 0``, ``den > 0`` (ONNX's truncating Div is floor there)."""
+    two = g.const(f"{name}_two", 2, torch.int64)
+    top = g.op("Add", [g.op("Mul", [num, two], f"{name}_2n"), den], f"{name}_top")
+    return g.op("Div", [top, g.op("Mul", [den, two], f"{name}_2d")], f"{name}_out")
+
+
+def onnx_int_exp(g: Any, x: str, c: ExpConstants, name: str) -> str:
+    """:func:`int_exp` in ONNX (``x <= 0``)."""
+    x = g.op("Max", [x, g.const(f"{name}_min", -EXP_MAX_SHIFT << c.k, torch.int64)], f"{name}_clamp")
+    unit = g.const(f"{name}_unit", 1 << c.k, torch.int64)
+    z = g.op("Div", [g.op("Neg", [x], f"{name}_neg"), unit], f"{name}_z")  # -x >= 0: floor
+    p = g.op("Add", [x, g.op("Mul", [z, unit], f"{name}_zk")], f"{name}_p")
+    t = g.op("Add", [p, g.const(f"{name}_qb", c.q_b, torch.int64)], f"{name}_t")
+    poly = g.op("Add", [g.op("Mul", [t, t], f"{name}_sq"), g.const(f"{name}_qc", c.q_c, torch.int64)], f"{name}_poly")
+    shift = g.op("Gather", [g.const(f"{name}_pow2", POW2, torch.int64), z], f"{name}_2z", axis=0)
+    return g.op("Div", [poly, shift], f"{name}_out")  # poly >= 0: floor, i.e. the right shift
 
 
 class GeluConstants:
@@ -189,6 +246,17 @@ class IntGELU(nn.Module):
     def forward(self, q: Tensor) -> Tensor:
         return check_overflow(int_gelu(q, self.consts), "GELU")
 
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        c, q = self.consts, args[0]
+        t = g.op("Min", [g.op("Abs", [q], f"{name}_abs"), g.const(f"{name}_lim", -c.q_b, torch.int64)], f"{name}_t")
+        u = g.op("Add", [t, g.const(f"{name}_qb", c.q_b, torch.int64)], f"{name}_u")
+        mag = g.op("Neg", [g.op("Add", [g.op("Mul", [u, u], f"{name}_sq"), g.const(f"{name}_qc", c.q_c, torch.int64)],
+                                f"{name}_poly")], f"{name}_mag")
+        mag = g.op("Div", [mag, g.const(f"{name}_shift", 1 << c.shift, torch.int64)], f"{name}_shifted")  # >= 0
+        erf = g.op("Mul", [g.op("Sign", [q], f"{name}_sign"), mag], f"{name}_erf")
+        return g.op("Mul", [q, g.op("Add", [erf, g.const(f"{name}_one", c.q_one, torch.int64)], f"{name}_1erf")],
+                    f"{name}_out")
+
 
 class IntSoftmax(nn.Module):
     """:func:`int_softmax` over the last dim of integers already on the ``ln2 / 2^K`` grid."""
@@ -199,6 +267,18 @@ class IntSoftmax(nn.Module):
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         return int_softmax(x, self.consts, self.out_max, keep=keep)
+
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        x = args[0]
+        if len(args) > 1:
+            flags = g.cast(args[1], torch.bool, f"{name}_keepb")
+            x = g.op("Where", [flags, x, g.const(f"{name}_masked", -EXP_CLAMP, torch.int64)], f"{name}_masked_x")
+        axes = g.const(f"{name}_axes", [-1], torch.int64)
+        top = g.op("ReduceMax", [x, axes], f"{name}_max", keepdims=1)
+        e = onnx_int_exp(g, g.op("Sub", [x, top], f"{name}_shifted"), self.consts, f"{name}_exp")
+        total = g.op("ReduceSum", [e, axes], f"{name}_total", keepdims=1)
+        num = g.op("Mul", [e, g.const(f"{name}_outmax", self.out_max, torch.int64)], f"{name}_num")
+        return onnx_round_div_pos(g, num, total, f"{name}_norm")
 
 
 def attention_keep(mask: Tensor) -> Tensor:
@@ -218,6 +298,12 @@ class MaskInput(nn.Module):
     def forward(self, mask: Tensor) -> Tensor:
         return attention_keep(mask)
 
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        # The check that every entry is 0 or <= MASK_MAX is PyTorch's; ONNX keeps the zeros.
+        zero = g.const(f"{name}_zero", 0.0, torch.float64)
+        return g.cast(g.op("Equal", [g.cast(args[0], torch.float64, f"{name}_f64"), zero], f"{name}_eq"),
+                      torch.int64, f"{name}_keep")
+
 
 class IntLayerNorm(nn.Module):
     def __init__(self, consts: LayerNormConstants) -> None:
@@ -230,16 +316,44 @@ class IntLayerNorm(nn.Module):
         out = int_layernorm(q, self.n, self.eps_int, self.f, self.sign, self.bias_int)
         return check_overflow(out, "LayerNorm")
 
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        q, axes = args[0], g.const(f"{name}_axes", [-1], torch.int64)
+        n = g.const(f"{name}_n", self.n, torch.int64)
+        total = g.op("ReduceSum", [q, axes], f"{name}_sum", keepdims=1)
+        # round_div(total, n) = floor((2 total + n) / 2n): the sum may be negative, so a floor division
+        two = g.const(f"{name}_two", 2, torch.int64)
+        mean = g.floor_div(g.op("Add", [g.op("Mul", [total, two], f"{name}_2s"), n], f"{name}_top"),
+                           g.const(f"{name}_2n", 2 * self.n, torch.int64), f"{name}_mean")
+        y = g.op("Sub", [q, mean], f"{name}_y")
+        ss = g.op("ReduceSum", [g.op("Mul", [y, y], f"{name}_y2"), axes], f"{name}_ss", keepdims=1)
+        var = g.op("Add", [g.op("Div", [ss, n], f"{name}_var0"), g.const(f"{name}_eps", self.eps_int, torch.int64)],
+                   f"{name}_var")
+        std = g.op("Max", [onnx_isqrt(g, var, f"{name}_sqrt"), g.const(f"{name}_one", 1, torch.int64)], f"{name}_std")
+        z = g.floor_div(g.op("Mul", [y, g.const(f"{name}_frac", 1 << self.f, torch.int64)], f"{name}_yf"), std,
+                        f"{name}_z")
+        signed = g.op("Mul", [z, g.const(f"{name}_sign", self.sign, torch.int64)], f"{name}_signed")
+        return g.op("Add", [signed, g.const(f"{name}_bias_int", self.bias_int, torch.int64)], f"{name}_out")
+
 
 class IntMatmul(nn.Module):
     """Integer matmul of two quantized activations (codes x codes -> exact integer accumulator)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, grids: tuple[tuple[int, int] | None, ...] = (None, None)) -> None:
         super().__init__()
         self.name = name
+        self.grids = grids  # (qmin, qmax) of each operand's codes: 8-bit ones export as MatMulInteger
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return check_overflow(torch.matmul(a.to(torch.int64), b.to(torch.int64)), f"matmul '{self.name}'")
+
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        types = [None if grid is None else torch.int8 if grid[0] >= -128 and grid[1] <= 127 else
+                 torch.uint8 if grid[0] >= 0 and grid[1] <= 255 else None for grid in self.grids]
+        if None in types:  # wider codes: an exact float64 product (|acc| < 2^31 was proven at conversion)
+            a, b = (g.cast(v, torch.float64, f"{name}_f64_{i}") for i, v in enumerate(args))
+            return g.cast(g.op("MatMul", [a, b], f"{name}_acc"), torch.int64, f"{name}_out")
+        a, b = (g.cast(v, t, f"{name}_codes_{i}") for i, (v, t) in enumerate(zip(args, types, strict=True)))
+        return g.cast(g.op("MatMulInteger", [a, b], f"{name}_acc"), torch.int64, f"{name}_out")
 
 
 class IntMean(nn.Module):
@@ -254,12 +368,67 @@ class IntMean(nn.Module):
         n = math.prod(v.shape[d] for d in dims)
         return torch.div(v.sum(dim=dims, keepdim=self.keepdim) + n // 2, n, rounding_mode="floor")
 
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        dims = [self.dim] if isinstance(self.dim, int) else list(self.dim)
+        total = g.op("ReduceSum", [args[0], g.const(f"{name}_axes", dims, torch.int64)], f"{name}_sum",
+                     keepdims=int(self.keepdim))
+        sizes = g.op("Gather", [g.op("Shape", [args[0]], f"{name}_shape"), g.const(f"{name}_dims", dims, torch.int64)],
+                     f"{name}_sizes", axis=0)
+        n = g.op("ReduceProd", [sizes], f"{name}_n", keepdims=0)
+        half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")
+        return g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, name)
+
 
 class IntScale(nn.Module):
     """Multiplying by a negative constant: negate (the magnitude goes into the scale)."""
 
     def forward(self, v: Tensor) -> Tensor:
         return -v
+
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        return g.op("Neg", [args[0]], f"{name}_out")
+
+
+class TanhConstants:
+    """i-tanh on the i-exp grid: ``tanh(|x|) = (1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` from :func:`int_exp`.
+
+    ``one`` is 1 at i-exp's output scale; the result is codes in ``[-out_max, out_max]`` at scale ``1 / out_max``.
+    """
+
+    def __init__(self, out_max: int = 2 ** (INNER_BITS - 1) - 1) -> None:
+        self.exp = ExpConstants()
+        self.one = round(1.0 / self.exp.out_scale)
+        self.out_max = out_max
+
+
+def int_tanh(q: Tensor, c: TanhConstants) -> Tensor:
+    """i-tanh of integers ``q`` on the grid ``c.exp.scale`` (ln2 / 2^K): codes at scale ``1 / c.out_max``."""
+    q = q.to(torch.int64)
+    e = int_exp(-2 * q.abs(), c.exp)
+    mag = round_div((c.one - e).clamp_min(0) * c.out_max, c.one + e)
+    return torch.sign(q) * mag
+
+
+class IntTanh(nn.Module):
+    """:func:`int_tanh` on integers already on the ``ln2 / 2^K`` grid (the BERT pooler's activation)."""
+
+    def __init__(self, consts: TanhConstants) -> None:
+        super().__init__()
+        self.consts = consts
+
+    def forward(self, q: Tensor) -> Tensor:
+        return int_tanh(q, self.consts)
+
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        c, q = self.consts, args[0]
+        neg2 = g.op("Mul", [g.op("Abs", [q], f"{name}_abs"), g.const(f"{name}_m2", -2, torch.int64)], f"{name}_x")
+        e = onnx_int_exp(g, neg2, c.exp, f"{name}_exp")
+        one = g.const(f"{name}_one", c.one, torch.int64)
+        top = g.op("Max", [g.op("Sub", [one, e], f"{name}_1me"), g.const(f"{name}_zero", 0, torch.int64)],
+                   f"{name}_top")
+        mag = onnx_round_div_pos(g, g.op("Mul", [top, g.const(f"{name}_outmax", c.out_max, torch.int64)],
+                                         f"{name}_num"), g.op("Add", [one, e], f"{name}_1pe"), f"{name}_div")
+        return g.op("Mul", [g.op("Sign", [q], f"{name}_sign"), mag], f"{name}_out")
 
 
 # --- I-BERT-aware fake-quant modules (training graph) --------------------------------------------
@@ -401,7 +570,134 @@ class QuantLayerNorm(nn.LayerNorm):
         return straight_through(y, (v.to(torch.float64) * c.out_scale).to(y.dtype))
 
 
-IBERT_MODULES: tuple[type[nn.Module], ...] = (StaticGrid, QuantGELU, QuantSoftmax, QuantLayerNorm)
+class QuantTanh(nn.Module):
+    """tanh as integer inference computes it (:func:`int_tanh`): input on the ``ln2 / 2^10`` grid, codes / out_max.
+
+    Nothing to calibrate (the grids are fixed); modes as :class:`QuantSoftmax`: the value is the integer
+    kernel's when quantizing, float tanh otherwise; the gradient is float tanh's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.consts = TanhConstants()
+        self.mode = "frozen"
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in ACT_MODES:
+            raise HawqError(f"QuantTanh: mode must be one of {', '.join(ACT_MODES)}, got '{mode}'")
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.tanh(x)
+        if self.mode not in QUANTIZING_MODES:
+            return y
+        q = torch.round(x.detach().to(torch.float64) / self.consts.exp.scale).clamp(-EXP_CLAMP, EXP_CLAMP)
+        codes = int_tanh(q.to(torch.int64), self.consts)
+        return straight_through(y, (codes.to(torch.float64) / self.consts.out_max).to(y.dtype))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+# --- whole-model pieces of a Hugging Face BERT (leaves of the traced graph) -----------------------
+class PaddingMask(nn.Module):
+    """A tokenizer's ``(batch, key)`` 1/0 attention mask -> HF's additive ``(batch, 1, 1, key)`` mask (float32).
+
+    A leaf of the traced model: ``quantize_transformer_ops`` folds ``scores + mask`` into the softmax, and
+    ``to_integer`` turns it into integer keep flags (:class:`IntPaddingKeep`)."""
+
+    def forward(self, attention_mask: Tensor) -> Tensor:
+        return additive_attention_mask(attention_mask)
+
+
+class IntPaddingKeep(nn.Module):
+    """Integer inference's :class:`PaddingMask`: ``(batch, key)`` mask -> int64 keep flags ``(batch, 1, 1, key)``."""
+
+    def forward(self, attention_mask: Tensor) -> Tensor:
+        return (attention_mask != 0).to(torch.int64)[:, None, None, :]
+
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        zero = g.const(f"{name}_zero", 0, torch.int64)
+        flags = g.op("Not", [g.op("Equal", [g.cast(args[0], torch.int64, f"{name}_i64"), zero], f"{name}_eq")],
+                     f"{name}_ne")
+        return g.op("Unsqueeze", [g.cast(flags, torch.int64, f"{name}_keep"),
+                                  g.const(f"{name}_axes", [1, 2], torch.int64)], f"{name}_out")
+
+
+class PositionIds(nn.Module):
+    """``input_ids`` -> the absolute positions ``0 .. seq-1`` per row (HF's ``position_ids`` buffer, sliced).
+
+    A leaf of the traced model; integer inference uses it as it is (index arithmetic, no values)."""
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        shape = g.op("Shape", [args[0]], f"{name}_shape")
+        seq = g.op("Gather", [shape, g.const(f"{name}_one", 1, torch.int64)], f"{name}_seq", axis=0)
+        row = g.op("Range", [g.const(f"{name}_start", 0, torch.int64), seq, g.const(f"{name}_step", 1, torch.int64)],
+                   f"{name}_row")
+        return g.op("Expand", [row, shape], f"{name}_out")
+
+
+POOL_FRACTION_BITS = 8  # fractional bits of the integer token mean (its rounding stays far below the 16-bit grid)
+NORMALIZE_FRACTION_BITS = 16  # the unit-norm embedding as codes at scale 2^-16
+
+
+class MaskedMeanNormalize(nn.Module):
+    """Sentence-transformers pooling: mean of the token vectors where ``attention_mask`` is 1, L2-normalised.
+
+    A leaf of the traced model (float in the fake-quant model); integer inference computes it as
+    :class:`IntMaskedMeanNormalize`."""
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=-1)
+
+
+class IntMaskedMeanNormalize(nn.Module):
+    """:class:`MaskedMeanNormalize` on integer codes of one per-tensor grid.
+
+    ``mean = round(2^P sum(v * keep) / count)`` over tokens (count >= 1), then ``out = floor(2^F mean /
+    isqrt(sum(mean^2)))`` (0 for an all-zero row, as ``F.normalize``): codes at scale ``2^-F``.
+    """
+
+    def __init__(self, pool_bits: int = POOL_FRACTION_BITS, out_bits: int = NORMALIZE_FRACTION_BITS) -> None:
+        super().__init__()
+        self.pool_bits, self.out_bits = pool_bits, out_bits
+
+    def forward(self, v: Tensor, attention_mask: Tensor) -> Tensor:
+        keep = (attention_mask != 0).to(torch.int64)
+        total = (v.to(torch.int64) * keep.unsqueeze(-1)).sum(1) * 2**self.pool_bits
+        n = keep.sum(1, keepdim=True).clamp_min(1)
+        mean = torch.div(total + n // 2, n, rounding_mode="floor")
+        norm = isqrt(check_overflow((mean * mean).sum(-1, keepdim=True), "pooled norm", INT64_SAFE)).clamp_min(1)
+        return torch.div(mean * 2**self.out_bits, norm, rounding_mode="floor")
+
+    def to_onnx(self, g: Any, args: list[str], name: str) -> str:
+        v, mask = args
+        zero, one = g.const(f"{name}_zero", 0, torch.int64), g.const(f"{name}_one", 1, torch.int64)
+        keep = g.cast(g.op("Not", [g.op("Equal", [g.cast(mask, torch.int64, f"{name}_m64"), zero], f"{name}_eq")],
+                           f"{name}_ne"), torch.int64, f"{name}_keep")
+        kept = g.op("Mul", [v, g.op("Unsqueeze", [keep, g.const(f"{name}_ax", [-1], torch.int64)], f"{name}_k3")],
+                    f"{name}_kept")
+        tokens = g.const(f"{name}_tok", [1], torch.int64)
+        total = g.op("Mul", [g.op("ReduceSum", [kept, tokens], f"{name}_sum", keepdims=0),
+                             g.const(f"{name}_pool", 1 << self.pool_bits, torch.int64)], f"{name}_total")
+        n = g.op("Max", [g.op("ReduceSum", [keep, tokens], f"{name}_count", keepdims=1), one], f"{name}_n")
+        half = g.op("Div", [n, g.const(f"{name}_two", 2, torch.int64)], f"{name}_half")
+        mean = g.floor_div(g.op("Add", [total, half], f"{name}_biased"), n, f"{name}_mean")
+        ss = g.op("ReduceSum", [g.op("Mul", [mean, mean], f"{name}_sq"), g.const(f"{name}_last", [-1], torch.int64)],
+                  f"{name}_ss", keepdims=1)
+        norm = g.op("Max", [onnx_isqrt(g, ss, f"{name}_sqrt"), one], f"{name}_norm")
+        top = g.op("Mul", [mean, g.const(f"{name}_frac", 1 << self.out_bits, torch.int64)], f"{name}_top")
+        return g.floor_div(top, norm, f"{name}_out")
+
+
+IBERT_MODULES: tuple[type[nn.Module], ...] = (StaticGrid, QuantGELU, QuantSoftmax, QuantLayerNorm, QuantTanh)
+# leaves of a traced whole BERT (TraceableBert): they mark no quantization, so not in IBERT_MODULES
+BERT_LEAVES: tuple[type[nn.Module], ...] = (PaddingMask, PositionIds, MaskedMeanNormalize)
 
 
 # --- Hugging Face BertLayer, made fx-traceable ---------------------------------------------------
@@ -469,3 +765,65 @@ def additive_attention_mask(padding_mask: Tensor, dtype: torch.dtype = torch.flo
                         f"{tuple(padding_mask.shape)}")
     keep = padding_mask[:, None, None, :].to(dtype)
     return (1.0 - keep) * torch.finfo(dtype).min
+
+
+# --- a whole Hugging Face BERT, made fx-traceable ------------------------------------------------
+class TraceableBert(nn.Module):
+    """A Hugging Face BERT classifier or sentence encoder as one fx-traceable module (same math, same names).
+
+    ``BertForSequenceClassification`` (``kind="classifier"``: embeddings, encoder, pooler
+    ``tanh(dense(h[:, 0]))``, classifier logits) or :class:`hawq.models.bert.SentenceEncoder`
+    around a ``BertModel`` (``kind="encoder"``: embeddings, encoder, masked mean pooling and L2
+    normalisation). The HF submodules are shared under their qualified names
+    (``bert.embeddings.word_embeddings``, ``bert.encoder.layer.0.attention.self.query``,
+    ``bert.pooler.dense``, ``classifier``), so bit maps and state dicts carry over; each encoder
+    layer is a :class:`TraceableBertLayer` with the padding mask. ``forward(input_ids,
+    attention_mask, token_type_ids)`` returns a tensor (the logits or the embedding).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        bert = getattr(model, "bert", None)
+        if bert is None or not all(hasattr(bert, a) for a in ("embeddings", "encoder")):
+            raise HawqError(f"TraceableBert: expected a BertForSequenceClassification or a SentenceEncoder "
+                            f"around a BertModel, got {type(model).__name__}")
+        emb = bert.embeddings
+        if getattr(emb, "position_embedding_type", "absolute") != "absolute":
+            raise HawqError("TraceableBert: only absolute position embeddings are supported")
+        self.kind = "classifier" if hasattr(model, "classifier") else "encoder"
+        self.bert = nn.Module()
+        self.bert.embeddings = emb
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.ModuleList(TraceableBertLayer(layer, masked=True) for layer in bert.encoder.layer)
+        if self.kind == "classifier":
+            if getattr(bert, "pooler", None) is None:
+                raise HawqError("TraceableBert: the classifier's BertModel has no pooler")
+            problem = getattr(model.config, "problem_type", None)
+            if problem not in (None, "single_label_classification"):
+                raise HawqError(f"TraceableBert: problem_type '{problem}' is not supported")
+            self.bert.pooler = bert.pooler
+            self.dropout, self.classifier = model.dropout, model.classifier
+        self.padding_mask, self.position_ids = PaddingMask(), PositionIds()
+        if self.kind == "encoder":
+            self.pooling = MaskedMeanNormalize()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> Tensor:
+        emb = self.bert.embeddings
+        hidden = emb.word_embeddings(input_ids) + emb.token_type_embeddings(token_type_ids)
+        hidden = hidden + emb.position_embeddings(self.position_ids(input_ids))
+        hidden = emb.dropout(emb.LayerNorm(hidden))
+        mask = self.padding_mask(attention_mask)
+        for layer in self.bert.encoder.layer:
+            hidden = layer(hidden, mask)
+        if self.kind == "encoder":
+            return self.pooling(hidden, attention_mask)
+        pooler = self.bert.pooler
+        pooled = pooler.activation(pooler.dense(hidden[:, 0]))
+        return self.classifier(self.dropout(pooled))
+
+
+def is_hf_bert(model: nn.Module) -> bool:
+    """A model :class:`TraceableBert` rewrites: a transformers BERT classifier or a SentenceEncoder around one."""
+    bert = getattr(model, "bert", None)
+    return (bert is not None and type(bert).__name__ == "BertModel"
+            and (type(model).__name__ == "BertForSequenceClassification" or type(model).__name__ == "SentenceEncoder"))

@@ -25,7 +25,10 @@ scales to one per-tensor grid.
 
 With ``QuantConfig.transformer == "ibert"``, transformer operators run in integer too (I-BERT
 kernels of :mod:`hawq.quant.ibert`): i-GELU, i-softmax, i-LayerNorm (integer Newton sqrt), matmuls of two
-requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops.
+requantized activations, constant rescales (``/ sqrt(d)``), mean over tokens and shape ops; for a whole
+BERT (``TraceableBert``) also embedding lookups (:class:`IntEmbedding`), the padding mask as keep
+flags, first-token selection, the pooler's i-tanh and masked mean pooling with L2 normalisation.
+Linear layers with per-group weight scales are :class:`IntGroupLinear` (one accumulator per group).
 Their input grids are static, calibrated on ``example_input`` (see :func:`to_integer`).
 
 With ``float_ops=True``, operators without an integer rule (GELU, softmax, LayerNorm, attention
@@ -74,23 +77,29 @@ from hawq.quant.ibert import (
     GeluConstants,
     IntGELU,
     IntLayerNorm,
+    IntMaskedMeanNormalize,
     IntMatmul,
     IntMean,
+    IntPaddingKeep,
     IntScale,
     IntSoftmax,
+    IntTanh,
     LayerNormConstants,
     MaskInput,
+    PositionIds,
     QuantGELU,
     QuantLayerNorm,
     QuantSoftmax,
     StaticGrid,
+    TanhConstants,
 )
 from hawq.quant.model import infer_quant_config
-from hawq.quant.modules import QuantAct, QuantConv2d
+from hawq.quant.modules import QuantAct, QuantConv2d, QuantLinear
 from hawq.quant.ops import QUANT_LAYERS, handles
 from hawq.quant.quantizers import INT32_MAX, check_overflow
 
 FRACTION_BITS = 16  # extra precision kept by BN and residual adds on integer tensors
+EMBEDDING_BITS = 28  # an integer embedding's grid: 2^28 steps over its table's largest value
 BACKENDS = ("reference", "int_mm")
 
 
@@ -335,6 +344,54 @@ class IntLinear(_InputRequant):
     def onnx_accumulate(self, g: OnnxBuilder, x: str, name: str) -> tuple[str, tuple[int, ...]]:
         w = g.const(f"{name}_weight_codes_t", self.weight_codes.t(), torch.int8)
         return g.op("MatMulInteger", [x, w], f"{name}_acc"), (-1,)
+
+
+class IntGroupLinear(_InputRequant):
+    """Integer linear layer with per-group weight scales (Q-BERT style ``group_size``), over the last dim.
+
+    Each group of ``in / groups`` inputs gives its own int32 accumulator ``acc_g`` (codes x codes); each
+    is rescaled (dyadic ``mult[g, o] / 2^shift[g, o]``) from its scale ``s_in * s_w[o, g]`` to the output
+    feature's grid and the groups are summed, plus the int32 bias on that grid.
+    """
+
+    def __init__(self, codes: Tensor, bias: Tensor | None, src_scale: Tensor | None, act: QuantAct, name: str,
+                 mult: Tensor, shift: Tensor, in_rank: int) -> None:
+        super().__init__()
+        self.layer_name = name
+        self._setup_input(src_scale, float(act.scale), act.qmin, act.qmax)
+        self.groups, self.in_rank = int(mult.shape[0]), in_rank
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("bias_int", bias)
+        self.register_buffer("mult", mult)  # (groups, out)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.input_codes(x).unflatten(-1, (self.groups, -1)).to(torch.float64)
+        w = self.weight_codes.to(torch.float64).unflatten(1, (self.groups, -1))
+        acc = check_overflow(torch.einsum("...gi,ogi->...go", q, w).to(torch.int64), f"linear '{self.layer_name}'")
+        out = rescale(acc, self.mult, self.shift).sum(-2)
+        return out if self.bias_int is None else out + self.bias_int.to(torch.int64)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x = self.onnx_input_codes(g, args[0], name)
+        codes = self.weight_codes
+        if codes.dtype != torch.int8:
+            raise HawqError(f"export_onnx_integer: layer '{name}' has weight codes wider than 8 bits")
+        r, out_features = self.in_rank, codes.shape[0]
+        parts = g.op("Reshape", [x, g.const(f"{name}_split", [0] * (r - 1) + [self.groups, -1], torch.int64)],
+                     f"{name}_parts")
+        # groups first: (groups, ..., group_size) x (groups, 1.., group_size, out) -> (groups, ..., out)
+        front = g.op("Transpose", [parts], f"{name}_front", perm=[r - 1, *range(r - 1), r])
+        w = codes.unflatten(1, (self.groups, -1)).permute(1, 2, 0).reshape(self.groups, *[1] * (r - 2), -1,
+                                                                            out_features)
+        acc = g.cast(g.op("MatMulInteger", [front, g.const(f"{name}_weight_codes", w, torch.int8)], f"{name}_acc"),
+                     torch.int64, f"{name}_acc64")
+        lead = (self.groups, *[1] * (r - 1), out_features)
+        scaled = g.rescale(acc, self.mult.reshape(lead), self.shift.reshape(lead), f"{name}_group")
+        out = g.op("ReduceSum", [scaled, g.const(f"{name}_axes", [0], torch.int64)], f"{name}_sum", keepdims=0)
+        if self.bias_int is not None:
+            out = g.op("Add", [out, g.const(f"{name}_bias_int", self.bias_int, torch.int64)], f"{name}_out")
+        return out
 
 
 class IntChannelAffine(nn.Module):
@@ -667,6 +724,11 @@ class IntRequant(nn.Module):
     def forward(self, v: Tensor) -> Tensor:
         return rescale(v, self.mult, self.shift).clamp(self.qmin, self.qmax)
 
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        q = g.rescale(args[0], self.mult, self.shift, f"{name}_rescale")
+        return g.op("Clip", [q, g.const(f"{name}_qmin", self.qmin, torch.int64),
+                             g.const(f"{name}_qmax", self.qmax, torch.int64)], f"{name}_out")
+
 
 class QuantizeInput(nn.Module):
     """The float model input -> codes on a calibrated grid (an input quantization, like a layer entry)."""
@@ -680,6 +742,112 @@ class QuantizeInput(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.round(x.to(torch.float64) / self.act_scale).clamp(self.qmin, self.qmax).to(torch.int64)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x = g.cast(args[0], torch.float64, f"{name}_f64")
+        q = g.op("Round", [g.op("Div", [x, g.const(f"{name}_scale", self.act_scale, torch.float64)], f"{name}_div")],
+                 f"{name}_round")
+        q = g.op("Clip", [q, g.const(f"{name}_qmin", self.qmin, torch.float64),
+                          g.const(f"{name}_qmax", self.qmax, torch.float64)], f"{name}_clip")
+        return g.cast(q, torch.int64, f"{name}_out")
+
+
+class IntEmbedding(nn.Module):
+    """Integer embedding lookup: the code table's rows, each row's (or group's) scale rescaled to one grid.
+
+    ``codes``: ``(rows, dim)`` integer codes; ``mult`` / ``shift``: ``(rows, groups)`` dyadic factors from
+    each row's (group's) weight scale to the output grid. Out: ``round(code * m / 2^c)`` per entry.
+    """
+
+    def __init__(self, codes: Tensor, mult: Tensor, shift: Tensor, index_rank: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("mult", mult)
+        self.register_buffer("shift", shift)
+        self.groups, self.index_rank = int(mult.shape[1]), index_rank
+
+    def forward(self, ids: Tensor) -> Tensor:
+        c = self.codes[ids].to(torch.int64)
+        parts = c.unflatten(-1, (self.groups, -1))
+        out = rescale(parts, self.mult[ids].unsqueeze(-1), self.shift[ids].unsqueeze(-1))
+        return out.flatten(-2)
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        ids, keep = args[0], [0] * self.index_rank
+        c = self.shift.to(torch.int64)
+        half = torch.where(c > 0, torch.ones_like(c) << (c - 1).clamp(min=0), torch.zeros_like(c))
+
+        def rows(base: str, table: Tensor, dtype: torch.dtype) -> str:
+            return g.op("Gather", [g.const(f"{name}_{base}", table, dtype), ids], f"{name}_{base}_rows", axis=0)
+
+        codes = g.cast(rows("codes", self.codes, torch.int8 if self.codes.dtype == torch.int8 else torch.int16),
+                       torch.int64, f"{name}_codes64")
+        split = g.const(f"{name}_split", [*keep, self.groups, -1], torch.int64)
+        parts = g.op("Reshape", [codes, split], f"{name}_parts")
+        ax = g.const(f"{name}_ax", [-1], torch.int64)
+        m, h, d = (g.op("Unsqueeze", [rows(base, t, torch.int64), ax], f"{name}_{base}_col")
+                   for base, t in (("mult", self.mult), ("half", half), ("div", torch.ones_like(c) << c)))
+        biased = g.op("Add", [g.op("Mul", [parts, m], f"{name}_prod"), h], f"{name}_biased")
+        out = g.floor_div(biased, d, f"{name}_rescaled")
+        return g.op("Reshape", [out, g.const(f"{name}_join", [*keep, -1], torch.int64)], f"{name}_out")
+
+
+class IntSelect(nn.Module):
+    """``v[index]`` with integers and full slices before the last dim (e.g. BERT's first token ``h[:, 0]``)."""
+
+    def __init__(self, index: tuple[int | slice, ...]) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, v: Tensor) -> Tensor:
+        return v[self.index]
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x, axis = args[0], 0
+        for k, item in enumerate(self.index):
+            if isinstance(item, int):  # Gather with a scalar index drops the axis
+                x = g.op("Gather", [x, g.const(f"{name}_idx_{k}", item, torch.int64)], f"{name}_take_{k}", axis=axis)
+            else:
+                axis += 1
+        return x
+
+
+class IntShape(nn.Module):
+    """A tensor method that only moves entries (transpose, permute, unflatten, flatten, view, reshape,
+    contiguous) on integer values; ``rank``: the input's number of dims (for the ONNX lowering)."""
+
+    def __init__(self, method: str, args: tuple, rank: int) -> None:
+        super().__init__()
+        self.method, self.args, self.rank = method, args, rank
+
+    def forward(self, v: Tensor) -> Tensor:
+        return getattr(v, self.method)(*self.args)
+
+    def _dims(self) -> list[int]:
+        a, r = self.args, self.rank
+        if self.method == "transpose":
+            perm = list(range(r))
+            i, j = a[0] % r, a[1] % r
+            perm[i], perm[j] = perm[j], perm[i]
+            return perm
+        dims = list(a[0]) if len(a) == 1 and isinstance(a[0], (list, tuple)) else list(a)
+        return [d % r for d in dims]
+
+    def to_onnx(self, g: OnnxBuilder, args: list[str], name: str) -> str:
+        x, a, r = args[0], self.args, self.rank
+        if self.method == "contiguous":
+            return g.op("Identity", [x], f"{name}_out")
+        if self.method in ("transpose", "permute"):
+            return g.op("Transpose", [x], f"{name}_out", perm=self._dims())
+        if self.method == "unflatten" and a and a[0] % r == r - 1:  # the last dim split: leading dims copied
+            shape = [0] * (r - 1) + list(a[1])
+        elif self.method == "flatten" and (a[1] if len(a) > 1 else -1) % r == r - 1:
+            shape = [0] * (a[0] % r if a else 0) + [-1]
+        elif self.method in ("view", "reshape") and all(isinstance(d, int) for d in a):
+            shape = list(a[0]) if len(a) == 1 and isinstance(a[0], (list, tuple)) else list(a)
+        else:
+            raise HawqError(f"export_onnx_integer: no ONNX rule for '{self.method}{a}' on a {r}-d tensor")
+        return g.op("Reshape", [x, g.const(f"{name}_shape", shape, torch.int64)], f"{name}_out")
 
 
 class InputTransform(nn.Module):
@@ -755,7 +923,7 @@ class _Meta:
 
     def __init__(self, scale: Tensor | None, spatial_one: bool = False, bound: Tensor | None = None,
                  grid: tuple[int, int] | None = None, fixed: bool = False, input_side: bool = False,
-                 size: bool = False) -> None:
+                 size: bool = False, keep: bool = False) -> None:
         self.scale = scale  # None: the float model input
         self.spatial_one = spatial_one
         self.bound = bound  # a static bound on |v| (same broadcast shape as scale): proves no overflow
@@ -763,6 +931,7 @@ class _Meta:
         self.fixed = fixed  # the grid is the fake-quant model's (a StaticGrid / QuantSoftmax): keep it as is
         self.input_side = input_side  # a float value computed from the model inputs only (before quantization)
         self.size = size  # a tensor's size or an entry of it (x.shape, x.shape[0], x.shape[-2:])
+        self.keep = keep  # int64 attention keep flags (1 = attend), from a padding mask
 
 
 def _layer_codes(layer: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -935,7 +1104,9 @@ class _Converter(GraphRewriter):
         consts = ExpConstants()
         exp_grid = IntRequant(meta.scale, torch.tensor(consts.scale, dtype=torch.float64), -EXP_CLAMP, EXP_CLAMP)
         args: tuple[fx.Node, ...] = (self.emit(f"requant_{name}", exp_grid, (v,)),)
-        if mask is not None:
+        if mask is not None and self.info[mask].keep:
+            args += (self.env[mask],)
+        elif mask is not None:
             args += (self.emit(f"keep_{name}", MaskInput(), (self.env[mask],)),)
         out_max = 2 ** (self.attention_bits if out_bits is None else out_bits) - 1
         self._emit(node, name, IntSoftmax(consts, out_max), args,
@@ -952,7 +1123,7 @@ class _Converter(GraphRewriter):
         bound = float(ma.bound) * float(mb.bound) * shape[-1]
         if bound > INT32_MAX:
             raise HawqError(f"to_integer: the int32 accumulator of matmul '{node.name}' can overflow")
-        self._emit(node, node.name, IntMatmul(node.name), (va, vb),
+        self._emit(node, node.name, IntMatmul(node.name, (ma.grid, mb.grid)), (va, vb),
                    _Meta(ma.scale * mb.scale, bound=torch.tensor(bound, dtype=torch.float64)))
 
     def _scale_const(self, node: fx.Node, divide: bool) -> bool:
@@ -994,7 +1165,11 @@ class _Converter(GraphRewriter):
             return False  # per-channel conv features: the exact flatten rule applies
         if meta.scale.dim():
             v, meta = self._grid(first, self.attention_bits, 1.0)
-        out = self.graph.create_node(node.op, node.target, (v, *node.args[1:]), dict(node.kwargs), node.name)
+        shape = self._shape(first)
+        if node.kwargs or node.op != "call_method" or shape is None:
+            out = self.graph.create_node(node.op, node.target, (v, *node.args[1:]), dict(node.kwargs), node.name)
+        else:  # a module, so that the integer ONNX export lowers it
+            out = self.emit(node.name, IntShape(node.target, tuple(node.args[1:]), len(shape)), (v,))
         self.bind(node, out, meta)
         return True
 
@@ -1093,6 +1268,8 @@ class _Converter(GraphRewriter):
     def on_quant_layer(self, node: fx.Node, name: str, mod: nn.Module) -> None:
         v, meta = self.value(node, node.args[0])
         act = check_input_quant(mod, name, _WHAT, REFERENCE_ACT_MAX_BITS)
+        if isinstance(mod, QuantLinear) and mod.group_size is not None:
+            return self._group_linear(node, name, mod, v, meta, act)
         codes, w_scale, bias = _layer_codes(self.source_modules.get(name, mod), name)
         acc_scale = float(act.scale) * w_scale.to(torch.float64)  # compact: () or (out,)
         bias_int = _bias_codes(bias, acc_scale, name)
@@ -1107,6 +1284,38 @@ class _Converter(GraphRewriter):
         else:  # Linear: the per-output-feature scale broadcasts along the last dim
             module = IntLinear(codes, bias_int, meta.scale, act, name)
             self._emit(node, name, module, (v,), _Meta(acc_scale, bound=bound))
+
+    def _group_linear(self, node: fx.Node, name: str, mod: nn.Module, v: fx.Node, meta: _Meta, act: QuantAct) -> None:
+        """A per-group QuantLinear (:class:`IntGroupLinear`): per-output-feature grid ``s_in * max_g s_w / 2^k``,
+        ``k`` as large as keeps the sum of the rescaled group accumulators and the bias below 2^30."""
+        layer = self.source_modules.get(name, mod)
+        if layer.weight_bits > 8:
+            raise HawqError(f"to_integer: layer '{name}' has {layer.weight_bits}-bit weights; at most 8 supported")
+        shape = self._shape(node.args[0])
+        if shape is None:
+            raise HawqError(f"to_integer: grouped layer '{name}' needs shapes; pass example_input to to_integer")
+        codes, w_scale = layer.int_weight()
+        codes, w_scale = codes.cpu(), w_scale.detach().cpu().to(torch.float64)  # (out, in), (out, groups)
+        groups = w_scale.shape[-1]
+        w_scale = w_scale.reshape(codes.shape[0], groups)
+        top = w_scale.amax(1)
+        ratio = w_scale / top[:, None]  # <= 1
+        in_max = max(-act.qmin, act.qmax)
+        bound_g = codes.to(torch.float64).abs().unflatten(1, (groups, -1)).sum(-1) * in_max  # (out, groups)
+        bias = layer.bias.detach().cpu().to(torch.float64) if layer.bias is not None else None
+        base = float(act.scale) * top
+        rest = (bound_g * ratio).sum(1) + groups + (0 if bias is None else (bias / base).abs())
+        room = 2.0**30 / (rest + 1)
+        if bool((room < 1).any()):
+            raise HawqError(f"to_integer: the int32 accumulator of '{name}' can overflow")
+        k = torch.floor(torch.log2(room)).clamp(0, FRACTION_BITS)
+        out_scale = base / 2.0**k
+        m, c = dyadic((ratio * 2.0**k[:, None]).clamp_min(2.0**-60))
+        bias_int = _bias_codes(bias, out_scale, name)
+        module = IntGroupLinear(codes, bias_int, meta.scale, act, name, m.t().contiguous(), c.t().contiguous(),
+                                len(shape))
+        bound = (bound_g * ratio * 2.0**k[:, None] + 1).sum(1) + (0 if bias_int is None else bias_int.abs())
+        self._emit(node, name, module, (v,), _Meta(out_scale, bound=bound.to(torch.float64)))
 
     def _batchnorm(self, node: fx.Node, name: str, bn: nn.BatchNorm2d, v: fx.Node, meta: _Meta) -> None:
         # torchvision's FrozenBatchNorm2d always uses its (running) statistics and is always affine
@@ -1465,6 +1674,88 @@ class _Converter(GraphRewriter):
         self._emit(node, node.target if mod is not None else node.name, IntUpsampleNearest(fixed, factors), args,
                    _Meta(meta.scale, bound=meta.bound))
 
+    # --- a whole BERT (hawq.quant.ibert.TraceableBert) ------------------------------------------
+    @handles("select", "integer")
+    def _rule_select(self, node: fx.Node, mod: nn.Module | None) -> None:
+        x, index = node.args if len(node.args) == 2 else (None, None)
+        if not (self.ibert and isinstance(x, fx.Node) and self.info[x].scale is not None and not node.kwargs):
+            return self._float_op(node)
+        index = index if isinstance(index, tuple) else (index,)
+        shape = self._shape(x)
+        full = slice(None)
+        if (shape is None or len(index) >= len(shape) or not index
+                or not all(i == full or (isinstance(i, int) and not isinstance(i, bool)) for i in index)):
+            return self._float_op(node, why=": integer indexing takes integers and full slices before the last dim")
+        meta = self.info[x]
+        self._emit(node, node.name, IntSelect(index), (self.env[x],),
+                   _Meta(meta.scale, bound=meta.bound, grid=meta.grid, fixed=meta.fixed))
+
+    @handles("embedding", "integer")
+    def _rule_embedding(self, node: fx.Node, mod: nn.Module | None) -> None:
+        ids = node.args[0] if len(node.args) == 1 else None
+        if not self.ibert or node.kwargs or not isinstance(ids, fx.Node) or self.info[ids].scale is not None:
+            return self._float_op(node, mod)
+        if mod.max_norm is not None:
+            raise self.unsupported(node, ": integer embeddings need max_norm=None", module=mod)
+        shape = self._shape(ids)
+        if shape is None:
+            raise HawqError(f"to_integer: embedding '{node.target}' needs shapes; pass example_input to to_integer")
+        layer = self.source_modules.get(node.target, mod)
+        codes, scale = layer.int_weight()  # the model's own codes, as the fake-quant forward rounds them
+        rows = codes.shape[0]
+        scale = scale.detach().cpu().to(torch.float64)
+        per_group = scale.reshape(rows, -1) if scale.dim() else scale.expand(rows).reshape(rows, 1)
+        groups = per_group.shape[1]
+        mags = codes.cpu().to(torch.float64).abs().unflatten(-1, (groups, -1)).amax(-1) * per_group
+        # One output grid 2^28 steps over the table's largest value (three such embeddings add up below
+        # 2^30): its rounding is ~1e-4 of a step of the LayerNorm's 16-bit input grid, so the integer
+        # sum lands on the fake-quant model's code except at near-exact ties.
+        real_max = max(float(mags.max()), 1e-12)
+        out_scale = torch.tensor(real_max / 2.0**EMBEDDING_BITS, dtype=torch.float64)
+        # an all-zero row (a padding index) may carry any scale: its codes are 0 whatever the factor
+        ratio = torch.where(mags > 0, per_group / out_scale, torch.ones_like(per_group))
+        m, c = dyadic(ratio)
+        module = IntEmbedding(codes.cpu(), m, c, len(shape))
+        self._emit(node, node.target, module, (self.env[ids],),
+                   _Meta(out_scale, bound=torch.tensor(2.0**EMBEDDING_BITS + 1, dtype=torch.float64)))
+
+    @handles("positions", "integer")
+    def _rule_positions(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or node.kwargs or self.info[node.args[0]].scale is not None:
+            raise self.unsupported(node, ": expected the model's input_ids", module=mod)
+        self._emit(node, node.target, PositionIds(), (self.env[node.args[0]],), _Meta(None))
+
+    @handles("padding_mask", "integer")
+    def _rule_padding_mask(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if not self.ibert or len(node.args) != 1 or node.kwargs or self.info[node.args[0]].scale is not None:
+            return self._float_op(node, mod)
+        self._emit(node, node.target, IntPaddingKeep(), (self.env[node.args[0]],), _Meta(None, keep=True))
+
+    @handles("tanh", "integer")
+    def _rule_tanh(self, node: fx.Node, mod: nn.Module | None) -> None:
+        if len(node.args) != 1 or node.kwargs or not self._ibert_ok(node):
+            return self._float_op(node, mod)
+        name = node.target if mod is not None else node.name
+        v, meta = self._operand(node.args[0])
+        consts = TanhConstants()
+        exp_grid = IntRequant(meta.scale, torch.tensor(consts.exp.scale, dtype=torch.float64), -EXP_CLAMP, EXP_CLAMP)
+        q = self.emit(f"requant_{name}", exp_grid, (v,))
+        self._emit(node, name, IntTanh(consts), (q,),
+                   _Meta(torch.tensor(1.0 / consts.out_max, dtype=torch.float64),
+                         bound=torch.tensor(float(consts.out_max), dtype=torch.float64)))
+
+    @handles("pooling", "integer")
+    def _rule_pooling(self, node: fx.Node, mod: nn.Module | None) -> None:
+        hidden, mask = node.args if len(node.args) == 2 else (None, None)
+        if (not self.ibert or node.kwargs or not isinstance(hidden, fx.Node) or self.info[hidden].scale is None
+                or not isinstance(mask, fx.Node) or self.info[mask].scale is not None):
+            return self._float_op(node, mod)
+        v, _ = self._grid(hidden, INNER_BITS, INNER_MARGIN)  # one per-tensor grid: the norm sums every feature
+        module = IntMaskedMeanNormalize()
+        self._emit(node, node.target, module, (v, self.env[mask]),
+                   _Meta(torch.tensor(2.0**-module.out_bits, dtype=torch.float64),
+                         bound=torch.tensor(2.0**module.out_bits + 1, dtype=torch.float64)))
+
 
 class _RangeObserver(fx.Interpreter):
     """Runs the traced float64 fake-quant graph once and records max |value| of every tensor node."""
@@ -1554,4 +1845,4 @@ def set_integer_backend(model: nn.Module, backend: str) -> nn.Module:
 
 def integer_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The integer conv/linear modules of a converted model, keyed by their original layer names."""
-    return {m.layer_name: m for m in model.modules() if isinstance(m, (IntConv2d, IntLinear))}
+    return {m.layer_name: m for m in model.modules() if isinstance(m, (IntConv2d, IntLinear, IntGroupLinear))}

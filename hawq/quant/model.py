@@ -17,14 +17,19 @@ from hawq import HawqError
 from hawq.bitmap import BitMap, LayerBits, as_bitmap
 from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.ibert import (
+    BERT_LEAVES,
     IBERT_MODULES,
     INNER_BITS,
     INNER_MARGIN,
     SHAPE_METHODS,
+    PaddingMask,
     QuantGELU,
     QuantLayerNorm,
     QuantSoftmax,
+    QuantTanh,
     StaticGrid,
+    TraceableBert,
+    is_hf_bert,
 )
 from hawq.quant.modules import (
     QUANT_MODULES,
@@ -48,7 +53,8 @@ class QuantTracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (*QUANT_MODULES, QuantAct, FoldedBatchNorm2d, FrozenBatchNorm2d, *IBERT_MODULES)):
+        if isinstance(m, (*QUANT_MODULES, QuantAct, FoldedBatchNorm2d, FrozenBatchNorm2d, *IBERT_MODULES,
+                          *BERT_LEAVES)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -189,6 +195,8 @@ def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None) -
     cfg = cfg or QuantConfig(transformer="ibert")
     check_quant_config(cfg)
     attention_bits = cfg.attention_bits
+    if is_hf_bert(model):  # transformers' BertModel does not trace; the same math and names that do
+        model = TraceableBert(model).train(model.training)
     gm = trace(model, "quantize_transformer_ops")
     graph = gm.graph
     params = list(model.parameters())
@@ -224,6 +232,8 @@ def quantize_transformer_ops(model: nn.Module, cfg: QuantConfig | None = None) -
             softmaxes.add(_fold_attention_mask(graph, node))
         elif isinstance(mod, QuantSoftmax):
             softmaxes.add(node)
+        elif isinstance(mod, nn.Tanh):
+            _set_submodule(gm, node.target, QuantTanh())
         elif _is_call(node, (F.gelu,), ("gelu",)):
             if node.kwargs.get("approximate", "none") != "none" or len(node.args) != 1:
                 raise HawqError(f"quantize_transformer_ops: GELU '{node.name}' must be the exact (erf) form")
@@ -290,16 +300,23 @@ def _fold_attention_mask(graph: fx.Graph, node: fx.Node) -> fx.Node:
             and not arg.kwargs and len(arg.users) == 1):
         return node
     a, b = arg.args
+    modules = dict(graph.owning_module.named_modules()) if graph.owning_module is not None else {}
+
+    def is_mask(n: Any) -> bool:  # a model input, or a TraceableBert's PaddingMask of one
+        return isinstance(n, fx.Node) and (n.op == "placeholder" or (
+            n.op == "call_module" and isinstance(modules.get(n.target), PaddingMask)))
+
     for scores, mask in ((a, b), (b, a)):
-        if isinstance(mask, fx.Node) and mask.op == "placeholder" and isinstance(scores, fx.Node):
+        if is_mask(mask) and isinstance(scores, fx.Node):
             node.args = (scores, mask)
             graph.erase_node(arg)
             break
     return node
 
 
-def _ibert_softmaxes(model: nn.Module) -> list[QuantSoftmax]:
-    return [m for m in model.modules() if isinstance(m, QuantSoftmax)]
+def _ibert_softmaxes(model: nn.Module) -> list[QuantSoftmax | QuantTanh]:
+    """The fixed-grid I-BERT kernels (softmax, tanh): their modes follow the activation quantizers'."""
+    return [m for m in model.modules() if isinstance(m, (QuantSoftmax, QuantTanh))]
 
 
 def infer_quant_config(model: nn.Module) -> QuantConfig:

@@ -28,8 +28,16 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from hawq import HawqError
-from hawq.quant.ibert import SHAPE_METHODS, QuantGELU, QuantSoftmax
-from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantConv2d, QuantLinear
+from hawq.quant.ibert import (
+    SHAPE_METHODS,
+    MaskedMeanNormalize,
+    PaddingMask,
+    PositionIds,
+    QuantGELU,
+    QuantSoftmax,
+    QuantTanh,
+)
+from hawq.quant.modules import FoldedBatchNorm2d, QuantAct, QuantConv2d, QuantEmbedding, QuantLinear
 
 TARGETS = ("integer", "torch_int8")
 ANY_TARGET = "*"
@@ -137,6 +145,18 @@ RULES: tuple[OpRule, ...] = (
            functions=(torch.mean,), methods=("mean",)),
     OpRule("shape", "transpose / permute / view / reshape / contiguous / unflatten: entries move, grid kept",
            functions=(torch.transpose, torch.permute, torch.reshape), methods=SHAPE_METHODS),
+    OpRule("select", "x[:, i] (integers and full slices, last dim kept): entries picked, grid kept",
+           functions=(operator.getitem,)),
+    OpRule("embedding", "QuantEmbedding: lookup of the integer code table, each row's (group's) scale rescaled"
+           " (dyadic) to one grid", modules=(QuantEmbedding,)),
+    OpRule("positions", "BERT position ids (0 .. seq-1 per row): index arithmetic",
+           modules=(PositionIds,)),
+    OpRule("padding_mask", "a 1/0 attention mask made additive for the softmax: integer keep flags",
+           modules=(PaddingMask,)),
+    OpRule("tanh", "tanh (the BERT pooler): i-tanh from I-BERT's i-exp",
+           modules=(QuantTanh, nn.Tanh), functions=(torch.tanh,), methods=("tanh",)),
+    OpRule("pooling", "masked mean over tokens and L2 normalisation (sentence embeddings): integer sums,"
+           " rounded division, Newton square root", modules=(MaskedMeanNormalize,)),
 )
 RULES_BY_OP: dict[str, OpRule] = {r.op: r for r in RULES}
 
