@@ -472,3 +472,91 @@ def test_batched_probes_and_config_kwargs() -> None:
     got = hessian_traces(model, ce_loss, batches, progress=False, **cfg.hutchinson_kwargs())
     assert got == hessian_traces(model, ce_loss, batches, tol=0.3, max_probes=16, min_probes=4, seed=3,
                                  progress=False)
+
+
+# ---------------------------------------------------------------------- embedding rows, batched probes
+class TinyText(nn.Module):
+    """Embedding -> LayerNorm -> Linear -> GELU -> mean over tokens -> Linear: nothing piecewise linear."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb, self.norm = nn.Embedding(20, 4), nn.LayerNorm(4)
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.tied = tied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc(self.norm(self.emb(ids))))
+        out = self.head(h.mean(1))
+        if self.tied:  # the table used a second time, as a projection (every row then matters)
+            out = out + self.norm(self.emb(ids)).mean(1) @ self.emb.weight[:3].T
+        return out
+
+
+def text_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(2, 13, (5, 3), generator=g), torch.randint(0, 3, (5,), generator=g)
+
+
+def test_embedding_probes_cover_only_the_looked_up_rows_and_stay_unbiased() -> None:
+    from hawq.sensitivity.hvp import HessianOperator, embedding_rows
+    from hawq.sensitivity.traces import rademacher_rows
+
+    model, batch = TinyText().double(), text_batch()
+    layers = ["emb", "fc", "head"]
+    weights = [dict(model.named_modules())[n].weight for n in layers]
+    loss = ce_loss(model, batch)
+    rows = embedding_rows(loss.grad_fn, weights)
+    assert list(rows) == [0] and torch.equal(rows[0], batch[0].unique())
+    tied = TinyText(tied=True).double()
+    assert embedding_rows(ce_loss(tied, batch).grad_fn, [tied.emb.weight]) == {}  # a second use: whole table
+
+    # same probe on the looked-up rows -> the same sample, whatever the rest of the table holds
+    with HessianOperator(model, ce_loss, [batch], ["emb"], [model.emb.weight]) as op:
+        v = rademacher_rows(model.emb.weight, rows[0], 7)
+        full = v.clone()
+        off = torch.ones(20, dtype=torch.bool)
+        off[rows[0]] = False
+        full[off] = rademacher_like([model.emb.weight], 8)[0][off]
+        got = op.block_quadratic_forms({0: (lambda j: [v, full][j], 2)})[0]
+        assert torch.equal(op.rows[0], rows[0])
+    assert abs(float(got[0] - got[1])) <= 1e-12 * abs(float(got[1]))
+
+    exact = block_traces(exact_hessian(model, [batch], [f"{n}.weight" for n in layers]), model,
+                         [f"{n}.weight" for n in layers])
+    traces = hessian_traces(model, ce_loss, [batch], tol=0.0, min_probes=200, max_probes=200, progress=False,
+                            variance_reduction="none")
+    for name, ex in zip(layers, exact):
+        t = traces[name]
+        assert t.n == 200 and 0 < t.std_err and abs(t.mean - ex) <= 4 * t.std_err, (name, t, ex)
+
+
+def test_control_variate_samples_reuse_known_samples_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, c = torch.randn(12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+    whole = control_variate_samples(q, c, 0.3)
+    assert torch.equal(control_variate_samples(q, c, 0.3, known=control_variate_samples(q[:7], c[:7], 0.3)), whole)
+
+
+def test_probes_batched_across_layers_give_the_unbatched_samples() -> None:
+    """scripts/sensitivity_nonpwl_estimators.py's candidate: every layer's probes in one vmapped double
+    backward; the samples equal the per-layer double backward's and average to the dense block traces."""
+    from conftest import load_script
+
+    nonpwl = load_script("sensitivity_nonpwl_estimators")
+    model, batch = TinyText().double(), text_batch()
+    layers = ["emb", "norm", "fc", "head"]
+    weights = [dict(model.named_modules())[n].weight for n in layers]
+    grads = torch.autograd.grad(ce_loss(model, batch), weights, create_graph=True)
+    probes = {i: torch.stack([rademacher_like([w], 100 * i + j)[0] for j in range(64)]) for i, w in enumerate(weights)}
+    ref = nonpwl.block_forms_unbatched(grads, weights, probes)
+    got = nonpwl.block_forms_batched(grads, weights, probes)
+    fwd = nonpwl.block_forms_fwd_rev(model, (batch[0],), lambda out: F.cross_entropy(out, batch[1]), layers, probes,
+                                     weights)
+    exact = block_traces(exact_hessian(model, [batch], [f"{n}.weight" for n in layers]), model,
+                         [f"{n}.weight" for n in layers])
+    for i, ex in enumerate(exact):
+        assert torch.allclose(got[i], ref[i], rtol=1e-10, atol=1e-12) and torch.allclose(fwd[i], ref[i], rtol=1e-8,
+                                                                                          atol=1e-10)
+        se = float(got[i].std() / 8)
+        assert se > 0 and abs(float(got[i].mean()) - ex) <= 4 * se, (layers[i], float(got[i].mean()), se, ex)

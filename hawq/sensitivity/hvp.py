@@ -173,6 +173,37 @@ def _module_of_ops(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, s
     return owner
 
 
+def embedding_rows(root: Any, weights: Sequence[Tensor]) -> dict[int, Tensor]:
+    """``{weight index: sorted rows}`` for every weight the graph of ``root`` uses only through embedding
+    lookups (``EmbeddingBackward0``) that touch fewer rows than the table has.
+
+    The loss depends on such a table only through the rows it looks up, so its Hessian block is zero
+    outside them: a probe needs entries there only (a 30522-row vocabulary, a batch of ~100 distinct
+    tokens). Any other use of the weight (a tied output projection, a view) keeps the whole table.
+    """
+    index = {id(w): i for i, w in enumerate(weights)}
+    uses: dict[int, list[Any]] = {}
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for nxt, _ in node.next_functions:
+            var = getattr(nxt, "variable", None)  # an AccumulateGrad node: a leaf
+            if var is not None and id(var) in index:
+                uses.setdefault(index[id(var)], []).append(node)
+            stack.append(nxt)
+    out = {}
+    for i, nodes in uses.items():
+        if all(type(n).__name__ == "EmbeddingBackward0" and not getattr(n, "_saved_sparse", True)
+               and isinstance(getattr(n, "_saved_indices", None), Tensor) for n in nodes):
+            rows = torch.cat([n._saved_indices.reshape(-1) for n in nodes]).unique()
+            if rows.numel() < weights[i].shape[0]:
+                out[i] = rows.to(weights[i].device)
+    return out
+
+
 class _AutogradBatch:
     """The gradient graph of one batch; HVPs by double backward on it."""
 
@@ -197,6 +228,8 @@ class _AutogradBatch:
                 for h in handles:
                     h.remove()
         op.check_grads(grads, index)
+        if op.rows is None:  # the first graph of a one-batch, one-process run: fixed for the whole run
+            op.rows = embedding_rows(loss.grad_fn, op.weights) if op.graph_is_kept and not op.distributed else {}
         if check:
             op.needs_double_backward_check = False
         if bad:
@@ -376,6 +409,10 @@ class HessianOperator:
             [w.detach().clone() for w in weights] if self.method == "finite_difference" else [])
         self._buffers: list[tuple[Tensor, Tensor]] = []
         self.last_hvps: dict[int, list[Tensor]] = {}  # per layer: chunks [k, *weight.shape] of products
+        # embedding tables looked up by the one batch: {layer: rows}, the only rows their Hessian blocks
+        # touch (see embedding_rows); None until the first graph is built, {} with several batches or ranks
+        # (each would see other rows)
+        self.rows: dict[int, Tensor] | None = None
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> HessianOperator:
@@ -530,7 +567,11 @@ class HessianOperator:
                         hv = session.hvp_block_many(i, vs)
                     # the product in the weights' dtype (exact for +-1 probes), summed in float64: no
                     # float64 copies of both operands (2M-entry embedding tables)
-                    forms = (vs * hv).reshape(k, -1).sum(1, dtype=torch.float64)
+                    rows = (self.rows or {}).get(i)
+                    if rows is None:
+                        forms = (vs * hv).reshape(k, -1).sum(1, dtype=torch.float64)
+                    else:  # the probe is zero off these rows: skip the rest of a large table
+                        forms = (vs[:, rows] * hv[:, rows]).reshape(k, -1).sum(1, dtype=torch.float64)
                     if i in self.gn_control and isinstance(session, _AutogradBatch):
                         forms = forms - session.gauss_newton_forms(i, vs)
                     out.append(forms)

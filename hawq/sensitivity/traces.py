@@ -77,6 +77,20 @@ def rademacher_like(weights: Sequence[Tensor], seed: int) -> list[Tensor]:
     return out
 
 
+def rademacher_rows(weight: Tensor, rows: Tensor, seed: int) -> Tensor:
+    """A probe shaped like ``weight``: +-1 on ``rows`` (a pure function of ``seed`` and the rows), 0 elsewhere.
+
+    For an embedding table whose Hessian block is zero off the rows the batch looks up
+    (:func:`hawq.sensitivity.hvp.embedding_rows`) it gives every sample ``v . H v`` the distribution of a
+    full Rademacher probe's, without drawing the rest of the table (2M entries for BERT's vocabulary)."""
+    gen = torch.Generator(device=weight.device).manual_seed(seed)
+    signs = torch.randint(0, 2, (rows.numel(), *weight.shape[1:]), generator=gen, device=weight.device,
+                          dtype=torch.int8)
+    out = torch.zeros_like(weight)
+    out[rows] = signs.to(weight.dtype).mul_(2).sub_(1)
+    return out
+
+
 def _stopping_targets(means: Tensor, tol: float, known_max: float = 0.0) -> Tensor:
     # relative tolerance per layer, with an absolute floor so near-zero traces cannot stall the loop;
     # known_max: the largest |trace| of layers computed exactly (the floor is relative to all layers)
@@ -306,16 +320,21 @@ class NystromSketch:
         return torch.tensor(out, dtype=torch.float64)
 
 
-def control_variate_samples(q: Tensor, c: Tensor, trace: float, warmup: int = 3) -> Tensor:
+def control_variate_samples(q: Tensor, c: Tensor, trace: float, warmup: int = 3,
+                            known: Tensor | None = None) -> Tensor:
     """``q_j - beta_j (c_j - trace)`` with ``beta_j`` the least-squares slope of ``q`` on ``c`` over the
     samples *before* ``j`` (clipped to [0, 1]; 1 for the first ``warmup``).
 
     ``beta_j`` depends only on earlier probes, so every sample has conditional mean ``tr(H)`` (the
     samples are martingale increments): the mean stays unbiased and ``std / sqrt(n)`` estimates its
     standard error, while a poor sketch drives ``beta`` to 0 (plain Hutchinson) instead of adding variance.
+    ``known``: this function's output for the first probes of ``q``; those samples are reused (the same
+    numbers: a sample depends on earlier probes only), so a growing run pays for its new probes only.
     """
     out = torch.empty_like(q)
-    for j in range(q.shape[0]):
+    start = 0 if known is None else known.shape[0]
+    out[:start] = known if known is not None else out[:0]
+    for j in range(start, q.shape[0]):
         beta = 1.0
         if j >= warmup:
             dq, dc = q[:j] - q[:j].mean(), c[:j] - c[:j].mean()
@@ -333,7 +352,8 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
                max_probes: int, min_probes: int, seed: int, progress: bool,
                variance_reduction: str = "none", known_max: float = 0.0,
                offsets: dict[int, tuple[float, float, int]] | None = None) -> tuple[list[Tensor], list[int]]:
-    """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j).
+    """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j) (and, for an
+    embedding table of a one-batch run, on the rows the batch looks up: the probe is zero elsewhere).
 
     With ``variance_reduction="nystrom"`` a plain layer keeps the products of its probes (at most
     ``3 * min_probes``); once the plain probes still predicted to be needed outnumber ``min_probes``
@@ -367,11 +387,17 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     total = len(weights) * max_probes
     bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
 
+    def draw(i: int, key: int) -> Tensor:
+        # an embedding table looked up by the batch: only its looked-up rows (op.rows is set when the
+        # first graph is built, before any probe is drawn, and stays fixed)
+        rows = (op.rows or {}).get(i)
+        return rademacher_like([weights[i]], key)[0] if rows is None else rademacher_rows(weights[i], rows, key)
+
     def plain_probe(j: int, i: int, start: int) -> Tensor:
-        return rademacher_like([weights[i]], probe_seed(seed, names[i], start + j))[0]
+        return draw(i, probe_seed(seed, names[i], start + j))
 
     def cv_probe(j: int, i: int, start: int) -> Tensor:
-        return rademacher_like([weights[i]], probe_seed(seed, names[i], "nystrom", start + j))[0]
+        return draw(i, probe_seed(seed, names[i], "nystrom", start + j))
 
     while chunks:
         requests = {}
@@ -388,7 +414,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
                 probe, sk = requests[i][0], sketches[i]
                 c = torch.tensor([sk.quadratic(probe(j)) for j in range(q.shape[0])], dtype=torch.float64)
                 cv_q[i], cv_c[i] = torch.cat([cv_q[i], q]), torch.cat([cv_c[i], c])
-                samples[i] = control_variate_samples(cv_q[i], cv_c[i], sk.trace)
+                samples[i] = control_variate_samples(cv_q[i], cv_c[i], sk.trace, known=samples[i])
             else:
                 samples[i] = torch.cat([samples[i], q])
         bar.update(sum(chunks.values()))
