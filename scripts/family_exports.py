@@ -82,7 +82,10 @@ def _retinanet(work: Path) -> list[str]:
         make_fake_coco(root, n_train=4, n_val=2, size=64)
     return ["model.name=retinanet_resnet50_fpn", "model.kwargs={min_size: 64, max_size: 64}", "data.name=coco",
             f"data.root={root}", "train.distill.enabled=false", "sensitivity.batch_size=2", "data.batch_size=2",
-            "train.batch_size=2", "model.pretrain_epochs=1", "model.pretrain_lr=0.001"]
+            "train.batch_size=2", "model.pretrain_epochs=1", "model.pretrain_lr=0.001",
+            # as configs/retinanet.yaml: the label-free head-output loss (exact / sampled output-space
+            # traces for all layers at once) instead of per-layer Hutchinson on focal + L1
+            "sensitivity.label_free=true"]
 
 
 def _bert(work: Path) -> list[str]:
