@@ -592,6 +592,8 @@ def plot_ptq(all_cells: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     models = list(all_cells)
     summaries = {m: summarize(all_cells[m])["rows"] for m in models}
     roundings = [r for r in ROUNDINGS if any(g[2] == r and g[3] == "ptq" for rows in summaries.values() for g in rows)]
+    if not roundings:  # a file of finetuned cells only (``--phases ft``): its tables say it all
+        return
     fig, axes = plt.subplots(len(roundings), len(models), figsize=(6.5 * len(models), 4.0 * len(roundings)),
                              squeeze=False)
     for ri, rounding in enumerate(roundings):

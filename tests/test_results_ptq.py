@@ -124,3 +124,17 @@ def test_partial_spearman_removes_a_shared_trend():
     assert results_ptq.spearman(x, y) > 0.85
     assert abs(results_ptq.partial_spearman(x, y, z)) < 0.2
     assert results_ptq.partial_spearman(x, x + 0.01 * y, z) > 0.9  # a direct link survives
+
+
+def test_report_of_finetuned_cells_only(tmp_path):
+    # ``--phases ft`` into its own file (MiniLM's finetuned cells): tables, and no empty PTQ plot
+    out = tmp_path / "out"
+    out.mkdir()
+    cell = {"bits": {"a": 4}, "size_mb": 1.0, "budget_mb": 1.0, "before": 0.9, "seconds": 1.0}
+    lines = [{"settings_digest": "x", "settings": {}}, {"key": "fp32", "metric": 1.0},
+             {"key": "seed0/b4/uniform/nearest/ft", **cell, "metric": 0.95},
+             {"key": "seed0/b4/hessian/nearest/ft", **cell, "metric": 0.97}]
+    (out / "minilm.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    md = results_ptq.write_report(out, tmp_path / "docs")
+    assert "**minilm, rounding nearest, after the short finetune**" in md and "**0.9700 (n=1)**" in md
+    assert not (tmp_path / "docs" / "results_ptq.png").exists()
