@@ -189,15 +189,20 @@ def test_family_exports_resnet18_row_passes_both_verdicts(tmp_path, capsys):
     assert e.value.code == 2 and "is a file" in capsys.readouterr().err
 
 
-def test_integer_inception_script_small(monkeypatch, capsys):
-    script = load_script("integer_inception")
+def _run_main_keeping_threads(monkeypatch, capsys, script, argv: list[str]) -> str:
+    """``script.main()`` with ``argv`` (the scripts set the thread count; restore it) -> its stdout."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "75", "--classes", "10"])
+    monkeypatch.setattr("sys.argv", [f"{script.__name__}.py", *argv])
     try:
         script.main()
     finally:
         torch.set_num_threads(threads)
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_integer_inception_script_small(monkeypatch, capsys):
+    script = load_script("integer_inception")
+    out = _run_main_keeping_threads(monkeypatch, capsys, script, ["--size", "75", "--classes", "10"])
     assert "model_int.onnx pass (bit-identical" in out and "9 Pad" in out, out
     monkeypatch.setattr("sys.argv", ["integer_inception.py", "--size", "32"])
     with pytest.raises(SystemExit) as e:
@@ -207,14 +212,8 @@ def test_integer_inception_script_small(monkeypatch, capsys):
 
 def test_integer_retinanet_script_small(monkeypatch, capsys):
     script = load_script("integer_retinanet")
-    threads = torch.get_num_threads()
-    monkeypatch.setattr("sys.argv", ["integer_retinanet.py", "--size", "64", "--classes", "3",
-                                     "--check-sizes", "96x64"])
-    try:
-        script.main()
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
+    out = _run_main_keeping_threads(monkeypatch, capsys, script,
+                                    ["--size", "64", "--classes", "3", "--check-sizes", "96x64"])
     assert "model_int.onnx pass (bit-identical" in out and "2 Resize" in out, out
     assert "same file at 96x64: pass (bit-identical" in out, out
     monkeypatch.setattr("sys.argv", ["integer_retinanet.py", "--check-sizes", "9x9"])

@@ -477,6 +477,13 @@ class StaticGrid(QuantAct):
         return super().extra_repr() + f", margin={self.margin:g}"
 
 
+def _checked_mode(owner: str, mode: str) -> str:
+    """``mode`` if it is one of ``ACT_MODES`` (the modes of QuantAct), else a HawqError naming ``owner``."""
+    if mode not in ACT_MODES:
+        raise HawqError(f"{owner}: mode must be one of {', '.join(ACT_MODES)}, got '{mode}'")
+    return mode
+
+
 class QuantGELU(nn.Module):
     """GELU as integer-only inference computes it: 16-bit input grid, i-GELU on the codes, dequantized.
 
@@ -517,9 +524,7 @@ class QuantSoftmax(nn.Module):
         self.mode = "frozen"
 
     def set_mode(self, mode: str) -> None:
-        if mode not in ACT_MODES:
-            raise HawqError(f"QuantSoftmax: mode must be one of {', '.join(ACT_MODES)}, got '{mode}'")
-        self.mode = mode
+        self.mode = _checked_mode("QuantSoftmax", mode)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``softmax(x + mask)``; ``mask``: an additive attention mask (0 or <= ``MASK_MAX``: masked)."""
@@ -583,9 +588,7 @@ class QuantTanh(nn.Module):
         self.mode = "frozen"
 
     def set_mode(self, mode: str) -> None:
-        if mode not in ACT_MODES:
-            raise HawqError(f"QuantTanh: mode must be one of {', '.join(ACT_MODES)}, got '{mode}'")
-        self.mode = mode
+        self.mode = _checked_mode("QuantTanh", mode)
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.tanh(x)
