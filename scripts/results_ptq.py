@@ -560,21 +560,25 @@ def tables(model: str, cells: Mapping[str, Any], digits: int) -> str:
     return "\n".join(lines)
 
 
-def compact_table(model: str, cells: Mapping[str, Any], digits: int) -> str:
-    """One row per method, one column per (budget, rounding) measured: mean ± std over seeds, best in bold."""
+def compact_table(model: str, cells: Mapping[str, Any], digits: int, phase: str = "ptq") -> str | None:
+    """One row per method, one column per (budget, rounding) measured in ``phase`` (``ptq``: no finetuning,
+    ``ft``: after the short finetune): mean ± std over seeds, best in bold; None when it has no cells."""
     summary = summarize(cells)
     rows = summary["rows"]
-    cols = sorted({(g[0], g[2]) for g in rows if g[3] == "ptq"}, key=lambda c: (float(c[0]), ROUNDINGS.index(c[1])))
+    cols = sorted({(g[0], g[2]) for g in rows if g[3] == phase}, key=lambda c: (float(c[0]), ROUNDINGS.index(c[1])))
+    if not cols:
+        return None
     head = " | ".join(f"{b}-bit size, {r}" for b, r in cols)
-    lines = [f"| {model} | {head} |", "|---|" + "---|" * len(cols)]
+    title = model if phase == "ptq" else f"{model}, after the short finetune"
+    lines = [f"| {title} | {head} |", "|---|" + "---|" * len(cols)]
     for m in METHODS:
         vals = []
         for b, r in cols:
-            g = (b, m, r, "ptq")
+            g = (b, m, r, phase)
             if g not in rows:
                 vals.append("n/a" if g in summary["missing"] else "not measured")
                 continue
-            col = [rows[(b, o, r, "ptq")]["mean"] for o in METHODS if (b, o, r, "ptq") in rows]
+            col = [rows[(b, o, r, phase)]["mean"] for o in METHODS if (b, o, r, phase) in rows]
             st = rows[g]
             text = f"{st['mean']:.{digits}f}" + (f" ± {st['std']:.{digits}f}" if st["n"] > 1 else " (n=1)")
             vals.append(f"**{text}**" if len(col) > 1 and st["mean"] == max(col) else text)
@@ -696,7 +700,8 @@ def write_report(out_dir: Path, docs_dir: Path | None) -> str:
         parts.append("")
     md = "\n".join(parts)
     (out_dir / "results_ptq.md").write_text(md)
-    compact = [compact_table(m, c, 2 if m == "fashion" else 4) for m, c in all_cells.items()]
+    compact = [t for m, c in all_cells.items() for ph in ("ptq", "ft")
+               if (t := compact_table(m, c, 2 if m == "fashion" else 4, ph)) is not None]
     (out_dir / "results_ptq_compact.md").write_text("\n\n".join(compact) + "\n")
     target = docs_dir or out_dir
     target.mkdir(parents=True, exist_ok=True)

@@ -138,3 +138,7 @@ def test_report_of_finetuned_cells_only(tmp_path):
     md = results_ptq.write_report(out, tmp_path / "docs")
     assert "**minilm, rounding nearest, after the short finetune**" in md and "**0.9700 (n=1)**" in md
     assert not (tmp_path / "docs" / "results_ptq.png").exists()
+    # the compact table is the finetuned one (was a header with empty rows)
+    compact = (out / "results_ptq_compact.md").read_text()
+    assert compact.startswith("| minilm, after the short finetune | 4-bit size, nearest |"), compact
+    assert "| hessian | **0.9700 (n=1)** |" in compact and "| uniform | 0.9500 (n=1) |" in compact, compact
