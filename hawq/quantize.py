@@ -41,6 +41,9 @@ def _quiet_transformers() -> None:
         sys.modules["transformers"].utils.logging.set_verbosity_error()
 
 
+_SILENT_RANK_EXIT_DELAY_S = 10.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or (D.is_distributed() and not D.is_relayed(e)):
             tag = f" (rank {rank})" if rank else ""
             print(f"hawq: error{tag}: {e}", file=sys.stderr)
+        else:
+            # torchrun stops every worker as soon as one exits non-zero: a silent rank that left
+            # first could kill rank 0 before it printed; rank 0's exit ends this wait early
+            import time
+
+            time.sleep(_SILENT_RANK_EXIT_DELAY_S)
         return 2
     except KeyboardInterrupt:
         if rank == 0:

@@ -151,6 +151,24 @@ def test_bad_input_under_torchrun_fails_once_without_hanging(tiny_data, tmp_path
         assert not (tmp_path / "tiny").exists()
 
 
+def test_a_silent_rank_waits_so_rank0_prints_the_error(tiny_data, tmp_path, monkeypatch, capsys):
+    # torchrun stops all workers when the first exits non-zero: rank 1, which does not print a
+    # config error, must not be that first one (CI once lost rank 0's only line to this race)
+    import hawq.quantize as Q
+
+    waits: list[float] = []
+    monkeypatch.setattr("time.sleep", waits.append)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv(tiny_data, tmp_path, "search.budget.size_mbb=1")) == 2
+    assert "hawq: error" not in capsys.readouterr().err
+    assert waits == [Q._SILENT_RANK_EXIT_DELAY_S] and waits[0] >= 5
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv(tiny_data, tmp_path, "search.budget.size_mbb=1")) == 2
+    assert "unknown config key 'search.budget.size_mbb'" in capsys.readouterr().err
+    assert len(waits) == 1 and not (tmp_path / "tiny").exists()
+
+
 # ------------------------------------------------------------------ the failure-relay helpers
 def _helpers_worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
