@@ -134,6 +134,36 @@ def test_per_sample_norms_match_per_sample_gradients(chunk: int, monkeypatch) ->
         check_per_sample_norms(module, x, grad_out)
 
 
+def test_input_cache_reuses_each_layers_input_side_across_backward_passes(monkeypatch) -> None:
+    """Every output direction reuses a layer's unfolded input (or its Gram matrix): computed once per
+    chunk, the norms unchanged, and nothing kept past the budget."""
+    import hawq.sensitivity.gauss_newton as gn
+
+    made = []
+    real = gn._input_side
+    monkeypatch.setattr(gn, "_input_side", lambda *a: made.append(1) or real(*a))
+    monkeypatch.setattr(gn, "_CHUNK_ELEMENTS", 1000)  # several chunks per layer
+    torch.manual_seed(6)
+    for module, x in ((nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double(), torch.randn(5, 4, 9, 9)),
+                      (nn.Conv2d(8, 16, 3, padding=1).double(), torch.randn(5, 8, 3, 3)),  # Gram side
+                      (nn.Linear(5, 4).double(), torch.randn(5, 5)),  # one position
+                      (nn.Linear(5, 4).double(), torch.randn(5, 6, 5))):
+        x = x.double()
+        out = module(x)
+        cache = gn.InputCache(1 << 20)
+        for _ in range(3):
+            grad_out = torch.randn_like(out)
+            want = per_sample_sq_norms(module, x, grad_out)
+            assert per_sample_sq_norms(module, x, grad_out, cache=cache, key="l").tolist() == want.tolist()
+        chunks = len(cache.store)
+        made.clear()
+        per_sample_sq_norms(module, x, torch.randn_like(out), cache=cache, key="l")
+        assert chunks >= 1 and not made, type(module).__name__  # every chunk came from the cache
+        full = gn.InputCache(0)
+        per_sample_sq_norms(module, x, torch.randn_like(out), cache=full, key="l")
+        assert not full.store and full.left == 0
+
+
 def check_per_sample_norms(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
     """per_sample_sq_norms against one autograd weight gradient per sample."""
     want = []

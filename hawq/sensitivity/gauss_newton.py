@@ -89,6 +89,7 @@ ROUNDING_ULPS = 64  # a sampled estimate's floor on its standard error, in units
 DIRECTION_RTOL = 1e-6  # output directions whose eigenvalues are all below this (relative) carry nothing
 USED_TWICE = "weight is used more than once"
 _CHUNK_ELEMENTS = 1 << 25  # cap on intermediate tensors of the per-sample norms (128 MiB in float32)
+_INPUT_CACHE_ELEMENTS = 1 << 26  # the layers' input sides kept across one batch's backward passes (256 MiB in float32)
 
 
 def certify_piecewise_linear(outputs: Tensor, weights: Sequence[Tensor], check_ops: bool = True) -> list[str | None]:
@@ -229,10 +230,13 @@ def output_hessian(outputs: Tensor, loss_of_outputs: Any, seed: int = 0) -> tupl
     return (hess + hess.transpose(1, 2)) / 2, residual_free
 
 
-def per_sample_sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tensor:
+def per_sample_sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, cache: InputCache | None = None,
+                        key: str = "") -> Tensor:
     """``||dL_i / dW||^2`` for each sample ``i`` of a Conv2d/Linear/Embedding layer, from its input ``x`` and the
     gradient of its output (float64, shape ``(B,)``). Samples are taken in chunks that keep the
-    unfolded input and the per-sample products below ``_CHUNK_ELEMENTS`` each."""
+    unfolded input and the per-sample products below ``_CHUNK_ELEMENTS`` each. With a ``cache``, the
+    input side of each chunk (the unfolded input, or its Gram matrix of positions) is kept under
+    ``(key, chunk)`` for the next backward pass over the same inputs."""
     b = x.shape[0]
     if isinstance(module, nn.Embedding):
         step = max(1, _CHUNK_ELEMENTS // max(1, x[0].numel() ** 2))
@@ -248,8 +252,34 @@ def per_sample_sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor) -> Tenso
     direct = positions == 1 or kg * cg <= positions * (kg + cg)
     per_sample = max(positions * k, groups * (kg * cg if direct else positions * positions))
     step = max(1, _CHUNK_ELEMENTS // per_sample)
-    return torch.cat([_sq_norms(module, x[s:s + step], grad_out[s:s + step], groups, direct)
-                      for s in range(0, b, step)])
+    out = []
+    for s in range(0, b, step):
+        def input_side(s: int = s) -> Tensor:
+            return _input_side(module, x[s:s + step], groups, direct)
+
+        xs = cache.get((key, s), input_side) if cache is not None else input_side()
+        out.append(_sq_norms(module, xs, grad_out[s:s + step], groups, direct))
+    return torch.cat(out)
+
+
+class InputCache:
+    """The input side of the per-sample norms (:func:`_input_side`) of one batch's layers, kept across the
+    backward passes over that batch: every output direction and probe reuses the same layer inputs, and
+    unfolding a convolution's input costs more than the rest of a pass. Entries stop being kept once
+    ``budget`` elements are held (later ones are recomputed each time)."""
+
+    def __init__(self, budget: int) -> None:
+        self.left = budget
+        self.store: dict[Any, Tensor] = {}
+
+    def get(self, key: Any, make: Any) -> Tensor:
+        got = self.store.get(key)
+        if got is None:
+            got = make()
+            if got.numel() <= self.left:
+                self.store[key] = got
+                self.left -= got.numel()
+        return got
 
 
 def _embedding_sq_norms(module: nn.Embedding, idx: Tensor, grad_out: Tensor) -> Tensor:
@@ -268,27 +298,54 @@ def _embedding_sq_norms(module: nn.Embedding, idx: Tensor, grad_out: Tensor) -> 
 def _positions(module: nn.Module, x: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
     """A Conv2d/Linear's inputs and output gradients position by position: ``(B, positions, K)`` (unfolded
     for a conv) and ``(B, positions, C)``; sample i's weight gradient is ``gs_i^T xs_i``."""
+    return _input_positions(module, x), _grad_positions(module, grad_out)
+
+
+def _input_positions(module: nn.Module, x: Tensor) -> Tensor:
     b = x.shape[0]
     if isinstance(module, nn.Linear):
-        return x.reshape(b, -1, x.shape[-1]), grad_out.reshape(b, -1, grad_out.shape[-1])
+        return x.reshape(b, -1, x.shape[-1])
     pad = 0 if module.padding == "valid" else module.padding
-    xs = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
-    return xs.transpose(1, 2), grad_out.reshape(b, grad_out.shape[1], -1).transpose(1, 2)
+    return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride).transpose(1, 2)
 
 
-def _sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, groups: int, direct: bool) -> Tensor:
-    b = x.shape[0]
-    xs, gs = _positions(module, x, grad_out)
-    t, k, c = xs.shape[1], xs.shape[2], gs.shape[2]
-    if groups > 1:  # (B * groups, positions, K / groups): group g's weights see group g's channels only
-        xs = xs.reshape(b, t, groups, k // groups).permute(0, 2, 1, 3).reshape(b * groups, t, k // groups)
-        gs = gs.reshape(b, t, groups, c // groups).permute(0, 2, 1, 3).reshape(b * groups, t, c // groups)
-    if t == 1:
-        out = xs.double().square().sum((1, 2)) * gs.double().square().sum((1, 2))
+def _grad_positions(module: nn.Module, grad_out: Tensor) -> Tensor:
+    b = grad_out.shape[0]
+    if isinstance(module, nn.Linear):
+        return grad_out.reshape(b, -1, grad_out.shape[-1])
+    return grad_out.reshape(b, grad_out.shape[1], -1).transpose(1, 2)
+
+
+def _by_group(t: Tensor, groups: int) -> Tensor:
+    """``(B, positions, F)`` -> ``(B * groups, positions, F / groups)``: group g's weights see its channels only."""
+    if groups == 1:
+        return t
+    b, n, f = t.shape
+    return t.reshape(b, n, groups, f // groups).permute(0, 2, 1, 3).reshape(b * groups, n, f // groups)
+
+
+def _input_side(module: nn.Module, x: Tensor, groups: int, direct: bool) -> Tensor:
+    """What the per-sample norms need of a layer's input, the same for every output gradient: per sample
+    ``||x_i||^2`` (one position), the positions ``(B * groups, T, K / groups)`` (``direct``), or their
+    Gram matrices ``(B * groups, T, T)`` in float64."""
+    xs = _by_group(_input_positions(module, x), groups)
+    if xs.shape[1] == 1:
+        return xs.double().square().sum((1, 2))
+    if direct:
+        return xs
+    return torch.bmm(xs, xs.transpose(1, 2)).double()
+
+
+def _sq_norms(module: nn.Module, xs: Tensor, grad_out: Tensor, groups: int, direct: bool) -> Tensor:
+    """Per-sample squared weight-gradient norms from the input side (:func:`_input_side`) and the output gradient."""
+    b = grad_out.shape[0]
+    gs = _by_group(_grad_positions(module, grad_out), groups)
+    if gs.shape[1] == 1:
+        out = xs * gs.double().square().sum((1, 2))
     elif direct:
         out = torch.bmm(gs.transpose(1, 2), xs).double().square().sum((1, 2))
     else:
-        out = (torch.bmm(xs, xs.transpose(1, 2)).double() * torch.bmm(gs, gs.transpose(1, 2)).double()).sum((1, 2))
+        out = (xs * torch.bmm(gs, gs.transpose(1, 2)).double()).sum((1, 2))
     return out.reshape(b, groups).sum(1) if groups > 1 else out
 
 
@@ -749,6 +806,7 @@ class _Prepared:
         self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
         self.exact_m, self.choice = 0, {}
         self.shared: set[str] = set()  # layers whose input is broadcast over the batch (see _gather)
+        self.inputs = InputCache(_INPUT_CACHE_ELEMENTS)  # per layer: what every backward pass reuses of its input
         self.bi, self.rank = bi, dist.get_rank() if _distributed() else 0
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
 
@@ -912,7 +970,7 @@ class _Prepared:
         out = {}
         for n, calls in by_layer.items():
             if len(self.seen[n]) == 1:
-                out[n] = per_sample_sq_norms(self.modules[n], *calls[0])
+                out[n] = per_sample_sq_norms(self.modules[n], *calls[0], cache=self.inputs, key=n)
             else:
                 out[n] = summed_calls_sq_norms(self.modules[n], calls)
         return out
