@@ -422,6 +422,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
                        "gn": {k: [t.mean, t.std_err, t.estimator] for k, t in gn.items()},
                        "sampled": {k: [t.mean, t.std_err, t.n, t.estimator] for k, t in sampled.items()},
                        "cv": {k: [t.mean, t.std_err] for k, t in cv.items()}}, f)
+        dist.barrier()  # neither rank tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 

@@ -50,6 +50,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, run_dir: str, out: str) -
         mean = D.all_reduce_mean(torch.tensor([float(rank)]))
         save_file({**{k: v.contiguous() for k, v in model.state_dict().items()}, "rank_mean": mean,
                    "loss": torch.tensor([row["loss"] for row in history])}, f"{out}.rank{rank}")
+        dist.barrier()  # neither rank tears down its connections while the other still uses them
     finally:
         dist.destroy_process_group()
 

@@ -107,8 +107,11 @@ def all_gather_object(obj: object) -> list:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group (call once at the end of a torchrun program); no-op otherwise."""
+    """Destroy the process group (call once, on success, at the end of a torchrun program); no-op otherwise.
+    The barrier first: a rank that tore down its gloo connections while a peer still used them could
+    abort that peer ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
