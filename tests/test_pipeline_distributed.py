@@ -200,9 +200,10 @@ def _helpers_worker(rank: int, world: int, init_file: str, out: str) -> None:
         D.broadcast_module(module)
         seen["running_mean"] = str(module.running_mean.tolist())
         seen["shard"] = str(D.shard(list(range(5))))
-        dist.barrier()  # neither rank tears down its connections while the other still uses them
+        D.shutdown_distributed()  # barrier, then teardown, as a torchrun program ends on success
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # after a failure: no barrier, the peer may never reach it
+            dist.destroy_process_group()
     Path(f"{out}.{rank}").write_text(json.dumps(seen))
 
 

@@ -401,6 +401,8 @@ def test_no_fallback_warning_for_plain_models() -> None:
 def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from hawq.train import distributed as D
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -422,9 +424,10 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
                        "gn": {k: [t.mean, t.std_err, t.estimator] for k, t in gn.items()},
                        "sampled": {k: [t.mean, t.std_err, t.n, t.estimator] for k, t in sampled.items()},
                        "cv": {k: [t.mean, t.std_err] for k, t in cv.items()}}, f)
-        dist.barrier()  # neither rank tears down its connections while the other still uses them
+        D.shutdown_distributed()  # barrier, then teardown, as a torchrun program ends on success
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # after a failure: no barrier, the peer may never reach it
+            dist.destroy_process_group()
 
 
 def test_distributed_equals_single_process(tmp_path) -> None:

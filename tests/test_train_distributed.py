@@ -50,9 +50,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, run_dir: str, out: str) -
         mean = D.all_reduce_mean(torch.tensor([float(rank)]))
         save_file({**{k: v.contiguous() for k, v in model.state_dict().items()}, "rank_mean": mean,
                    "loss": torch.tensor([row["loss"] for row in history])}, f"{out}.rank{rank}")
-        dist.barrier()  # neither rank tears down its connections while the other still uses them
+        D.shutdown_distributed()  # barrier, then teardown, as a torchrun program ends on success
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # after a failure: no barrier, the peer may never reach it
+            dist.destroy_process_group()
 
 
 def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(tmp_path):

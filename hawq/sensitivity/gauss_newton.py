@@ -257,8 +257,8 @@ def per_sample_sq_norms(module: nn.Module, x: Tensor, grad_out: Tensor, cache: I
         def input_side(s: int = s) -> Tensor:
             return _input_side(module, x[s:s + step], groups, direct)
 
-        xs = cache.get((key, s), input_side) if cache is not None else input_side()
-        out.append(_sq_norms(module, xs, grad_out[s:s + step], groups, direct))
+        side = cache.get((key, s), input_side) if cache is not None else input_side()
+        out.append(_sq_norms(module, side, grad_out[s:s + step], groups, direct))
     return torch.cat(out)
 
 
@@ -336,16 +336,16 @@ def _input_side(module: nn.Module, x: Tensor, groups: int, direct: bool) -> Tens
     return torch.bmm(xs, xs.transpose(1, 2)).double()
 
 
-def _sq_norms(module: nn.Module, xs: Tensor, grad_out: Tensor, groups: int, direct: bool) -> Tensor:
+def _sq_norms(module: nn.Module, side: Tensor, grad_out: Tensor, groups: int, direct: bool) -> Tensor:
     """Per-sample squared weight-gradient norms from the input side (:func:`_input_side`) and the output gradient."""
     b = grad_out.shape[0]
     gs = _by_group(_grad_positions(module, grad_out), groups)
-    if gs.shape[1] == 1:
-        out = xs * gs.double().square().sum((1, 2))
-    elif direct:
-        out = torch.bmm(gs.transpose(1, 2), xs).double().square().sum((1, 2))
-    else:
-        out = (xs * torch.bmm(gs, gs.transpose(1, 2)).double()).sum((1, 2))
+    if gs.shape[1] == 1:  # side: ||x_i||^2
+        out = side * gs.double().square().sum((1, 2))
+    elif direct:  # side: the positions x_i
+        out = torch.bmm(gs.transpose(1, 2), side).double().square().sum((1, 2))
+    else:  # side: the Gram matrices x_i x_i^T
+        out = (side * torch.bmm(gs, gs.transpose(1, 2)).double()).sum((1, 2))
     return out.reshape(b, groups).sum(1) if groups > 1 else out
 
 
