@@ -208,6 +208,10 @@ def markdown_report(report: dict[str, Any]) -> str:
             parts.append(f"- Hutchinson: tol {sens.get('tol')}, at most {sens.get('max_probes')} probes per layer "
                          f"({sens.get('hvps', '?')} Hessian-vector products in all, variance reduction "
                          f"{sens.get('variance_reduction', 'none')})")
+            per_sample = sens.get("per_sample_layers") or []
+            if per_sample:
+                parts.append(f"- independent probes per sample (the samples are independent in the loss): "
+                             f"{len(per_sample)} layer(s)")
         if sens.get("top_eigenvalues"):
             parts.append(f"- top Hessian eigenvalues: {', '.join(_fmt(v, 4) for v in sens['top_eigenvalues'])}")
         if sens.get("density_trace_estimate") is not None:

@@ -20,6 +20,7 @@ from hawq.sensitivity import (
     save_traces,
 )
 from hawq.sensitivity.gauss_newton import output_hessian, per_sample_sq_norms
+from hawq.sensitivity.traces import PER_SAMPLE_MIN_ROUNDS, per_sample_output_probe
 
 
 @pytest.fixture(autouse=True)
@@ -786,3 +787,134 @@ def test_label_free_traces_with_many_outputs_and_a_shared_head_are_sampled_and_u
     away = label_free_loss(ClassificationTask(), SharedHeadNet(series=True).double().eval())
     got = hessian_traces(series, away, sb, tol=0.3, progress=False)
     assert got["h"].estimator == "hutchinson" and got["c1"].estimator == "gn_sampled"
+
+
+class SmoothTokensAndImage(nn.Module):
+    """An Embedding with padding_idx, a SiLU Conv2d on an image and a LayerNorm/GELU MLP: no layer but the
+    head is piecewise linear, every layer's samples are independent (per-sample probes apply)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4, padding_idx=0)
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.ln = nn.LayerNorm(7)
+        self.ff = nn.Linear(7, 6)
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, batch: tuple) -> torch.Tensor:
+        ids, image = batch
+        tokens = torch.tanh(self.emb(ids)).mean(1)  # (B, 4)
+        pixels = F.silu(self.conv(image)).mean((2, 3))  # (B, 3)
+        return self.head(F.gelu(self.ff(self.ln(torch.cat([tokens, pixels], 1)))))
+
+
+def smooth_batches(n: int = 1, size: int = 12) -> list:
+    g = torch.Generator().manual_seed(21)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 9, (size, 5), generator=g)
+        ids[:, -1] = 0  # padding at the end of every sequence
+        image = torch.randn(size, 2, 6, 6, generator=g, dtype=torch.float64)
+        out.append(((ids, image), torch.randint(0, 4, (size,), generator=g)))
+    return out
+
+
+SMOOTH_CE = OutputLoss(lambda m, b: m(b[0]), lambda o, b: F.cross_entropy(o, b[1]))
+
+
+def test_per_sample_output_probes_map_an_independent_weight_probe_per_sample() -> None:
+    torch.manual_seed(3)
+    lin = nn.Linear(3, 4).double()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)  # 6 tokens >= 3 inputs: each v_i is recoverable
+    u = per_sample_output_probe(lin, x, seed=11)
+    assert u.shape == (5, 6, 4) and torch.equal(u, per_sample_output_probe(lin, x, seed=11))
+    vs = [torch.linalg.lstsq(x[i], u[i]).solution.T for i in range(5)]  # u_i = x_i v_i^T
+    for v in vs:
+        assert torch.allclose(v.abs(), torch.ones_like(v), atol=1e-9)  # +-1 weight probes (no bias)
+    assert len({tuple(v.sign().reshape(-1).tolist()) for v in vs}) == 5  # a different probe per sample
+    emb = nn.Embedding(9, 4, padding_idx=0)
+    ids = torch.tensor([[1, 2, 1, 0], [1, 3, 3, 0]])
+    u = per_sample_output_probe(emb, ids, seed=2)
+    assert torch.equal(u[0, 0], u[0, 2]) and torch.equal(u[1, 1], u[1, 2])  # one row, one probe in a sample
+    assert not torch.equal(u[0, 0], u[1, 0])  # row 1 of sample 0 and of sample 1: independent
+    assert (u[:, 3] == 0).all() and set(u[:, :3].unique().tolist()) == {-1.0, 1.0}  # padding: no gradient
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).double()
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    u = per_sample_output_probe(conv, x, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randint(0, 2, (3, *conv.weight.shape), generator=gen, dtype=torch.int8).double() * 2 - 1
+    for i in range(3):
+        want = F.conv2d(x[i:i + 1], v[i], None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        assert torch.allclose(u[i:i + 1], want, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_batches", [1, 2])
+def test_per_sample_probes_are_unbiased_with_honest_errors_and_stop_early(n_batches: int) -> None:
+    """Embedding (padding_idx), SiLU Conv2d, LayerNorm/GELU Linear left to Hutchinson: each sample its own
+    probe (the default), against dense Hessian blocks; the standard error pooled over the samples lets a
+    layer stop after a few rounds instead of min_probes shared probes."""
+    torch.manual_seed(4)
+    model = SmoothTokensAndImage().double().eval()
+    batches = smooth_batches(n_batches)
+    names = ["emb", "conv", "ff"]
+    want = dense_block_traces(model, SMOOTH_CE, batches, names)
+    zs, rounds = [], []
+    for seed in range(8):
+        info: dict = {}
+        got = hessian_traces(model, SMOOTH_CE, batches, tol=0.3, seed=seed, progress=False, info=info,
+                             variance_reduction="none")  # per-sample probes all the way (no hand-over)
+        assert info["per_sample_layers"] == names and got["head"].estimator == "gauss_newton"
+        for n in names:
+            t = got[n]
+            if t.curvature == "gauss_newton":  # the negative-trace rule (an indefinite block)
+                assert want[n] < 0
+                continue
+            assert t.estimator == "hutchinson" and t.std_err > 0
+            zs.append((t.mean - want[n]) / t.std_err)
+            rounds.append(t.n)
+    zs = torch.tensor(zs)
+    assert zs.numel() >= 16 and float(zs.abs().mean()) < 1.5 and float(zs.abs().max()) < 5, zs
+    again = hessian_traces(model, SMOOTH_CE, batches, tol=0.3, seed=7, progress=False, variance_reduction="none")
+    assert again == got  # deterministic under the seed
+    shared: dict = {}
+    plain = hessian_traces(model, SMOOTH_CE, batches, tol=0.3, seed=7, progress=False, probing="per_layer",
+                           variance_reduction="none", info=shared)
+    assert "per_sample_layers" not in shared and plain != again
+    # the floor: PER_SAMPLE_MIN_ROUNDS rounds of 12 or 24 samples have more degrees of freedom than 8
+    # shared probes; 2 samples need more rounds (Welch-Satterthwaite: at most samples * (rounds - 1))
+    loose = hessian_traces(model, SMOOTH_CE, batches, tol=10.0, progress=False)
+    loose_plain = hessian_traces(model, SMOOTH_CE, batches, tol=10.0, progress=False, probing="per_layer")
+    assert [loose[n].n for n in names] == [PER_SAMPLE_MIN_ROUNDS] * 3 and [loose_plain[n].n for n in names] == [8] * 3
+    (ids, image), labels = batches[0]
+    few = hessian_traces(model, SMOOTH_CE, [((ids[:2], image[:2]), labels[:2])], tol=10.0, progress=False)
+    assert all(few[n].n > PER_SAMPLE_MIN_ROUNDS for n in names)
+    # with Nystrom++ (the default), a layer still predicting more than 3 * min_probes rounds after its first
+    # rounds goes on with shared probes, which may build a sketch; the trial rounds stay counted
+    info = {}
+    slow = hessian_traces(model, SMOOTH_CE, batches, tol=0.1, progress=False, info=info)
+    handed = [n for n in names if n not in info["per_sample_layers"]]
+    assert handed and all(slow[n].n >= PER_SAMPLE_MIN_ROUNDS + 8 for n in handed), (handed, slow)
+
+
+def test_per_sample_probes_only_where_the_samples_are_independent() -> None:
+    torch.manual_seed(10)
+    # position ids broadcast over the batch: one probe for all samples (the pos table's values serve all)
+    model = PositionTokens().double()
+    ids = torch.tensor([[1, 2, 3, 4, 5], [5, 6, 7, 8, 8], [2, 2, 1, 0, 3]])
+    info: dict = {}
+    got = hessian_traces(model, CE, [(ids, torch.tensor([0, 2, 1]))], tol=0.3, progress=False, info=info)
+    assert got["pos"].estimator == "hutchinson" and info["per_sample_layers"] == []
+    # train-mode BatchNorm couples the samples before it; a loss that mixes samples couples all of them
+    cnn, batches = relu_cnn(), image_batches(n=1)
+    info = {}
+    got = hessian_traces(cnn.train(), CE, batches, tol=0.3, progress=False, info=info)
+    assert got["c1"].estimator == "hutchinson" and "c1" not in info["per_sample_layers"]
+    coupled = OutputLoss(CE.forward, lambda o, b: torch.logsumexp(o.flatten(), 0))
+    info = {}
+    hessian_traces(cnn.eval(), coupled, batches, tol=0.3, progress=False, info=info)
+    assert info["per_sample_layers"] == []
+    # a plain loss callable has no outputs to check the samples with: shared probes
+    info = {}
+    smooth = SmoothTokensAndImage().double().eval()
+    hessian_traces(smooth, lambda m, b: SMOOTH_CE(m, b), smooth_batches(), tol=0.3, progress=False, info=info)
+    assert info["per_sample_layers"] == []

@@ -85,6 +85,11 @@ def test_bert_sst2(tmp_path):
                              "data.name=glue_tsv", f"data.root={root}", "data.task=sst2", "data.tokenizer=minilm",
                              "data.max_length=16"], stages="[sensitivity,search,quantize,export]")
     assert "accuracy" in report["quant_before_finetune"]
+    # a classifier with labels: softmax attention, LayerNorm and GELU leave the encoder to Hutchinson, with
+    # independent probes per sample (the samples are independent in the loss)
+    meta = json.loads((tmp_path / "runs" / "e2e" / "traces.json").read_text())["meta"]
+    assert any(n.endswith("layer.0.intermediate.dense") for n in meta["per_sample_layers"]), meta
+    assert "independent probes per sample" in (tmp_path / "runs" / "e2e" / "report.md").read_text()
     # the QDQ export of the logits (inputs ids / mask / token types) is written and passes its check
     assert report["export"]["onnx"]["check"]["verdict"] == "pass", report["export"]["onnx"]
     assert (tmp_path / "runs" / "e2e" / "model.onnx").is_file()

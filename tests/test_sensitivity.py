@@ -441,7 +441,9 @@ def test_distributed_equals_single_process(tmp_path) -> None:
                            variance_reduction="none")
     assert any(cv[n].std_err < 0.5 * plain[n].std_err for n in cv)  # some layer did switch
     top = top_eigenvalues(make_mlp(), ce_loss, batches, max_iter=30, tol=1e-9, progress=False)
-    gn = hessian_traces(make_mlp(), CE_OUTPUTS, batches, tol=0.0, max_probes=12, min_probes=12, progress=False)
+    # ranks draw shared per-layer probes (per-sample probes need every sample's values on one process)
+    gn = hessian_traces(make_mlp(), CE_OUTPUTS, batches, tol=0.0, max_probes=12, min_probes=12, progress=False,
+                        probing="per_layer")
     assert [t.estimator for t in gn.values()] == ["hutchinson", "hutchinson", "gauss_newton"]
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

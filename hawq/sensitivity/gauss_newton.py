@@ -623,7 +623,8 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
                         weights: Sequence[nn.Parameter], max_directions: int, seed: int = 0,
                         progress: bool = True, tol: float = 0.05, min_probes: int = 8, max_probes: int = 200,
                         certify: bool = True, known_max: float = 0.0, info: dict[str, Any] | None = None,
-                        prefer_exact: bool = False) -> tuple[dict[str, tuple[float, float, int, str]], dict[str, str]]:
+                        prefer_exact: bool = False, independent: set[str] | None = None,
+                        ) -> tuple[dict[str, tuple[float, float, int, str]], dict[str, str]]:
     """``tr(G_ll)``, the Gauss-Newton block trace (mean over batches), for every layer with a per-sample norm
     formula -- with ``certify=True`` only for the layers the graph certifies piecewise linear, where it
     equals the Hessian block's trace.
@@ -640,6 +641,10 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     too) after ``min_probes``, or at ``max_probes``. Under ``torch.distributed`` ranks sum their
     batches (and per-sample variances), and a layer certified on every rank only is kept. Buffers
     (BatchNorm running statistics) are restored exactly.
+
+    ``independent``, if given (one process only), receives the layers left to Hutchinson whose samples
+    the per-sample check found independent on every batch (a per-sample formula, called once, dim 0
+    indexing the samples, a loss that does not couple them): their probes may be drawn per sample.
     """
     from hawq.sensitivity.traces import _next_chunk, _stopping_targets, probe_seed
 
@@ -684,11 +689,14 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
         # round 1: every batch is prepared, its exact part computed and min_probes tail probes drawn
         kept: _Prepared | None = None
         chunks: list[Tensor] = []
+        track = independent is not None and not distributed
+        found: set[str] | None = None  # independent on every batch so far
         for bi, batch in enumerate(batches):
-            if len(reasons) == len(names):
+            if len(reasons) == len(names) and not track:
                 break
             prep = _Prepared(model, loss_fn, batch, bi, names, weights, modules, reasons, max_directions,
-                             seed, certify, (tol, min_probes, global_batches), prefer_exact)
+                             seed, certify, (tol, min_probes, global_batches), prefer_exact, track)
+            found = prep.independent if found is None else found & prep.independent
             if prep.choice:
                 choices.append(prep.choice)
             passes += prep.passes
@@ -707,6 +715,8 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
                 kept = prep
             bar.update(1)
         bar.close()
+        if track and found:
+            independent.update(n for n in found if n in reasons)
         # a layer is measured only where every batch (and rank) certified it
         bad = reduce_sum(torch.tensor([1.0 if n in reasons else 0.0 for n in names], dtype=torch.float64))
         for n, f in zip(names, bad.tolist()):
@@ -800,15 +810,19 @@ class _Prepared:
     def __init__(self, model: nn.Module, loss_fn: OutputLoss, batch: Any, bi: int, names: Sequence[str],
                  weights: Sequence[nn.Parameter], modules: dict[str, nn.Module], reasons: dict[str, str],
                  max_directions: int, seed: int, certify: bool, plan: tuple[float, int, int] = (0.05, 8, 1),
-                 prefer_exact: bool = False) -> None:
+                 prefer_exact: bool = False, track_independent: bool = False) -> None:
         # plan: (tol, min_probes, batches over all ranks), what the exact-or-sampled choice is costed with;
         # prefer_exact: exact wherever the directions fit max_directions (a cap the caller named)
         self.modules, self.mode, self.passes, self.passes_exact, self.tail_passes = modules, "none", 0, 0, 1
         self.exact_m, self.choice = 0, {}
+        # layers whose samples the one-sample check below found independent (a per-sample formula, called
+        # once, dim 0 indexing the samples, a loss that does not couple them); only with track_independent
+        self.independent: set[str] = set()
         self.shared: set[str] = set()  # layers whose input is broadcast over the batch (see _gather)
         self.inputs = InputCache(_INPUT_CACHE_ELEMENTS)  # per layer: what every backward pass reuses of its input
         self.bi, self.rank = bi, dist.get_rank() if _distributed() else 0
-        seen: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in names if n not in reasons}
+        seen: dict[str, list[tuple[Tensor, Tensor]]] = {
+            n: [] for n in names if n not in reasons or (track_independent and _module_supported(modules[n]) is None)}
 
         def hook_for(name: str) -> Any:
             def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -880,7 +894,10 @@ class _Prepared:
             if n not in reasons and len(calls) != 1 and not _sums_calls(modules[n]):
                 reasons[n] = f"module called {len(calls)} times per forward"
         live = [n for n in names if n not in reasons]
-        if not live:
+        # the other layers with a per-sample formula, called once: Hutchinson's, whose probes may then be
+        # drawn per sample when the check below finds their samples independent (see hawq.sensitivity.hvp)
+        others = [n for n in seen if n in reasons and len(seen[n]) == 1] if track_independent else []
+        if not live and not others:
             return
         b = outputs.shape[0]
         if b > 1:
@@ -891,12 +908,17 @@ class _Prepared:
             j = int(torch.randint(b, (1,), generator=gen, device=outputs.device))
             probe = torch.zeros_like(outputs)
             probe[j] = torch.randn(outputs.shape[1:], generator=gen, device=outputs.device, dtype=outputs.dtype)
-            pairs = [(n, c) for n in live for c in range(len(seen[n]))]  # every call of a shared head
+            pairs = [(n, c) for n in live + others for c in range(len(seen[n]))]  # every call of a shared head
             grads = torch.autograd.grad(outputs, [seen[n][c][1] for n, c in pairs], grad_outputs=probe,
                                         retain_graph=True, allow_unused=True)
             self.passes += 1
             for (n, c), gr in zip(pairs, grads):
                 x = seen[n][c][0]
+                if n in reasons:  # one of the others: only whether its samples are independent
+                    if gr is not None and gr.shape[0] == b == x.shape[0] and not (
+                            bool(gr[:j].any()) or bool(gr[j + 1:].any())):
+                        self.independent.add(n)
+                    continue
                 if gr is not None and gr.shape[0] == 1 and x.shape[0] == 1:
                     # one input for the whole batch (BERT's position ids): no per-sample norms, but with
                     # independent Rademacher tails per sample the batch-level norm is unbiased too
@@ -904,6 +926,8 @@ class _Prepared:
                 elif gr is not None and (gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any())
                                          or bool(gr[j + 1:].any())):
                     reasons[n] = "dim 0 of its input does not index the samples"
+                elif gr is not None:
+                    self.independent.add(n)
             live = [n for n in live if n not in reasons]
             if not live:
                 return

@@ -16,6 +16,7 @@ across ranks and divided by the global batch count, which equals one process on 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -210,23 +211,48 @@ class _AutogradBatch:
     def __init__(self, op: HessianOperator, batch: Any, index: int) -> None:
         self.op, self.batch, self.index = op, batch, index
         self.gu: dict[int, Tensor] = {}
+        # per-sample layers: each one's input, its output (where H_yy acts) and the gradient there
+        calls: dict[int, list[tuple[Tensor, Tensor]]] = {i: [] for i in op.per_sample}
+        modules = dict(op.model.named_modules()) if calls else {}
+
+        def keep_io(i: int) -> Callable:
+            def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+                calls[i].append((args[0].detach(), out))
+                return out.clone()  # an in-place op after the layer must not rebase the tensor kept here
+            return hook
+
+        io_handles = [modules[op.names[i]].register_forward_hook(keep_io(i)) for i in calls]
         with torch.enable_grad():
             outputs = None
-            if op.gn_control:  # an OutputLoss: keep the outputs for the Gauss-Newton control variate
-                outputs = op.loss_fn.forward(op.model, batch)
-                loss = op.loss_fn.loss(outputs, batch)
-            else:
-                loss = op.loss_fn(op.model, batch)
+            try:
+                if op.gn_control:  # an OutputLoss: keep the outputs for the Gauss-Newton control variate
+                    outputs = op.loss_fn.forward(op.model, batch)
+                    loss = op.loss_fn.loss(outputs, batch)
+                else:
+                    loss = op.loss_fn(op.model, batch)
+            finally:
+                for h in io_handles:
+                    h.remove()
             op.check_loss(loss, index)
+            for i, c in calls.items():
+                if len(c) != 1:  # checked on these batches already (gauss_newton); never probe a reused layer so
+                    raise HawqError(f"hessian traces: layer '{op.names[i]}' was called {len(c)} times on batch "
+                                    f"{index}, not once as the per-sample check found")
+            self.io = {i: c[0] for i, c in calls.items()}
             check = op.needs_double_backward_check
             monitored = _custom_nodes(loss.grad_fn) if check else []
             bad: list[Any] = []
             handles = [node.register_hook(self._make_monitor(node, bad)) for node in monitored]
             try:
-                grads = torch.autograd.grad(loss, op.weights, create_graph=True, allow_unused=True)
+                order = sorted(self.io)
+                grads = torch.autograd.grad(loss, list(op.weights) + [self.io[i][1] for i in order],
+                                            create_graph=True, allow_unused=True)
             finally:
                 for h in handles:
                     h.remove()
+        # the loss gradient in each per-sample layer's output: its derivative along u is H_yy u
+        self.out_grads = dict(zip(sorted(self.io), grads[len(op.weights):]))
+        grads = grads[:len(op.weights)]
         op.check_grads(grads, index)
         if op.rows is None:  # the first graph of a one-batch, one-process run: fixed for the whole run
             op.rows = embedding_rows(loss.grad_fn, op.weights) if op.graph_is_kept and not op.distributed else {}
@@ -305,6 +331,30 @@ class _AutogradBatch:
             raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
         return hv if hv is not None else torch.zeros_like(v)
 
+    def per_sample_forms(self, layer: int, us: Callable[[int], Tensor], count: int) -> Tensor:
+        """``[count, samples]`` float64: ``u_i . (H_yy u)_i`` per sample for ``u = us(j)``, ``H_yy`` the
+        Hessian of this batch's loss in the layer's output ``y``.
+
+        ``u = J v`` maps a weight probe ``v_i`` drawn independently for each sample through the layer
+        (``y`` is linear in its weight), so each value is ``v_i . H_i v_i``, sample ``i``'s own Hutchinson
+        sample of its block: the samples are independent in the loss, the Hessian is block diagonal
+        over them, and one double backward answers every sample's own probe at once.
+        """
+        y, g = self.io[layer][1], self.out_grads[layer]
+        out = torch.zeros(count, y.shape[0], dtype=torch.float64, device=y.device)
+        if g is None or not g.requires_grad:
+            return out  # the loss is linear in this output: zero block
+        for j in range(count):
+            u = us(j)
+            try:
+                (hu,) = torch.autograd.grad(g, y, grad_outputs=u, retain_graph=True, allow_unused=True)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+            if hu is not None:
+                out[j] = (u * hu).reshape(u.shape[0], -1).sum(1, dtype=torch.float64)
+        return out
+
     def hvp_block_many(self, layer: int, vs: Tensor) -> Tensor:
         """``H_ll v`` for a stack ``vs`` of probes in one vmapped double backward (``is_grads_batched``)."""
         g = self.grads[layer]
@@ -363,6 +413,30 @@ class _FiniteDifferenceBatch:
         vs = [v if i == layer else torch.zeros_like(w) for i, w in enumerate(self.op.weights)]
         return self.hvp(vs)[layer]
 
+    def per_sample_forms(self, layer: int, us: Callable[[int], Tensor], count: int) -> Tensor:
+        """``[count, samples]`` float64: ``u_i . (H_yy u)_i`` per sample for ``u = us(j)``, ``H_yy`` the
+        Hessian of this batch's loss in the layer's output ``y``.
+
+        ``u = J v`` maps a weight probe ``v_i`` drawn independently for each sample through the layer
+        (``y`` is linear in its weight), so each value is ``v_i . H_i v_i``, sample ``i``'s own Hutchinson
+        sample of its block: the samples are independent in the loss, the Hessian is block diagonal
+        over them, and one double backward answers every sample's own probe at once.
+        """
+        y, g = self.io[layer][1], self.out_grads[layer]
+        out = torch.zeros(count, y.shape[0], dtype=torch.float64, device=y.device)
+        if g is None or not g.requires_grad:
+            return out  # the loss is linear in this output: zero block
+        for j in range(count):
+            u = us(j)
+            try:
+                (hu,) = torch.autograd.grad(g, y, grad_outputs=u, retain_graph=True, allow_unused=True)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+            if hu is not None:
+                out[j] = (u * hu).reshape(u.shape[0], -1).sum(1, dtype=torch.float64)
+        return out
+
     def hvp_block_many(self, layer: int, vs: Tensor) -> Tensor:
         return torch.stack([self.hvp_block(layer, v) for v in vs])
 
@@ -376,7 +450,7 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], names: list[str],
                  weights: list[nn.Parameter], method: str = "auto", probes_per_pass: int = 1,
-                 gn_control: Sequence[int] = ()) -> None:
+                 gn_control: Sequence[int] = (), per_sample: Sequence[int] = ()) -> None:
         check_choice(method, HvpMethod, "method")
         if isinstance(probes_per_pass, bool) or not isinstance(probes_per_pass, int) or probes_per_pass < 1:
             raise HawqError(f"probes_per_pass must be a positive integer, got {probes_per_pass!r}")
@@ -385,6 +459,9 @@ class HessianOperator:
         # layers whose per-layer forms are v.(H - G)v (Gauss-Newton control variate; needs an OutputLoss
         # and autograd: a fall-back to finite differences empties it, and the caller reads it back)
         self.gn_control = set(gn_control)
+        # layers probed per sample (see _AutogradBatch.per_sample_forms): one process, autograd only, and
+        # never together with the Gauss-Newton control variate; a fall-back to finite differences empties it
+        self.per_sample = set(per_sample) - self.gn_control
         self.model, self.loss_fn, self.names, self.weights = model, loss_fn, names, weights
         self.batches = list(batches)
         self.distributed = _distributed()
@@ -398,6 +475,8 @@ class HessianOperator:
         if self.global_batches == 0:
             raise HawqError(NO_BATCHES)
         self.method = "finite_difference" if method == "finite_difference" else "autograd"
+        if self.method != "autograd" or self.distributed:
+            self.per_sample = set()
         if self.method != "autograd":
             self.gn_control = set()
         self.allow_fallback = method == "auto"
@@ -409,6 +488,7 @@ class HessianOperator:
             [w.detach().clone() for w in weights] if self.method == "finite_difference" else [])
         self._buffers: list[tuple[Tensor, Tensor]] = []
         self.last_hvps: dict[int, list[Tensor]] = {}  # per layer: chunks [k, *weight.shape] of products
+        self.last_per_sample: dict[int, Tensor] = {}  # per per-sample layer: [count, samples of all batches]
         # embedding tables looked up by the one batch: {layer: rows}, the only rows their Hessian blocks
         # touch (see embedding_rows); None until the first graph is built, {} with several batches or ranks
         # (each would see other rows)
@@ -477,6 +557,7 @@ class HessianOperator:
             raise HawqError(f"{err}; use method='auto' or 'finite_difference'") from err
         self.method = "finite_difference"
         self.gn_control = set()
+        self.per_sample = set()
         self._cached = None
         self.weights_at_start = [w.detach().clone() for w in self.weights]
         self.fallback_reason = str(err)
@@ -539,8 +620,13 @@ class HessianOperator:
 
         ``requests`` maps a layer index to ``(probe, count)``; each probe is supported on that
         layer alone, so no other layer's block leaks into the estimate. Every batch's graph is
-        built once and serves every layer and probe of the request. For the layers listed in
-        ``return_hvps`` the products themselves (mean over batches and ranks) are kept too and
+        built once and serves every layer and probe of the request. A layer of :attr:`per_sample` may
+        ask ``(probe, count, output_probe)``: ``output_probe(j, bi=batch_index, x=input)`` maps independent
+        per-sample weight probes through the layer (input ``x``) and the values come from
+        :meth:`_AutogradBatch.per_sample_forms`; the result is then the sum over samples, and the
+        per-sample values ``[count, samples of all batches]`` (each over the batch count) are stored in
+        :attr:`last_per_sample` (absent after a fall-back to finite differences: weight probes then).
+        For the layers listed in ``return_hvps`` the products themselves (mean over batches and ranks) are kept too and
         stored in :attr:`last_hvps` as ``{layer: chunks}``, chunks of shape ``[k, *weight.shape]`` (the
         weight's dtype) that ``torch.cat`` joins to ``[count, *weight.shape]``.
         """
@@ -552,10 +638,19 @@ class HessianOperator:
         per_pass = self.probes_per_pass
         single = len(self.batches) == 1 and not self.distributed  # per-batch results need no sum
 
+        per_sample: dict[int, dict[int, Tensor]] = {}  # batch index -> layer -> [count, samples]
+
         def per_batch(session: _AutogradBatch | _FiniteDifferenceBatch) -> list[Tensor]:
             out, kept = [], {i: [] for i in keep}
+            per_sample.pop(session.index, None)
             for i in order:
-                probe, count = requests[i]
+                probe, count = requests[i][:2]
+                if i in self.per_sample and len(requests[i]) > 2 and isinstance(session, _AutogradBatch):
+                    us = functools.partial(requests[i][2], bi=session.index, x=session.io[i][0])
+                    forms = session.per_sample_forms(i, us, count)
+                    per_sample.setdefault(session.index, {})[i] = forms
+                    out.append(forms.sum(1))
+                    continue
                 for j0 in range(0, count, per_pass):
                     k = min(per_pass, count - j0)
                     if k == 1:
@@ -581,6 +676,9 @@ class HessianOperator:
 
         sums = self._run(per_batch) if self.batches else None
         flat = self._reduce_mean(sums[0] if sums else None, like)
+        self.last_per_sample = {
+            i: torch.cat([per_sample[b][i] for b in sorted(per_sample)], dim=1) / self.global_batches
+            for i in order if i in self.per_sample and all(i in per_sample[b] for b in per_sample) and per_sample}
         if single and sums:
             # one batch, one process: the products are the mean already; no copy of them (a word-embedding
             # table's products are 8 x 2M floats per round)

@@ -118,6 +118,7 @@ def _compute_traces(run: Run, all_batches: list[Any], key: str) -> tuple[dict[st
             "sampled_layers": sorted(n for n, t in traces.items() if t.estimator == "gn_sampled"),
             "curvature_notes": {n: t.note for n, t in traces.items() if t.note},
             "output_space": choice.get("output_space"),
+            "per_sample_layers": choice.get("per_sample_layers", []),
             "hvps": sum(t.n for t in traces.values() if t.estimator == "hutchinson"),
             "backward_passes": max((t.n for t in traces.values() if t.estimator in ("gauss_newton", "gn_sampled")),
                                    default=0),

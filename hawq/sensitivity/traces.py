@@ -2,9 +2,15 @@
 
 Two probing schemes, both unbiased for ``tr(H_ll)``:
 
-* per layer (default): the probe ``v_l`` lives on layer ``l`` only and ``v_l . H_ll v_l`` comes from
+* per layer: the probe ``v_l`` lives on layer ``l`` only and ``v_l . H_ll v_l`` comes from
   a double backward of that layer's gradient. All layers share one gradient graph per batch. A layer
   whose plain probes converge slowly switches to a Nyström control variate built from them.
+* per sample (default; per layer where it does not apply): where the samples are independent in the
+  loss, ``H_ll = sum_i H_i`` and each sample ``i`` gets its own probe ``v_i``; with ``y = W x`` the
+  layer's output, ``v_i . H_i v_i = u_i . (H_yy u)_i`` for ``u_i = J_i v_i``, so one double backward in
+  the output answers every sample's probe. ``sum_i v_i . H_i v_i`` is unbiased for ``tr(H_ll)`` with
+  variance ``sum_i 2 ||offdiag H_i||_F^2`` instead of ``2 ||offdiag sum_i H_i||_F^2``, and the per-sample
+  values give a standard error pooled over the samples.
 * joint: one probe ``v`` on all layers, one full HVP, and ``v_l . (H v)_l`` for every layer: its
   expectation is ``tr(H_ll) + sum_{m != l} E[v_l^T H_lm v_m] = tr(H_ll)`` (independent, zero-mean
   blocks), but the cross terms add ``sum_{m != l} ||H_lm||_F^2`` to the variance. On ResNets the
@@ -91,6 +97,71 @@ def rademacher_rows(weight: Tensor, rows: Tensor, seed: int) -> Tensor:
     return out
 
 
+# rounds a per-sample layer takes at least: its pooled error may have the degrees of freedom of 8 shared
+# probes after 2 rounds of a batch of 8, but the mean and the spread of 2-3 heavy-tailed draws per sample
+# are low together too often (a trace 7.5 standard errors off in 1 of 240, tests' TinyAttention, 3 rounds)
+PER_SAMPLE_MIN_ROUNDS = 4
+_PROBE_CHUNK_ELEMENTS = 1 << 24  # per-sample weight probes drawn at once (64 MiB of float32)
+
+
+def per_sample_output_probe(module: nn.Module, x: Tensor, seed: int) -> Tensor:
+    """``u_i = J_i v_i`` for every sample ``i`` of a batch: an independent Rademacher weight probe ``v_i``
+    per sample, mapped through the layer (its output is linear in the weight; no bias), a pure function
+    of ``seed`` and the input ``x``. Linear: ``x_i v_i^T``; Conv2d: ``x_i`` convolved with ``v_i`` (one
+    grouped convolution for a chunk of samples); Embedding: the rows of ``v_i`` that sample ``i`` looks
+    up, one draw per distinct row of the sample, and 0 at ``padding_idx`` (its row gets no gradient)."""
+    w = module.weight
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    b = x.shape[0]
+
+    def signs(shape: tuple[int, ...]) -> Tensor:
+        v = torch.randint(0, 2, shape, generator=gen, device=x.device, dtype=torch.int8)
+        return v.to(w.dtype).mul_(2).sub_(1)
+
+    if isinstance(module, nn.Embedding):
+        keys = x.reshape(b, -1) + torch.arange(b, device=x.device)[:, None] * module.num_embeddings
+        rows, which = keys.reshape(-1).unique(return_inverse=True)
+        u = signs((rows.numel(), w.shape[1]))[which].reshape(*x.shape, w.shape[1])
+        if module.padding_idx is not None:
+            u[x == module.padding_idx] = 0
+        return u
+    step = max(1, _PROBE_CHUNK_ELEMENTS // w.numel())
+    parts = []
+    for s in range(0, b, step):
+        xs = x[s:s + step]
+        c = xs.shape[0]
+        v = signs((c, *w.shape))
+        if isinstance(module, nn.Linear):
+            y = torch.einsum("bti,boi->bto", xs.reshape(c, -1, w.shape[1]), v)
+            parts.append(y.reshape(*xs.shape[:-1], w.shape[0]))
+        else:  # Conv2d: every sample its own weights, as groups of one convolution
+            y = torch.nn.functional.conv2d(xs.reshape(1, -1, *xs.shape[2:]), v.reshape(-1, *w.shape[1:]), None,
+                                           module.stride, module.padding, module.dilation, module.groups * c)
+            parts.append(y.reshape(c, w.shape[0], *y.shape[2:]))
+    return torch.cat(parts)
+
+
+def pooled_error(values: Tensor) -> tuple[float, float]:
+    """Standard error of the mean over rounds of ``values.sum(1)`` (``values``: ``[rounds, samples]`` of
+    independent per-sample probes) and its effective degrees of freedom.
+
+    The error is ``sqrt(sum_i var_i / n)`` with each sample's variance over its own ``n`` rounds (its
+    trace differs from the others', so the spread across samples is not probe noise). The degrees of
+    freedom are Welch-Satterthwaite's, ``(sum_i var_i)^2 / sum_i (var_i^2 / (n - 1))``: ``samples * (n - 1)``
+    when the samples are alike, ``n - 1`` when one sample carries all the noise, so a stopping rule that
+    asks for as many as ``min_probes`` shared probes give (``min_probes - 1``) cannot trust two rounds of
+    a batch whose noise sits in one sample.
+    """
+    n = values.shape[0]
+    if n < 2:
+        return math.inf, 0.0
+    var = values.var(0, unbiased=True)
+    total = float(var.sum())
+    spread = float(var.square().sum()) / (n - 1)
+    dof = total * total / spread if spread > 0 else math.inf
+    return math.sqrt(total / n), dof
+
+
 def _stopping_targets(means: Tensor, tol: float, known_max: float = 0.0) -> Tensor:
     # relative tolerance per layer, with an absolute floor so near-zero traces cannot stall the loop;
     # known_max: the largest |trace| of layers computed exactly (the floor is relative to all layers)
@@ -110,7 +181,7 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
                    layers: list[str] | None = None, tol: float = 0.05, max_probes: int = 200,
                    min_probes: int = 8, seed: int = 0, progress: bool = True,
                    method: str = "auto",
-                   probing: str = "per_layer", probes_per_pass: int = 1,
+                   probing: str = "per_sample", probes_per_pass: int = 1,
                    variance_reduction: str = "nystrom", estimator: str = "auto",
                    exact_directions: int | None = None, curvature: str = "hessian",
                    info: dict[str, Any] | None = None) -> dict[str, TraceEstimate]:
@@ -122,9 +193,13 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     after ``min_probes``, or at ``max_probes``. The model's buffers and weights are left exactly as
     they were; the caller picks ``model.eval()`` or ``model.train()``.
 
-    ``probing``: "per_layer" (default) draws each layer's probe on that layer alone and answers it
+    ``probing``: "per_layer" draws each layer's probe on that layer alone and answers it
     with a double backward from that layer's gradient, on one shared graph per batch; converged
-    layers stop drawing. "joint" draws one probe on all layers and reads every layer's estimate
+    layers stop drawing. "per_sample" (default) does the same, except that a layer whose samples are
+    independent (found by the per-sample check of the exact path: an ``OutputLoss``, ``estimator="auto"``,
+    one process) gets an independent probe per sample, answered by one double backward in the layer's
+    output, and a standard error pooled over the samples (``info["per_sample_layers"]`` names them).
+    "joint" draws one probe on all layers and reads every layer's estimate
     off one full HVP; it is unbiased too, but the off-diagonal blocks add ``sum_m ||H_lm||_F^2``
     to each layer's variance (see docs/sensitivity.md for when that pays). ``method``: "auto"
     (double backward, finite differences where that is unsupported), "autograd" or
@@ -172,9 +247,9 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         raise HawqError(f"min_probes must be an integer in 2..max_probes ({max_probes}), got {min_probes!r}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise HawqError(f"tol must be a finite number >= 0, got {tol!r}")
-    check_choice(probing, ("per_layer", "joint"), "probing")
+    check_choice(probing, ("per_sample", "per_layer", "joint"), "probing")
     check_choice(variance_reduction, VarianceReduction, "variance_reduction")
-    if variance_reduction == "gauss_newton" and (not isinstance(loss_fn, OutputLoss) or probing != "per_layer"):
+    if variance_reduction == "gauss_newton" and (not isinstance(loss_fn, OutputLoss) or probing == "joint"):
         raise HawqError("variance_reduction='gauss_newton' needs an OutputLoss and per-layer probing")
     check_choice(estimator, Estimator, "estimator")
     check_choice(curvature, Curvature, "curvature")
@@ -193,9 +268,12 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
     gn_kwargs = {"max_directions": cap, "seed": seed, "progress": progress, "tol": tol,
                  "min_probes": min_probes, "max_probes": max_probes, "prefer_exact": exact_directions is not None}
     missing: dict[str, str] = {}
+    independent: set[str] = set()  # Hutchinson's layers whose samples are independent
     if estimator == "auto" and isinstance(loss_fn, OutputLoss):
         got, missing = gauss_newton_traces(model, loss_fn, batches, all_names, all_weights,
-                                           certify=curvature == "hessian", info=info, **gn_kwargs)
+                                           certify=curvature == "hessian", info=info,
+                                           independent=independent if probing == "per_sample" else None,
+                                           **gn_kwargs)
         for name, w in zip(all_names, all_weights):
             if name in got:
                 mean, err, n, kind = got[name]
@@ -213,17 +291,23 @@ def hessian_traces(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any],
         got, _ = gauss_newton_traces(model, loss_fn, batches, names, weights, certify=False,
                                      known_max=known_max, **{**gn_kwargs, "tol": tol / 2})
         offsets = {i: (got[n][0], got[n][1] ** 2, got[n][2]) for i, n in enumerate(names) if n in got}
+    pooled: dict[int, float] = {}  # per-sample layers: their pooled standard errors
     with HessianOperator(model, loss_fn, batches, names, weights, method=method,
-                         probes_per_pass=probes_per_pass, gn_control=list(offsets)) as op:
-        if probing == "per_layer":
-            samples, spent = _per_layer(op, names, weights, tol, max_probes, min_probes, seed, progress,
-                                        variance_reduction, known_max, offsets)
+                         probes_per_pass=probes_per_pass, gn_control=list(offsets),
+                         per_sample=[i for i, n in enumerate(names) if n in independent]) as op:
+        if probing != "joint":
+            samples, spent, pooled = _per_layer(op, names, weights, tol, max_probes, min_probes, seed, progress,
+                                                variance_reduction, known_max, offsets)
         else:
             samples = _joint(op, names, weights, tol, max_probes, min_probes, seed, progress, known_max)
             spent = [s.shape[0] for s in samples]
         offsets = {i: o for i, o in offsets.items() if i in op.gn_control}  # none after a finite-difference fall-back
+    if info is not None and probing == "per_sample":
+        info["per_sample_layers"] = [names[i] for i in sorted(pooled)]
     for i, (name, s, n, w) in enumerate(zip(names, samples, spent, weights)):
         mean, err = _summary(s[:, None])
+        if i in pooled:
+            err = torch.tensor([pooled[i]], dtype=torch.float64)
         if i in offsets:
             mean, err = mean + offsets[i][0], (err.square() + offsets[i][1]).sqrt()
             n += offsets[i][2]
@@ -351,7 +435,8 @@ SKETCH_PROBES_PER_MIN = 3  # a plain layer may build its sketch from up to 3 * m
 def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float,
                max_probes: int, min_probes: int, seed: int, progress: bool,
                variance_reduction: str = "none", known_max: float = 0.0,
-               offsets: dict[int, tuple[float, float, int]] | None = None) -> tuple[list[Tensor], list[int]]:
+               offsets: dict[int, tuple[float, float, int]] | None = None,
+               ) -> tuple[list[Tensor], list[int], dict[int, float]]:
     """Block-masked probes: probe j of layer ``name`` depends only on (seed, name, j) (and, for an
     embedding table of a one-batch run, on the rows the batch looks up: the probe is zero elsewhere).
 
@@ -360,10 +445,24 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     and a leave-one-out check predicts at least a halved variance, it turns those products into a
     Nyström sketch of its block and restarts on fresh probes ``(seed, name, "nystrom", j)`` with the
     sketch as control variate. The estimate uses only the fresh probes (so it stays unbiased), while
-    ``n`` counts every product spent. Returns the samples of each layer's final estimator and the
-    products spent.
+    ``n`` counts every product spent.
+
+    A layer of ``op.per_sample`` (its samples independent) draws an independent probe for every sample
+    instead, keys ``(seed, name, "per_sample", j, batch)``, answered by one double backward per round in
+    its output: the cross-sample terms that a shared probe's variance carries vanish in expectation
+    (``sum_i 2 ||offdiag H_i||^2`` instead of ``2 ||offdiag sum_i H_i||^2``), and its standard error is
+    pooled over the samples (:func:`pooled_error`), so it may stop once that error has the degrees of
+    freedom of ``min_probes`` shared probes (and :data:`PER_SAMPLE_MIN_ROUNDS` rounds) instead of after
+    ``min_probes`` probes. If after those rounds it still predicts more than ``3 * min_probes`` rounds, it
+    goes on with shared probes instead (with ``variance_reduction="nystrom"``), which may switch to a
+    Nyström control variate (on trained CNNs 10-400x less variance); its trial rounds stay in ``n``.
+    Returns the samples of each layer's final estimator (a per-sample layer's: the sum over samples of
+    each round), the products spent, and the pooled standard errors of the per-sample layers.
     """
     samples = [torch.zeros(0, dtype=torch.float64) for _ in weights]
+    units: dict[int, Tensor] = {}  # a per-sample layer's [rounds, samples] of v_i . H_i v_i
+    modules = dict(op.model.named_modules()) if op.per_sample else {}
+    per_sample = set(op.per_sample)  # less the layers handed to shared probes (below)
     spent = [0] * len(weights)
     sketches: dict[int, NystromSketch] = {}
     cv_q: dict[int, Tensor] = {}  # g^T H g of the control-variate probes
@@ -381,9 +480,12 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     def deciding(i: int) -> bool:
         """A plain layer that may still switch: it keeps its products for the sketch."""
         return (variance_reduction == "nystrom" and i not in sketches and i not in op.gn_control
-                and spent[i] < sketch_cap
+                and not (i in per_sample and i in op.per_sample) and spent[i] < sketch_cap
                 and attempt_at.get(i, min_probes) <= sketch_cap)
-    chunks = {i: min_probes for i in range(len(weights))}
+    # a per-sample layer's floor: PER_SAMPLE_MIN_ROUNDS rounds (or min_probes, if fewer), and the degrees
+    # of freedom of min_probes shared probes (pooled_error), checked as it goes
+    first_rounds = min(PER_SAMPLE_MIN_ROUNDS, min_probes)
+    chunks = {i: first_rounds if i in op.per_sample else min_probes for i in range(len(weights))}
     total = len(weights) * max_probes
     bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
 
@@ -399,17 +501,31 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     def cv_probe(j: int, i: int, start: int) -> Tensor:
         return draw(i, probe_seed(seed, names[i], "nystrom", start + j))
 
+    def output_probe(j: int, bi: int, x: Tensor, i: int, start: int) -> Tensor:
+        return per_sample_output_probe(modules[names[i]], x, probe_seed(seed, names[i], "per_sample", start + j, bi))
+
     while chunks:
         requests = {}
         for i, c in chunks.items():
             make, start = (cv_probe, cv_q[i].shape[0]) if i in sketches else (plain_probe, samples[i].shape[0])
             requests[i] = (functools.partial(make, i=i, start=start), c)
+            if i in per_sample and i in op.per_sample:
+                requests[i] += (functools.partial(output_probe, i=i, start=samples[i].shape[0]),)
         got = op.block_quadratic_forms(requests, return_hvps=[i for i in chunks if deciding(i)])
         for i, hv in op.last_hvps.items():
             products.setdefault(i, []).extend(h.cpu() for h in hv)
         for i, q in got.items():
             q = q.cpu()
             spent[i] += q.shape[0]
+            if i in op.last_per_sample:
+                units[i] = torch.cat([units[i], op.last_per_sample[i].cpu()]) if i in units else (
+                    op.last_per_sample[i].cpu())
+                samples[i] = units[i].sum(1)
+                continue
+            if i in units:  # a fall-back to finite differences: shared weight probes from here on (these
+                del units[i]  # q came from probe keys a restart may reuse, so they are dropped too)
+                samples[i] = torch.zeros(0, dtype=torch.float64)
+                continue
             if i in sketches:
                 probe, sk = requests[i][0], sketches[i]
                 c = torch.tensor([sk.quadratic(probe(j)) for j in range(q.shape[0])], dtype=torch.float64)
@@ -418,7 +534,8 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
             else:
                 samples[i] = torch.cat([samples[i], q])
         bar.update(sum(chunks.values()))
-        means = torch.stack([s.mean() + offset(i)[0] for i, s in enumerate(samples)])
+        means = torch.stack([(s.mean() if s.numel() else torch.zeros((), dtype=torch.float64)) + offset(i)[0]
+                             for i, s in enumerate(samples)])
         targets = _stopping_targets(means, tol, known_max)
         # a control-variate layer's error adds the variance of tr(G_ll): the residual's share of the target
         targets = torch.stack([(t.square() - offset(i)[1]).clamp_min(0.25 * t.square()).sqrt()
@@ -426,6 +543,28 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
         nxt = {}
         for i in chunks:
             n = samples[i].shape[0]
+            if i in units:
+                err, dof = pooled_error(units[i])
+                if spent[i] >= max_probes or (n >= first_rounds and dof >= min_probes - 1
+                                              and err <= float(targets[i])):
+                    continue
+                if (variance_reduction == "nystrom" and n >= first_rounds
+                        and _probes_needed(err * math.sqrt(n), float(targets[i])) > sketch_cap):
+                    # a slow layer: shared probes may switch to a Nyström sketch, which per-sample probes
+                    # cannot build (each sample's block differs); its trial rounds stay counted in n
+                    per_sample.discard(i)
+                    del units[i]
+                    samples[i] = torch.zeros(0, dtype=torch.float64)
+                    nxt[i] = min(min_probes, max_probes - spent[i])
+                    continue
+                # too few degrees of freedom: one more round at a time (each adds at least one)
+                nxt[i] = 1 if op.graph_is_kept or dof < min_probes - 1 else _next_chunk(
+                    err * math.sqrt(n), float(targets[i]), n, max_probes - spent[i])
+                nxt[i] = min(nxt[i], max_probes - spent[i])
+                continue
+            if n < min_probes:  # a per-sample layer's first round answered by shared probes (a fall-back)
+                nxt[i] = min_probes - n
+                continue
             std = float(samples[i].std(unbiased=True))
             if spent[i] >= max_probes or std / math.sqrt(n) <= float(targets[i]):
                 products.pop(i, None)  # done: its sketch-to-be is not needed any more
@@ -454,7 +593,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
         if progress:
             bar.set_postfix(active=len(chunks))
     bar.close()
-    return samples, spent
+    return samples, spent, {i: pooled_error(u)[0] for i, u in units.items()}
 
 
 def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], tol: float, max_probes: int,
