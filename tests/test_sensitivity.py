@@ -390,6 +390,18 @@ def test_fallback_to_finite_differences(fn) -> None:
         assert got[name].mean == pytest.approx(reference[name].mean, rel=1e-6, abs=1e-9)
     with pytest.raises(HawqError, match="double backward is not supported"):
         hessian_traces(model, ce_loss, batches, max_probes=10, method="autograd", progress=False)
+    # with an OutputLoss the per-sample check offers the tanh layer per-sample probes, which need autograd's
+    # double backward: after the fall-back it takes the shared probes, the same ones as probing="per_layer"
+    reference = hessian_traces(make_mlp(), CE_OUTPUTS, batches, tol=0.0, max_probes=20, min_probes=20,
+                               progress=False, probing="per_layer")
+    info: dict = {}
+    with pytest.warns(RuntimeWarning, match="finite-difference"):
+        got = hessian_traces(model, CE_OUTPUTS, batches, tol=0.0, max_probes=20, min_probes=20, progress=False,
+                             info=info)
+    assert info["per_sample_layers"] == []
+    assert [t.estimator for t in got.values()] == ["hutchinson", "hutchinson", "gauss_newton"]
+    for name, t in reference.items():
+        assert got[name].n == t.n and got[name].mean == pytest.approx(t.mean, rel=1e-6, abs=1e-9)
 
 
 def test_no_fallback_warning_for_plain_models() -> None:

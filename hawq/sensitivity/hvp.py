@@ -205,6 +205,16 @@ def embedding_rows(root: Any, weights: Sequence[Tensor]) -> dict[int, Tensor]:
     return out
 
 
+def _double_backward(outputs: Any, inputs: Any, grad_outputs: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` on a kept graph; an op that cannot be differentiated twice raises
+    :class:`DoubleBackwardUnsupported` (the operator then falls back to finite differences)."""
+    try:
+        return torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+
+
 class _AutogradBatch:
     """The gradient graph of one batch; HVPs by double backward on it."""
 
@@ -310,12 +320,7 @@ class _AutogradBatch:
         out = [torch.zeros_like(v) for v in vs]
         if not need:
             return out  # the loss is linear in every weight: the Hessian block is exactly zero
-        try:
-            hv = torch.autograd.grad([self.grads[i] for i in need], self.op.weights,
-                                     grad_outputs=[vs[i] for i in need], retain_graph=True, allow_unused=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+        hv = _double_backward([self.grads[i] for i in need], self.op.weights, [vs[i] for i in need])
         return [h if h is not None else o for h, o in zip(hv, out)]
 
     def hvp_block(self, layer: int, v: Tensor) -> Tensor:
@@ -323,12 +328,7 @@ class _AutogradBatch:
         g = self.grads[layer]
         if g is None or not g.requires_grad:
             return torch.zeros_like(v)  # the gradient does not depend on the weights: zero block
-        try:
-            (hv,) = torch.autograd.grad(g, self.op.weights[layer], grad_outputs=v, retain_graph=True,
-                                        allow_unused=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+        (hv,) = _double_backward(g, self.op.weights[layer], v)
         return hv if hv is not None else torch.zeros_like(v)
 
     def per_sample_forms(self, layer: int, us: Callable[[int], Tensor], count: int) -> Tensor:
@@ -346,11 +346,7 @@ class _AutogradBatch:
             return out  # the loss is linear in this output: zero block
         for j in range(count):
             u = us(j)
-            try:
-                (hu,) = torch.autograd.grad(g, y, grad_outputs=u, retain_graph=True, allow_unused=True)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
+            (hu,) = _double_backward(g, y, u)
             if hu is not None:
                 out[j] = (u * hu).reshape(u.shape[0], -1).sum(1, dtype=torch.float64)
         return out
@@ -412,30 +408,6 @@ class _FiniteDifferenceBatch:
     def hvp_block(self, layer: int, v: Tensor) -> Tensor:
         vs = [v if i == layer else torch.zeros_like(w) for i, w in enumerate(self.op.weights)]
         return self.hvp(vs)[layer]
-
-    def per_sample_forms(self, layer: int, us: Callable[[int], Tensor], count: int) -> Tensor:
-        """``[count, samples]`` float64: ``u_i . (H_yy u)_i`` per sample for ``u = us(j)``, ``H_yy`` the
-        Hessian of this batch's loss in the layer's output ``y``.
-
-        ``u = J v`` maps a weight probe ``v_i`` drawn independently for each sample through the layer
-        (``y`` is linear in its weight), so each value is ``v_i . H_i v_i``, sample ``i``'s own Hutchinson
-        sample of its block: the samples are independent in the loss, the Hessian is block diagonal
-        over them, and one double backward answers every sample's own probe at once.
-        """
-        y, g = self.io[layer][1], self.out_grads[layer]
-        out = torch.zeros(count, y.shape[0], dtype=torch.float64, device=y.device)
-        if g is None or not g.requires_grad:
-            return out  # the loss is linear in this output: zero block
-        for j in range(count):
-            u = us(j)
-            try:
-                (hu,) = torch.autograd.grad(g, y, grad_outputs=u, retain_graph=True, allow_unused=True)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DoubleBackwardUnsupported("<autograd>", None, f": {first}") from e
-            if hu is not None:
-                out[j] = (u * hu).reshape(u.shape[0], -1).sum(1, dtype=torch.float64)
-        return out
 
     def hvp_block_many(self, layer: int, vs: Tensor) -> Tensor:
         return torch.stack([self.hvp_block(layer, v) for v in vs])

@@ -1,6 +1,6 @@
 """Per-layer Hessian traces by Hutchinson's estimator (with Nyström++ variance reduction).
 
-Two probing schemes, both unbiased for ``tr(H_ll)``:
+Three probing schemes, all unbiased for ``tr(H_ll)``:
 
 * per layer: the probe ``v_l`` lives on layer ``l`` only and ``v_l . H_ll v_l`` comes from
   a double backward of that layer's gradient. All layers share one gradient graph per batch. A layer
@@ -548,22 +548,22 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
                 if spent[i] >= max_probes or (n >= first_rounds and dof >= min_probes - 1
                                               and err <= float(targets[i])):
                     continue
-                if (variance_reduction == "nystrom" and n >= first_rounds
+                if (variance_reduction == "nystrom" and n >= first_rounds and max_probes - spent[i] >= min_probes
                         and _probes_needed(err * math.sqrt(n), float(targets[i])) > sketch_cap):
                     # a slow layer: shared probes may switch to a Nyström sketch, which per-sample probes
                     # cannot build (each sample's block differs); its trial rounds stay counted in n
                     per_sample.discard(i)
                     del units[i]
                     samples[i] = torch.zeros(0, dtype=torch.float64)
-                    nxt[i] = min(min_probes, max_probes - spent[i])
+                    nxt[i] = min_probes
                     continue
                 # too few degrees of freedom: one more round at a time (each adds at least one)
                 nxt[i] = 1 if op.graph_is_kept or dof < min_probes - 1 else _next_chunk(
                     err * math.sqrt(n), float(targets[i]), n, max_probes - spent[i])
                 nxt[i] = min(nxt[i], max_probes - spent[i])
                 continue
-            if n < min_probes:  # a per-sample layer's first round answered by shared probes (a fall-back)
-                nxt[i] = min_probes - n
+            if n < min_probes and spent[i] < max_probes:  # a per-sample layer's first round answered by
+                nxt[i] = min(min_probes - n, max_probes - spent[i])  # shared probes (a fall-back)
                 continue
             std = float(samples[i].std(unbiased=True))
             if spent[i] >= max_probes or std / math.sqrt(n) <= float(targets[i]):
