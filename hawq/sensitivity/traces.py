@@ -99,7 +99,7 @@ def rademacher_rows(weight: Tensor, rows: Tensor, seed: int) -> Tensor:
 
 # rounds a per-sample layer takes at least: its pooled error may have the degrees of freedom of 8 shared
 # probes after 2 rounds of a batch of 8, but the mean and the spread of 2-3 heavy-tailed draws per sample
-# are low together too often (a trace 7.5 standard errors off in 1 of 240, tests' TinyAttention, 3 rounds)
+# are low together too often (tests' TinyAttention, 6 seeds x 5 layers: one 7.5 standard errors off at 3 rounds)
 PER_SAMPLE_MIN_ROUNDS = 4
 _PROBE_CHUNK_ELEMENTS = 1 << 24  # per-sample weight probes drawn at once (64 MiB of float32)
 
