@@ -174,3 +174,23 @@ def test_real_fashion_subset_learns_and_quantizes(tmp_path):
     assert report["fp32_top1"] > 60.0
     assert report["quant_top1_after_finetune"] > report["fp32_top1"] - 10.0
     assert report["size_mb"] <= 0.03
+
+
+def test_progress_bars_show_only_on_a_terminal(monkeypatch):
+    """run.progress asks for bars; tqdm draws them only when its stream is a terminal (bars_off gives
+    it None), so a run redirected to a log file or captured by CI writes no bars."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from hawq import bars_off
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert bars_off(False) is True
+    for stream, shown in ((Tty(), True), (io.StringIO(), False)):
+        for _ in tqdm(range(3), file=stream, disable=bars_off(True), desc="work"):
+            pass
+        assert ("work" in stream.getvalue()) is shown

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.models.registry import ModelSpec, no_classes, register_model
 from hawq.models.tasks import Task, register_task
 
@@ -195,7 +195,7 @@ class SequenceClassificationTask(Task):
         model.eval()
         preds, labels, loss_sum = [], [], 0.0
         num_classes = 2
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=bars_off(progress), leave=False):
             batch = self.to_device(batch, device)
             logits = self.forward(model, batch)
             num_classes = logits.shape[1]
@@ -254,7 +254,7 @@ class EncoderTask(Task):
         was_training = model.training
         model.eval()
         cos = []
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=bars_off(progress), leave=False):
             batch = self.to_device(batch, device)
             cos.append(F.cosine_similarity(self.forward(model, batch), self.reference_outputs(batch), dim=-1).cpu())
         model.train(was_training)

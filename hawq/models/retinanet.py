@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.models.checkpoint import load_checkpoint
 from hawq.models.registry import ModelSpec, register_model
 from hawq.models.tasks import Task, register_task
@@ -259,7 +259,7 @@ class DetectionTask(Task):
         was_training = model.training
         model.eval()
         preds, targets = [], []
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=bars_off(progress), leave=False):
             images, tgts = self.to_device(batch, device)
             out = model(list(images))
             preds += [{k: v.cpu() for k, v in o.items()} for o in out]

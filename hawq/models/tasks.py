@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError, did_you_mean
+from hawq import HawqError, bars_off, did_you_mean
 from hawq.models.registry import load_builtin
 
 
@@ -146,7 +146,7 @@ class ClassificationTask(Task):
         model.eval()
         n = correct1 = correct5 = classes = 0
         loss_sum = 0.0
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=bars_off(progress), leave=False):
             batch = self.to_device(batch, device)
             logits = self.forward(model, batch)
             y = batch[1]

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.quant.config import QuantConfig
 from hawq.quant.modules import QuantBnConv2d, QuantConv2d, QuantLinear
 from hawq.quant.quantizers import FLOAT_BITS, expand_scale, qmax_signed, weight_from_codes, weight_scale
@@ -422,7 +422,7 @@ def gptq_round_(model: nn.Module, batches: Sequence[Any], forward: Callable[[nn.
         order, passes, repeated = _discover(model, targets, batches[0], forward)
         if not sequential:
             passes = [order]
-        bar = tqdm(total=len(order), desc="gptq", disable=not progress)
+        bar = tqdm(total=len(order), desc="gptq", disable=bars_off(progress))
         for group in passes:
             hessians = _collect(model, {n: targets[n] for n in group}, batches, forward,
                                 stop_early=sequential and not repeated.intersection(group), reference=reference)

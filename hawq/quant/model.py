@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.bitmap import BitMap, LayerBits, as_bitmap
 from hawq.quant.config import QuantConfig, check_quant_config
 from hawq.quant.ibert import (
@@ -395,7 +395,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Mo
     set_act_calibration(model, True)
     n = 0
     try:
-        for batch in tqdm(batches, desc="calibrate", disable=not progress, total=max_batches):
+        for batch in tqdm(batches, desc="calibrate", disable=bars_off(progress), total=max_batches):
             forward(model, batch)
             n += 1
             if max_batches is not None and n >= max_batches:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.bitmap import FLOAT_BITS, BitMap, as_bitmap, check_bits
 from hawq.layers import quantizable_layers
 
@@ -254,7 +254,7 @@ def weight_perturbations(model: nn.Module, layers: list[str], weight_bits: list[
     modules = dict(model.named_modules())
     quantize_weight = None
     out: dict[str, dict[int, float]] = {}
-    for name in tqdm(layers, desc="perturbations", disable=not progress):
+    for name in tqdm(layers, desc="perturbations", disable=bars_off(progress)):
         if name not in modules:
             raise HawqError(f"weight_perturbations: unknown layer '{name}'")
         m = modules[name]

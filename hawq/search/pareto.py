@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.bitmap import atomic_write_text
 from hawq.search.allocate import SearchProblem, solve_problem
 from hawq.search.ilp import InfeasibleBudget, evaluate, minimum_usage
@@ -52,7 +52,7 @@ def pareto_sweep(problem: SearchProblem, n_points: int = 20, resource: str = "si
                        problem.ties)[resource]
     hi = problem.usage(problem.top_choice())[resource]
     rows = []
-    for i in tqdm(range(n_points), desc=f"pareto {resource}", disable=not progress):
+    for i in tqdm(range(n_points), desc=f"pareto {resource}", disable=bars_off(progress)):
         budget = lo + (hi - lo) * i / (n_points - 1)
         budgets = {**(problem.budgets if keep_other_budgets else {}), resource: budget}
         try:

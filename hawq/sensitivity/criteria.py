@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.sensitivity.hvp import NO_BATCHES, LossFn, resolve_layers
 from hawq.sensitivity.spectrum import top_eigenvalues
 from hawq.sensitivity.traces import hessian_traces
@@ -139,7 +139,7 @@ def _per_example_sq_grads(model: nn.Module, batches: Sequence[Any], names: Seque
     examples = [ex for b in batches for ex in split_batch(b)]
     if not examples:
         raise HawqError(NO_BATCHES)
-    for ex in tqdm(examples, desc="per-example gradients", disable=not progress, leave=False):
+    for ex in tqdm(examples, desc="per-example gradients", disable=bars_off(progress), leave=False):
         loss = example_loss(model, ex)
         grads = torch.autograd.grad(loss, list(weights), allow_unused=True)
         sums += torch.tensor([0.0 if g is None else float(g.detach().double().pow(2).sum()) for g in grads],

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.sensitivity.hvp import NO_BATCHES, _distributed, reduce_device, restore_buffers, snapshot_buffers
 from hawq.sensitivity.losses import OutputLoss
 
@@ -675,7 +675,7 @@ def gauss_newton_traces(model: nn.Module, loss_fn: OutputLoss, batches: Sequence
     choices: list[dict[str, Any]] = []  # each batch's exact-or-sampled decision, for info
     stats = _PerSampleStats(len(names))
     sampled_here = False
-    bar = tqdm(total=len(batches), desc="gauss-newton traces", unit="batch", disable=not progress, leave=False)
+    bar = tqdm(total=len(batches), desc="gauss-newton traces", unit="batch", disable=bars_off(progress), leave=False)
 
     def add_round(chunks: list[Tensor], layers: list[int]) -> None:
         """Per-batch ``(probes, samples, layers)`` values of one round into the per-sample statistics."""

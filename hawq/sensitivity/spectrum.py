@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.sensitivity.hvp import HessianOperator, LossFn, resolve_layers
 from hawq.sensitivity.traces import rademacher_like
 
@@ -95,7 +95,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], k
     vectors: list[list[Tensor]] = []
     iterations: list[int] = []
     residuals: list[float] = []
-    bar = tqdm(total=k * max_iter, desc="top eigenvalues", unit="hvp", disable=not progress, leave=False)
+    bar = tqdm(total=k * max_iter, desc="top eigenvalues", unit="hvp", disable=bars_off(progress), leave=False)
     with HessianOperator(model, loss_fn, batches, names, weights, method=method) as op:
         for i in range(k):
             v = _normalize(_orthogonalize(_randn_like(weights, seed + i), vectors))
@@ -164,7 +164,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], 
     dim = sum(w.numel() for w in weights)
     steps = min(n_iter, dim)
     all_nodes, all_weights = [], []
-    bar = tqdm(total=n_v * steps, desc="spectral density", unit="hvp", disable=not progress, leave=False)
+    bar = tqdm(total=n_v * steps, desc="spectral density", unit="hvp", disable=bars_off(progress), leave=False)
     with HessianOperator(model, loss_fn, batches, names, weights, method=method) as op:
         for run in range(n_v):
             v = _normalize(rademacher_like(weights, seed + run))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.bitmap import atomic_write_text
 from hawq.choices import check_choice, choices_of
 from hawq.sensitivity.config import Curvature, Estimator, HvpMethod, VarianceReduction
@@ -487,7 +487,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     first_rounds = min(PER_SAMPLE_MIN_ROUNDS, min_probes)
     chunks = {i: first_rounds if i in op.per_sample else min_probes for i in range(len(weights))}
     total = len(weights) * max_probes
-    bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="hessian traces", unit="hvp", disable=bars_off(progress), leave=False)
 
     def draw(i: int, key: int) -> Tensor:
         # an embedding table looked up by the batch: only its looked-up rows (op.rows is set when the
@@ -600,7 +600,7 @@ def _joint(op: HessianOperator, names: list[str], weights: list[nn.Parameter], t
            min_probes: int, seed: int, progress: bool, known_max: float = 0.0) -> list[Tensor]:
     """One probe on all layers, one full HVP per probe; probe j depends only on (seed, j)."""
     samples = torch.zeros(0, len(weights), dtype=torch.float64)
-    bar = tqdm(total=max_probes, desc="hessian traces", unit="hvp", disable=not progress, leave=False)
+    bar = tqdm(total=max_probes, desc="hessian traces", unit="hvp", disable=bars_off(progress), leave=False)
     chunk = min_probes
     while True:
         start = samples.shape[0]

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hawq import HawqError
+from hawq import HawqError, bars_off
 from hawq.choices import check_literals
 from hawq.models.tasks import Task
 from hawq.train import distributed as D
@@ -311,7 +311,7 @@ def train(model: nn.Module, task: Task, train_loader: Iterable | Dataset, cfg: T
         bn_frozen = act_frozen = False
         t0 = time.perf_counter()
         bar = tqdm(total=epoch_end_step - epoch_start_step, initial=start, leave=False,
-                   desc=f"{tag} epoch {epoch + 1}/{n_epochs}", disable=not (progress and main))
+                   desc=f"{tag} epoch {epoch + 1}/{n_epochs}", disable=bars_off(progress and main))
         lr = optimizer.param_groups[0]["lr"]
         it = batches_of(epoch, start)
         while pos.step < epoch_end_step:
