@@ -913,21 +913,22 @@ class _Prepared:
                                         retain_graph=True, allow_unused=True)
             self.passes += 1
             for (n, c), gr in zip(pairs, grads):
-                x = seen[n][c][0]
-                if n in reasons:  # one of the others: only whether its samples are independent
-                    if gr is not None and gr.shape[0] == b == x.shape[0] and not (
-                            bool(gr[:j].any()) or bool(gr[j + 1:].any())):
-                        self.independent.add(n)
+                if gr is None:
                     continue
-                if gr is not None and gr.shape[0] == 1 and x.shape[0] == 1:
-                    # one input for the whole batch (BERT's position ids): no per-sample norms, but with
-                    # independent Rademacher tails per sample the batch-level norm is unbiased too
-                    self.shared.add(n)
-                elif gr is not None and (gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any())
-                                         or bool(gr[j + 1:].any())):
-                    reasons[n] = "dim 0 of its input does not index the samples"
-                elif gr is not None:
+                x = seen[n][c][0]
+                # one input for the whole batch (BERT's position ids), or a gradient leaving slice j
+                shared = gr.shape[0] == 1 and x.shape[0] == 1
+                leaks = gr.shape[0] != b or x.shape[0] != b or bool(gr[:j].any()) or bool(gr[j + 1:].any())
+                if not shared and not leaks:
                     self.independent.add(n)
+                if n in reasons:  # one of the others: only whether its samples are independent
+                    continue
+                if shared:
+                    # no per-sample norms, but with independent Rademacher tails per sample the
+                    # batch-level norm is unbiased too
+                    self.shared.add(n)
+                elif leaks:
+                    reasons[n] = "dim 0 of its input does not index the samples"
             live = [n for n in live if n not in reasons]
             if not live:
                 return

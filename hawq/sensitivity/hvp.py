@@ -432,7 +432,8 @@ class HessianOperator:
         # and autograd: a fall-back to finite differences empties it, and the caller reads it back)
         self.gn_control = set(gn_control)
         # layers probed per sample (see _AutogradBatch.per_sample_forms): one process, autograd only, and
-        # never together with the Gauss-Newton control variate; a fall-back to finite differences empties it
+        # never together with the Gauss-Newton control variate; a fall-back to finite differences empties it,
+        # and a slow layer handed to shared probes leaves it (traces._per_layer)
         self.per_sample = set(per_sample) - self.gn_control
         self.model, self.loss_fn, self.names, self.weights = model, loss_fn, names, weights
         self.batches = list(batches)

@@ -462,7 +462,6 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     samples = [torch.zeros(0, dtype=torch.float64) for _ in weights]
     units: dict[int, Tensor] = {}  # a per-sample layer's [rounds, samples] of v_i . H_i v_i
     modules = dict(op.model.named_modules()) if op.per_sample else {}
-    per_sample = set(op.per_sample)  # less the layers handed to shared probes (below)
     spent = [0] * len(weights)
     sketches: dict[int, NystromSketch] = {}
     cv_q: dict[int, Tensor] = {}  # g^T H g of the control-variate probes
@@ -480,7 +479,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
     def deciding(i: int) -> bool:
         """A plain layer that may still switch: it keeps its products for the sketch."""
         return (variance_reduction == "nystrom" and i not in sketches and i not in op.gn_control
-                and not (i in per_sample and i in op.per_sample) and spent[i] < sketch_cap
+                and i not in op.per_sample and spent[i] < sketch_cap
                 and attempt_at.get(i, min_probes) <= sketch_cap)
     # a per-sample layer's floor: PER_SAMPLE_MIN_ROUNDS rounds (or min_probes, if fewer), and the degrees
     # of freedom of min_probes shared probes (pooled_error), checked as it goes
@@ -509,7 +508,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
         for i, c in chunks.items():
             make, start = (cv_probe, cv_q[i].shape[0]) if i in sketches else (plain_probe, samples[i].shape[0])
             requests[i] = (functools.partial(make, i=i, start=start), c)
-            if i in per_sample and i in op.per_sample:
+            if i in op.per_sample:
                 requests[i] += (functools.partial(output_probe, i=i, start=samples[i].shape[0]),)
         got = op.block_quadratic_forms(requests, return_hvps=[i for i in chunks if deciding(i)])
         for i, hv in op.last_hvps.items():
@@ -552,7 +551,7 @@ def _per_layer(op: HessianOperator, names: list[str], weights: list[nn.Parameter
                         and _probes_needed(err * math.sqrt(n), float(targets[i])) > sketch_cap):
                     # a slow layer: shared probes may switch to a Nyström sketch, which per-sample probes
                     # cannot build (each sample's block differs); its trial rounds stay counted in n
-                    per_sample.discard(i)
+                    op.per_sample.discard(i)
                     del units[i]
                     samples[i] = torch.zeros(0, dtype=torch.float64)
                     nxt[i] = min_probes
