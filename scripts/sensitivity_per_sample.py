@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.case not in bench.CASES or args.probes < 2 or args.seeds < 1 or not args.ref_tol > 0:
-        raise SystemExit(f"--case must be one of {', '.join(bench.CASES)}; --probes >= 2, --seeds >= 1, --ref-tol > 0")
+        # one line, exit 2, before any model is built
+        print(f"error: --case must be one of {', '.join(bench.CASES)}; --probes >= 2, --seeds >= 1, --ref-tol > 0",
+              file=sys.stderr)
+        raise SystemExit(2)
     torch.set_num_threads(1)
     case = bench.CASES[args.case][1](args.seed)
     loss = OutputLoss(lambda m, b: m(b[0]), lambda out, b: case.criterion(out, b[1]))

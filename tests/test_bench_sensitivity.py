@@ -74,3 +74,13 @@ def test_backpack_chunks_split_mc_samples_first_then_the_batch_and_add_up_exactl
     split, _ = bench.backpack_traces(case, layers, "exact", 1)
     for n in layers:
         assert split[n] == pytest.approx(whole[n], rel=1e-5)
+
+
+def test_per_sample_script_rejects_bad_arguments_in_one_line(capsys):
+    script = load_script("sensitivity_per_sample")
+    for argv in (["--case", "nope"], ["--probes", "1"], ["--ref-tol", "0"]):
+        with pytest.raises(SystemExit) as e:
+            script.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --case must be one of")
